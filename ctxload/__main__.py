@@ -1,0 +1,5 @@
+import sys
+
+from ctxload.cli import main
+
+sys.exit(main())

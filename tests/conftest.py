@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny model directories, and the rule for optional tools.
+
+A tool a test needs (the vLLM venv, prometheus, chromium) that is missing skips the test on a
+developer's machine but fails it under CI (``CI=true``), where `.ci/run` installs them all: a
+CI run never passes by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_CACHE = Path(os.environ.get("CTXLOAD_TEST_MODELS", REPO / ".cache" / "test-models"))
+VLLM_PYTHON = Path(os.environ.get("CTXLOAD_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+
+
+def need(ok: bool, what: str) -> None:
+    """Skip (locally) or fail (under CI) when a required tool is missing."""
+    if ok:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must provide {what}; .ci/run installs it")
+    pytest.skip(f"{what} is not installed here")
+
+
+def need_vllm() -> Path:
+    need(VLLM_PYTHON.exists(), f"the vLLM CPU venv ({VLLM_PYTHON})")
+    return VLLM_PYTHON
+
+
+def need_binary(name: str) -> str:
+    path = shutil.which(name)
+    need(path is not None, f"`{name}` on PATH")
+    return path  # type: ignore[return-value]
+
+
+def build_tiny(preset: str) -> Path:
+    from servers import modeldir
+
+    return modeldir.build(preset, MODEL_CACHE / preset, log=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, Path]:
+    """Model directories of the tiny presets that stand for each family."""
+    from servers.presets import TINY_BY_FAMILY
+
+    return {family: build_tiny(p) for family, p in TINY_BY_FAMILY.items()}
+
+
+@pytest.fixture(scope="session")
+def python_exe() -> str:
+    return sys.executable
