@@ -60,3 +60,19 @@ def tiny_models() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def python_exe() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny_llama(tmp_path_factory, tiny_models):
+    """One real vLLM CPU server with the tiny Llama, shared by every test of the session."""
+    from servers.process import ManagedServer, free_port
+
+    python = need_vllm()
+    port = free_port()
+    model = tiny_models["transformer"]
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+           "--served-model-name", "tiny-llama", "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", "2048", "--kv-cache-memory-bytes", str(128 << 20), "--enforce-eager"]
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    with ManagedServer("vllm-tiny-llama", cmd, port, log_path=log, startup_timeout_s=400) as srv:
+        yield srv
