@@ -113,7 +113,11 @@ PRESETS: dict[str, Preset] = {
         _p("zamba2-1.2b", "hybrid", "zamba2",
            dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=38, mamba_d_state=64,
                 mamba_headdim=64, mamba_ngroups=1, n_mamba_heads=64, num_attention_heads=32,
-                num_key_value_heads=32, intermediate_size=8192, max_position_embeddings=_LONG),
+                num_key_value_heads=32, intermediate_size=8192, max_position_embeddings=_LONG,
+                num_mem_blocks=1,
+                # one shared attention block, applied every sixth layer (6, 12, …, 36)
+                layers_block_type=["hybrid" if i and i % 6 == 0 else "linear_attention"
+                                   for i in range(38)]),
            engine="vllm", hub_id="Zyphra/Zamba2-1.2B-instruct", in_paper=True,
            description="Zamba2-1.2B: Mamba2 backbone with shared attention blocks"),
         # ---- Tiny, for CPU (random weights, built in seconds) ------------------------------
