@@ -1,0 +1,349 @@
+"""The scenario: one experiment, read from YAML and validated at the edge.
+
+A scenario names its targets (servers to measure, or models to serve first), where prompts come
+from, how long the output is, the load shape (a ``kind`` per variant), the SLOs and the stop
+conditions.  Every model forbids unknown fields, and :func:`load` turns a validation error into
+one message naming the field path and the YAML line it sits on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- targets ---------------------------------------------------------------------------------
+
+class Serve(_Model):
+    """Ask ``ctxload run`` to start the server itself (on a free loopback port)."""
+
+    engine: Literal["ssm-server", "vllm"]
+    """Which server to start."""
+    preset: str | None = None
+    """A preset of servers.presets; its tiny model directory is built on demand."""
+    model_dir: str | None = None
+    """A model directory (or a hub id vLLM can load); instead of ``preset``."""
+    args: list[str] = Field(default_factory=list)
+    """Extra command-line arguments for the server."""
+    startup_timeout_s: PositiveFloat = 600.0
+
+    @model_validator(mode="after")
+    def _one_model(self) -> "Serve":
+        if (self.preset is None) == (self.model_dir is None):
+            raise ValueError("give exactly one of `preset` or `model_dir`")
+        if self.preset is not None:
+            from servers import presets
+
+            presets.get(self.preset)  # UnknownPreset lists the known ones
+        return self
+
+
+class Target(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Label of the target in records and reports."""
+    url: str | None = None
+    """Base URL of a running OpenAI-compatible server (``http://host:port``)."""
+    serve: Serve | None = None
+    """Or: start this server for the run and stop it afterwards."""
+    model: str | None = None
+    """Model name sent in requests; defaults to the target's name."""
+    family: Literal["transformer", "ssm", "hybrid"] | None = None
+    """Architecture family; taken from the preset or model directory when served."""
+    engine: str | None = None
+    """Engine label for the records (``vllm``, ``ssm-server``, ``synthetic``…)."""
+    api_key_env: str | None = None
+    """Environment variable holding a bearer token for this target."""
+    tokenizer: str | None = None
+    """Local tokenizer directory for prompt synthesis; default: the served model directory,
+    else the target's ``/tokenize``."""
+
+    @model_validator(mode="after")
+    def _url_or_serve(self) -> "Target":
+        if (self.url is None) == (self.serve is None):
+            raise ValueError("give exactly one of `url` or `serve`")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError("`url` must start with http:// or https://")
+        if self.serve is not None and self.serve.preset and self.family is None:
+            from servers import presets
+
+            self.family = presets.get(self.serve.preset).family
+        if self.engine is None and self.serve is not None:
+            self.engine = self.serve.engine
+        if self.model is None:
+            self.model = self.name
+        return self
+
+
+# ---- prompts and output ----------------------------------------------------------------------
+
+class SyntheticPrompt(_Model):
+    kind: Literal["synthetic"] = "synthetic"
+    """Plain English words cycled to the exact token length."""
+    unique_prefix: bool = True
+    """Start every request with a different few tokens, so prefix caching cannot skip prefill."""
+
+
+class FilePrompt(_Model):
+    kind: Literal["file"]
+    """A real long text, repeated when shorter than the length asked."""
+    path: str = "shipped"
+    """A text file, or ``shipped`` for the text that comes with ctxload."""
+    unique_prefix: bool = True
+
+
+PromptSource = Annotated[Union[SyntheticPrompt, FilePrompt], Field(discriminator="kind")]
+
+
+class Output(_Model):
+    max_tokens: PositiveInt = 64
+    """Tokens to generate per request."""
+    ignore_eos: bool = True
+    """Generate exactly ``max_tokens`` (vLLM's extension), so output length is controlled."""
+
+
+# ---- load shapes -----------------------------------------------------------------------------
+
+class Doubling(_Model):
+    """Lengths or user counts ``start, start*factor, …`` up to ``stop`` inclusive."""
+
+    start: PositiveInt
+    stop: PositiveInt
+    factor: float = Field(2.0, gt=1.0)
+
+    @model_validator(mode="after")
+    def _order(self) -> "Doubling":
+        if self.stop < self.start:
+            raise ValueError("`stop` must be >= `start`")
+        return self
+
+    def values(self) -> list[int]:
+        out, v = [], float(self.start)
+        while round(v) <= self.stop:
+            if not out or round(v) != out[-1]:
+                out.append(round(v))
+            v *= self.factor
+        return out
+
+
+Sweep = Union[list[PositiveInt], Doubling]
+
+
+def sweep_values(s: Sweep) -> list[int]:
+    return s.values() if isinstance(s, Doubling) else list(s)
+
+
+class _Stages(_Model):
+    requests: PositiveInt | None = None
+    """Requests per stage (all users together)."""
+    duration_s: PositiveFloat | None = None
+    """Or: seconds per stage."""
+    warmup_requests: int = Field(0, ge=0)
+    """Requests sent before each target's first stage, recorded under stage ``warmup``."""
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if self.requests is None and self.duration_s is None:
+            self.requests = 1
+        return self
+
+
+class ContextSweep(_Stages):
+    kind: Literal["context_sweep"]
+    prompt_tokens: Sweep
+    """Prompt lengths, one stage each: a list or ``{start, stop, factor}``."""
+    users: PositiveInt = 1
+    """Concurrent streams in every stage (1 = the paper's batch 1)."""
+
+
+class ConcurrencySweep(_Stages):
+    kind: Literal["concurrency_sweep"]
+    prompt_tokens: PositiveInt
+    """The one prompt length of every request."""
+    users: Sweep
+    """Concurrent streams, one stage each."""
+
+
+class MixEntry(_Model):
+    prompt_tokens: PositiveInt
+    weight: PositiveFloat = 1.0
+
+
+class Poisson(_Stages):
+    kind: Literal["poisson"]
+    rate: list[PositiveFloat]
+    """Mean arrival rates (requests/s), one stage each; arrivals are a Poisson process."""
+    mix: list[MixEntry] = Field(min_length=1)
+    """Prompt lengths drawn with these weights."""
+    max_users: PositiveInt = 64
+    """At most this many requests in flight; later arrivals wait (and their wait is recorded)."""
+    seed: int = 0
+
+
+class MaxContext(_Model):
+    kind: Literal["max_context"]
+    min_tokens: PositiveInt = 1024
+    """A length expected to work (checked first)."""
+    max_tokens: PositiveInt = 1 << 20
+    """The largest length tried."""
+    tolerance: float = Field(0.01, gt=0, lt=1)
+    """Stop when (fail − ok) / ok is at most this."""
+    requests_per_probe: PositiveInt = 1
+    max_probes: PositiveInt = 40
+
+    @model_validator(mode="after")
+    def _order(self) -> "MaxContext":
+        if self.max_tokens < self.min_tokens:
+            raise ValueError("`max_tokens` must be >= `min_tokens`")
+        return self
+
+
+Load = Annotated[Union[ContextSweep, ConcurrencySweep, Poisson, MaxContext], Field(discriminator="kind")]
+
+
+# ---- SLOs, stop conditions, metrics ----------------------------------------------------------
+
+class Slos(_Model):
+    """A request meets the SLOs when each one given holds (goodput counts those)."""
+
+    ttft_s: PositiveFloat | None = None
+    itl_s: PositiveFloat | None = None
+    """Bound on the p99 of the request's inter-token gaps."""
+    tpot_s: PositiveFloat | None = None
+
+
+class Stop(_Model):
+    max_error_rate: float = Field(1.0, ge=0, le=1)
+    """Stop a target's remaining stages after a stage whose error rate exceeds this."""
+    on_slo_violation: bool = False
+    """Stop a target's remaining stages after a stage whose median request misses an SLO."""
+    max_duration_s: PositiveFloat | None = None
+    """Stop the whole run after this many seconds."""
+
+
+class Metrics(_Model):
+    scrape_interval_s: PositiveFloat = 2.0
+    """How often every target's ``/metrics`` is scraped into metrics.jsonl."""
+    extra_urls: dict[str, str] = Field(default_factory=dict)
+    """More exporters to scrape, e.g. ``{gpu: http://127.0.0.1:9400/metrics}``."""
+    exporter_port: int | None = Field(None, ge=0, le=65535)
+    """Serve the client's own view (``ctxload:`` metrics) on this port (0 = a free one)."""
+
+
+class Scenario(_Model):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    description: str = ""
+    targets: list[Target] = Field(min_length=1)
+    api: Literal["completions", "chat"] = "completions"
+    prompt: PromptSource = Field(default_factory=SyntheticPrompt)
+    output: Output = Field(default_factory=Output)
+    load: Load
+    slos: Slos = Field(default_factory=Slos)
+    stop: Stop = Field(default_factory=Stop)
+    metrics: Metrics = Field(default_factory=Metrics)
+    request_timeout_s: PositiveFloat = 600.0
+    """A request not finished after this long is recorded as a timeout."""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Scenario":
+        names = [t.name for t in self.targets]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"target names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+    def resolved_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---- loading with readable errors ------------------------------------------------------------
+
+class ScenarioError(ValueError):
+    """A scenario that cannot be used; the message names the field and the YAML line."""
+
+
+def _node_at(node: yaml.Node | None, loc: tuple) -> yaml.Node | None:
+    """The deepest YAML node on the path ``loc`` (pydantic's error location)."""
+    best = node
+    for key in loc:
+        if isinstance(key, str) and key in _BRANCHES:
+            continue
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if k.value == str(key)), None)
+            if nxt is None:  # an unknown field reported under its own name: point at the key
+                nxt = next((k for k, _ in node.value if k.value == str(key)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            nxt = node.value[key]
+        else:
+            nxt = None
+        if nxt is None:
+            break
+        node = best = nxt
+    return best
+
+
+def _format(err: ValidationError, root: yaml.Node | None, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        shown = ".".join(str(p) for p in loc if not (isinstance(p, str) and p in _BRANCHES)) or "(top)"
+        node = _node_at(root, loc)
+        where = f"{source}:{node.start_mark.line + 1}" if node is not None else source
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{where}: {shown}: {msg}")
+    return "\n".join(lines)
+
+
+#: Names pydantic puts in an error's location for the branch of a union, not a YAML key.
+_BRANCHES = {"context_sweep", "concurrency_sweep", "poisson", "max_context", "synthetic", "file",
+             "list[int]", "list[constrained-int]", "Doubling", "function-after[_order(), Doubling]"}
+
+
+def parse(text: str, source: str = "<scenario>") -> Scenario:
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ScenarioError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{source}: a scenario is a mapping of fields (name, targets, load, …)")
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as e:
+        raise ScenarioError(_format(e, root, source)) from None
+
+
+def load(path: str | os.PathLike) -> Scenario:
+    p = Path(path)
+    if not p.exists():
+        builtin = Path(__file__).resolve().parent.parent / "scenarios" / f"{p.name}.yaml"
+        if p.suffix == "" and builtin.exists():
+            p = builtin
+        else:
+            raise ScenarioError(f"{path}: no such scenario file")
+    return parse(p.read_text(), str(p))
+
+
+def coerce(scenario_or_path: Any) -> Scenario:
+    if isinstance(scenario_or_path, Scenario):
+        return scenario_or_path
+    if isinstance(scenario_or_path, dict):
+        try:
+            return Scenario.model_validate(scenario_or_path)
+        except ValidationError as e:
+            raise ScenarioError(_format(e, None, "<dict>")) from None
+    return load(scenario_or_path)
