@@ -1,0 +1,139 @@
+"""Everything derived from one run, in one object, and the verdict read from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from analysis import claims as claims_mod
+from analysis import memory, scaling, stats
+from analysis.records import RunData
+from analysis.claims import _fmt_n
+
+
+@dataclass
+class Analysis:
+    run: RunData
+    slos: dict[str, float]
+    stages: list[stats.StageStats]
+    fits: dict
+    ttft_pairs: list[scaling.PairCompare]
+    tpot_pairs: list[scaling.PairCompare]
+    limits: list[scaling.ContextLimit]
+    memory: list[memory.MemoryCurve]
+    budget: tuple[float, str]
+    sizes: list[memory.StateSizes]
+    energy: list[memory.Energy]
+    claims: list[claims_mod.Claim]
+    verdict: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+def analyze(run: RunData) -> Analysis:
+    slos = stats.read_slos(run.scenario)
+    fits = scaling.latency_fits(run)
+    mem = memory.memory_curves(run)
+    limits = scaling.context_limits(run)
+    energy = memory.energy_per_request(run)
+    a = Analysis(run=run, slos=slos, stages=stats.all_stage_stats(run, slos), fits=fits,
+                 ttft_pairs=scaling.family_pairs(run, "ttft", fits),
+                 tpot_pairs=scaling.family_pairs(run, "tpot", fits), limits=limits, memory=mem,
+                 budget=memory.budget_bytes(run), sizes=memory.state_sizes(run), energy=energy,
+                 claims=claims_mod.claims_table(run, limits, mem, energy))
+    a.missing = list(run.missing) + _missing_figures(a)
+    a.verdict = verdict(a)
+    return a
+
+
+def _missing_figures(a: Analysis) -> list[str]:
+    out = []
+    run = a.run
+    if run.requests and not run.scrapes:
+        out.append("no metric scrapes: memory and energy figures are absent")
+    elif run.scrapes and not a.memory:
+        out.append("no device-memory metrics (ssm:device_memory_allocated_bytes, DCGM_FI_DEV_FB_USED)")
+    if run.scrapes and not a.energy:
+        out.append("no GPU energy or power metrics: energy per request is absent")
+    if not a.slos:
+        out.append("the scenario sets no SLOs: goodput is absent")
+    for t in run.targets():
+        if not any(r.target == t for r in run.requests):
+            out.append(f"target {t} has no request records (it never ran, or crashed at once)")
+        elif not any(r.target == t and r.ok for r in run.requests):
+            out.append(f"target {t}: every request failed")
+    return out
+
+
+def hardware(run: RunData) -> str:
+    gpus = run.env.get("gpus") or []
+    if gpus:
+        g = gpus[0]
+        mem = g.get("memory_total_bytes")
+        return f"{len(gpus)}× {g.get('name', 'GPU')}" + (f" ({mem / 1e9:.0f} GB)" if mem else "")
+    host = run.env.get("host") or {}
+    if host:
+        return f"CPU only ({host.get('cpu_count', '?')} cores, {host.get('platform', '')})".replace(", )", ")")
+    return "unknown hardware (no env.json)"
+
+
+def fastest_by_length(run: RunData, metric: str = "ttft") -> list[tuple[int, str]]:
+    """(prompt length, fastest target) at every length where at least two targets were served."""
+    curves = {t: dict(zip(*scaling.curve(run, t, metric))) for t in run.targets()}
+    lengths = sorted({n for c in curves.values() for n in c})
+    out = []
+    for n in lengths:
+        have = {t: c[n] for t, c in curves.items() if n in c}
+        if len(have) >= 2:
+            out.append((n, min(have, key=have.get)))
+    return out
+
+
+def _ranges(pairs: list[tuple[int, str]]) -> list[tuple[int, int, str]]:
+    out: list[list] = []
+    for n, t in pairs:
+        if out and out[-1][2] == t:
+            out[-1][1] = n
+        else:
+            out.append([n, n, t])
+    return [tuple(x) for x in out]
+
+
+def verdict(a: Analysis) -> list[str]:
+    run = a.run
+    lines = [f"Hardware: {hardware(run)}; {len(run.targets())} target(s): "
+             + ", ".join(f"{t} ({run.family_of(t)})" for t in run.targets()) + "."]
+    if not run.requests:
+        return lines + ["No request was recorded: nothing to decide from."]
+    for metric, what in (("ttft", "Fastest time to first token"), ("tpot", "Fastest decoding (TPOT)")):
+        rng = _ranges(fastest_by_length(run, metric))
+        if rng:
+            parts = [f"{t} ({run.family_of(t)}) for {_fmt_n(lo)}" + (f"–{_fmt_n(hi)}" if hi != lo else "")
+                     for lo, hi, t in rng]
+            lines.append(f"{what}: " + "; ".join(parts) + " tokens.")
+    for p in a.ttft_pairs:
+        if p.crossover_data or p.crossover_fit:
+            d = f"~{_fmt_n(round(p.crossover_data))} tokens measured" if p.crossover_data else "no crossing in the data"
+            f = f", ~{_fmt_n(round(p.crossover_fit))} from the fits" if p.crossover_fit else ""
+            lines.append(f"TTFT crossover {p.a} ({p.family_a}) / {p.b} ({p.family_b}): {d}{f}.")
+    for c in a.limits:
+        if c.max_ok is None:
+            lines.append(f"{c.target}: no successful request"
+                         + (f" (errors: {c.cause})." if c.cause else "."))
+        elif c.reached:
+            lines.append(f"{c.target} context limit: served {_fmt_n(c.max_ok)}, failed from "
+                         f"{_fmt_n(c.first_failed)} ({c.cause}).")
+        else:
+            lines.append(f"{c.target} served every length up to {_fmt_n(c.max_ok)} (limit not reached).")
+    for m in a.memory:
+        if m.fit and m.fit.points >= 2:
+            per_k = m.fit.coef[1] * 1024 / 2**20
+            per_k = 0.0 if abs(per_k) < 0.005 else per_k
+            lines.append(f"{m.target} memory grows {per_k:.3g} MiB per 1K tokens "
+                         f"of context ({m.source} metrics).")
+    held = sum(c.verdict == claims_mod.HOLDS for c in a.claims)
+    differ = sum(c.verdict == claims_mod.DIFFERS for c in a.claims)
+    lines.append(f"Paper claims: {held} hold, {differ} differ, "
+                 f"{len(a.claims) - held - differ} could not be measured on this run.")
+    if a.run.problems or a.missing:
+        lines.append(f"Data caveats: {len(a.run.problems)} malformed record(s) skipped, "
+                     f"{len(a.missing)} missing item(s) (see the end of the report).")
+    return lines

@@ -1,0 +1,186 @@
+"""The report's plots (matplotlib, Agg): one colour per family in every plot.
+
+Each function takes an :class:`~analysis.analyze.Analysis` and returns a figure, or None when
+the run has no data for it (the report then says what is missing).
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+
+from analysis import scaling  # noqa: E402
+
+FAMILY_COLOURS = {"transformer": "#1f77b4", "ssm": "#d62728", "hybrid": "#2ca02c", "unknown": "#7f7f7f"}
+MARKERS = ("o", "s", "^", "D", "v", "P")
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def colour(family: str) -> str:
+    return FAMILY_COLOURS.get(family, FAMILY_COLOURS["unknown"])
+
+
+def _style(run, target):
+    """Family colour; marker and line style tell targets of one family apart."""
+    fam = run.family_of(target)
+    same = [t for t in run.targets() if run.family_of(t) == fam]
+    i = same.index(target) if target in same else 0
+    return dict(color=colour(fam), marker=MARKERS[i % len(MARKERS)],
+                linestyle=LINESTYLES[i % len(LINESTYLES)], label=f"{target} ({fam})")
+
+
+def _tokens_fmt(x, _pos=None):
+    return f"{x / 1024:g}K" if x >= 1024 else f"{x:g}"
+
+
+def doubling(lengths) -> bool:
+    """Lengths that grow geometrically (each about twice the last) read best on log axes."""
+    v = sorted(set(x for x in lengths if x and x > 0))
+    return len(v) >= 3 and v[-1] / v[0] >= 4
+
+
+def _new(title, xlabel, ylabel):
+    fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=100)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig, ax
+
+
+def _length_axis(ax, lengths, y_positive=True, ys=()):
+    if doubling(lengths):
+        ax.set_xscale("log", base=2)
+        ys = [y for y in ys if y > 0]
+        if y_positive and ys and max(ys) / min(ys) >= 10:
+            ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(_tokens_fmt))
+
+
+def latency_vs_prompt(a, metric: str):
+    run = a.run
+    title = {"ttft": "Time to first token vs prompt length",
+             "tpot": "Time per output token vs prompt length"}[metric]
+    fig, ax = _new(title, "prompt length (tokens)", f"{metric.upper()} p50 (ms)")
+    all_n, all_y = [], []
+    for t in run.targets():
+        n, y = scaling.curve(run, t, metric)
+        if not n:
+            continue
+        st = _style(run, t)
+        ax.plot(n, np.asarray(y) * 1e3, **st)
+        fit = a.fits.get((t, metric))
+        if fit and len(n) >= 2:
+            xs = np.geomspace(min(n), max(n), 50)
+            ax.plot(xs, fit(xs) * 1e3, color=st["color"], alpha=0.35, linewidth=1)
+        all_n += n
+        all_y += [v * 1e3 for v in y]
+    if not all_n:
+        plt.close(fig)
+        return None
+    _length_axis(ax, all_n, ys=all_y)
+    ax.legend(fontsize=8)
+    ax.text(0.99, 0.01, "faint lines: fitted " + ("a+b·n+c·n²" if metric == "ttft" else "a+b·n"),
+            transform=ax.transAxes, ha="right", va="bottom", fontsize=7, alpha=0.7)
+    return fig
+
+
+def memory_vs_prompt(a):
+    if not any(m.lengths for m in a.memory):
+        return None
+    run = a.run
+    fig, ax = _new("Peak device memory vs prompt length", "prompt length (tokens)", "device memory (GB)")
+    all_n, all_y = [], []
+    for m in a.memory:
+        if not m.lengths:
+            continue
+        ax.plot(m.lengths, np.asarray(m.peak_bytes) / 1e9, **_style(run, m.target))
+        all_n += m.lengths
+        all_y += [v / 1e9 for v in m.peak_bytes]
+    budget, why = a.budget
+    ax.axhline(budget / 1e9, color="black", linestyle="--", linewidth=1)
+    ax.text(0.01, budget / 1e9, f" budget {budget / 1e9:.3g} GB ({why})", va="bottom", fontsize=7,
+            transform=ax.get_yaxis_transform())
+    _length_axis(ax, all_n, ys=all_y + [budget / 1e9])
+    ax.legend(fontsize=8)
+    return fig
+
+
+def throughput_vs_concurrency(a):
+    run = a.run
+    pts: dict[str, dict[int, tuple[int, float]]] = {}
+    for s in a.stages:
+        if s.concurrency is None or s.output_token_throughput is None:
+            continue
+        key = (s.prompt_tokens or 0, -s.output_token_throughput)
+        cur = pts.setdefault(s.target, {}).get(s.concurrency)
+        if cur is None or key < cur[0]:
+            pts[s.target][s.concurrency] = (key, s.output_token_throughput)
+    if not pts:
+        return None
+    fig, ax = _new("Output token throughput vs concurrency", "concurrent users",
+                   "output tokens per second")
+    for t, d in pts.items():
+        cs = sorted(d)
+        ax.plot(cs, [d[c][1] for c in cs], **_style(run, t))
+    allc = sorted({c for d in pts.values() for c in d})
+    if len(allc) > 1 and allc[-1] / allc[0] >= 4:
+        ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _p: f"{x:g}"))
+    ax.legend(fontsize=8)
+    ax.text(0.99, 0.01, "each target at its shortest prompt per concurrency", transform=ax.transAxes,
+            ha="right", va="bottom", fontsize=7, alpha=0.7)
+    return fig
+
+
+def itl_distribution(a):
+    run = a.run
+    fig, ax = _new("Inter-token latency distribution (all stages)", "inter-token latency (ms)",
+                   "fraction of gaps ≤ x")
+    any_ = False
+    for t in run.targets():
+        v = np.sort([g * 1e3 for r in run.requests if r.target == t and r.ok for g in r.itl_s])
+        v = v[v > 0]
+        if v.size == 0:
+            continue
+        any_ = True
+        st = _style(run, t)
+        st.pop("marker")
+        ax.step(v, np.arange(1, v.size + 1) / v.size, where="post", **st)
+    if not any_:
+        plt.close(fig)
+        return None
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    return fig
+
+
+#: (file stem, caption, builder) of every plot, in report order.
+PLOTS = (
+    ("ttft_vs_prompt", "TTFT vs prompt length", lambda a: latency_vs_prompt(a, "ttft")),
+    ("tpot_vs_prompt", "TPOT vs prompt length", lambda a: latency_vs_prompt(a, "tpot")),
+    ("memory_vs_prompt", "Memory vs prompt length", memory_vs_prompt),
+    ("throughput_vs_concurrency", "Throughput vs concurrency", throughput_vs_concurrency),
+    ("itl_distribution", "ITL distribution", itl_distribution),
+)
+
+
+def save_all(a, out_dir) -> dict[str, str | None]:
+    """Write every plot that has data as ``out_dir/<stem>.png``; stem → path (None: no data)."""
+    out = {}
+    for stem, _caption, build in PLOTS:
+        fig = build(a)
+        if fig is None:
+            out[stem] = None
+            continue
+        path = out_dir / f"{stem}.png"
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+        plt.close(fig)
+        out[stem] = str(path)
+    return out

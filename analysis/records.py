@@ -1,0 +1,259 @@
+"""Reading a run directory: requests, metric scrapes, the scenario and the environment.
+
+Reading is tolerant. A line that is not JSON, or not an object, or lacks the fields a
+figure needs, is named (``file:line``) in :attr:`RunData.problems` and skipped; a missing
+file is named in :attr:`RunData.missing`. What remains is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+FAMILIES = ("transformer", "ssm", "hybrid")
+
+#: Fields without which a request record cannot be placed in any figure.
+REQUIRED_REQUEST_FIELDS = ("target", "stage", "status")
+
+
+@dataclass
+class Request:
+    """One finished request, as loadgen wrote it (durations in seconds)."""
+
+    target: str
+    family: str
+    stage: str
+    stage_index: int
+    status: str
+    prompt_tokens_requested: int | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    concurrency: int | None
+    start_time: float | None
+    ttft_s: float | None
+    itl_s: list[float]
+    tpot_s: float | None
+    e2e_s: float | None
+    error_kind: str | None
+    error_message: str | None
+    engine: str = ""
+    model: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def prompt_length(self) -> int | None:
+        """The length under test: the requested one (server-reported counts add a template)."""
+        if self.prompt_tokens_requested is not None:
+            return self.prompt_tokens_requested
+        return self.prompt_tokens
+
+    @property
+    def end_time(self) -> float | None:
+        if self.start_time is None:
+            return None
+        return self.start_time + (self.e2e_s or 0.0)
+
+
+@dataclass
+class Scrape:
+    """One scrape of one ``/metrics`` endpoint."""
+
+    time: float
+    target: str
+    source: str
+    stage: str | None
+    ok: bool
+    samples: list[tuple[str, dict[str, str], float]]
+
+
+@dataclass
+class RunData:
+    run_dir: Path
+    requests: list[Request] = field(default_factory=list)
+    scrapes: list[Scrape] = field(default_factory=list)
+    scenario: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    """Malformed records, each named ``file:line: why``."""
+    missing: list[str] = field(default_factory=list)
+    """What the run lacks (files, metrics), said plainly."""
+    metrics_source: str = "metrics.jsonl"
+    _sweep: dict[str, int] | None = field(default=None, repr=False)
+
+    @property
+    def run_id(self) -> str:
+        return str(self.env.get("run_id") or self.run_dir.name)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.env.get("finished_at"))
+
+    def targets(self) -> list[str]:
+        """Target names in the order they first appear (env first, then requests)."""
+        names: list[str] = [t.get("name") for t in self.env.get("targets", []) if t.get("name")]
+        for r in self.requests:
+            if r.target not in names:
+                names.append(r.target)
+        return names
+
+    def family_of(self, target: str) -> str:
+        for t in self.env.get("targets", []):
+            if t.get("name") == target and t.get("family"):
+                return str(t["family"])
+        for r in self.requests:
+            if r.target == target and r.family:
+                return r.family
+        return "unknown"
+
+    def sweep_concurrency(self, target: str) -> int | None:
+        """The lowest concurrency the target ran at: curves against prompt length use only
+        requests at it, so a concurrency sweep does not blur a context sweep."""
+        if self._sweep is None:
+            self._sweep = {}
+            for r in self.requests:
+                if r.concurrency is not None:
+                    old = self._sweep.get(r.target)
+                    self._sweep[r.target] = r.concurrency if old is None else min(old, r.concurrency)
+        return self._sweep.get(target)
+
+    def in_sweep(self, r: "Request") -> bool:
+        c = self.sweep_concurrency(r.target)
+        return c is None or r.concurrency is None or r.concurrency == c
+
+    def target_info(self, target: str) -> dict[str, Any]:
+        for t in self.env.get("targets", []):
+            if t.get("name") == target:
+                return t
+        return {}
+
+
+def _num(v: Any) -> float | None:
+    if v is None or isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)) and math.isfinite(v):
+        return float(v)
+    raise ValueError(f"not a finite number: {v!r}")
+
+
+def _int(v: Any) -> int | None:
+    f = _num(v)
+    return None if f is None else int(f)
+
+
+def parse_request(obj: dict[str, Any]) -> Request:
+    """A :class:`Request` from one JSON object; ``ValueError`` names what is wrong."""
+    absent = [k for k in REQUIRED_REQUEST_FIELDS if obj.get(k) in (None, "")]
+    if absent:
+        raise ValueError(f"missing field(s) {', '.join(absent)}")
+    itl = obj.get("itl_s") or []
+    if not isinstance(itl, list):
+        raise ValueError("itl_s is not a list")
+    ttft, e2e = _num(obj.get("ttft_s")), _num(obj.get("e2e_s"))
+    completion = _int(obj.get("completion_tokens"))
+    tpot = _num(obj.get("tpot_s"))
+    if tpot is None and ttft is not None and e2e is not None and completion and completion > 1:
+        tpot = (e2e - ttft) / (completion - 1)
+    return Request(
+        target=str(obj["target"]),
+        family=str(obj.get("family") or ""),
+        stage=str(obj["stage"]),
+        stage_index=_int(obj.get("stage_index")) or 0,
+        status=str(obj["status"]),
+        prompt_tokens_requested=_int(obj.get("prompt_tokens_requested")),
+        prompt_tokens=_int(obj.get("prompt_tokens")),
+        completion_tokens=completion,
+        concurrency=_int(obj.get("concurrency")),
+        start_time=_num(obj.get("start_time")),
+        ttft_s=ttft,
+        itl_s=[float(x) for x in itl if _num(x) is not None],
+        tpot_s=tpot,
+        e2e_s=e2e,
+        error_kind=obj.get("error_kind"),
+        error_message=obj.get("error_message"),
+        engine=str(obj.get("engine") or ""),
+        model=str(obj.get("model") or ""),
+    )
+
+
+def parse_scrape(obj: dict[str, Any]) -> Scrape:
+    if "time" not in obj or "target" not in obj:
+        raise ValueError("missing field(s) time/target")
+    samples = []
+    for s in obj.get("samples") or []:
+        if not isinstance(s, dict) or "name" not in s:
+            raise ValueError("a sample without a name")
+        v = s.get("value")
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"sample {s['name']} has value {v!r}") from None
+        samples.append((str(s["name"]), dict(s.get("labels") or {}), v))
+    return Scrape(time=float(obj["time"]), target=str(obj["target"]),
+                  source=str(obj.get("source") or "server"), stage=obj.get("stage"),
+                  ok=bool(obj.get("ok", True)), samples=samples)
+
+
+def read_jsonl(path: Path, parse, problems: list[str]) -> list:
+    """Parsed records of a JSON-lines file; each bad line is named in ``problems``."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError("not a JSON object")
+                out.append(parse(obj))
+            except (ValueError, TypeError, KeyError) as e:
+                msg = str(e).splitlines()[0][:160]
+                problems.append(f"{path.name}:{i}: skipped ({type(e).__name__}: {msg})")
+    return out
+
+
+def load_run(run_dir: str | Path, scrapes: Iterable[Scrape] | None = None) -> RunData:
+    """Everything in ``run_dir`` that can be read; ``scrapes`` replaces metrics.jsonl."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run directory at {run_dir}")
+    data = RunData(run_dir=run_dir)
+    for name, attr in (("scenario.yaml", "scenario"), ("env.json", "env")):
+        p = run_dir / name
+        if not p.exists():
+            data.missing.append(f"{name} is missing")
+            continue
+        try:
+            text = p.read_text(encoding="utf-8", errors="replace")
+            obj = yaml.safe_load(text) if name.endswith(".yaml") else json.loads(text)
+            if not isinstance(obj, dict):
+                raise ValueError("not a mapping")
+            setattr(data, attr, obj)
+        except (ValueError, yaml.YAMLError) as e:
+            data.problems.append(f"{name}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+    req = run_dir / "requests.jsonl"
+    if req.exists():
+        data.requests = read_jsonl(req, parse_request, data.problems)
+    else:
+        data.missing.append("requests.jsonl is missing: no request figures")
+    if scrapes is not None:
+        data.scrapes = list(scrapes)
+        data.metrics_source = "prometheus"
+    else:
+        met = run_dir / "metrics.jsonl"
+        if met.exists():
+            data.scrapes = read_jsonl(met, parse_scrape, data.problems)
+        else:
+            data.missing.append("metrics.jsonl is missing: no server or GPU metrics")
+    if data.env and not data.env.get("finished_at"):
+        data.missing.append("env.json has no finished_at: the run stopped before its end")
+    if not data.requests:
+        data.missing.append("no request records")
+    return data

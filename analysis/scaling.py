@@ -1,0 +1,197 @@
+"""How figures scale with prompt length: fits, crossovers, speed ratios, context limits.
+
+Curves are per target: one point per prompt length (the median over its requests).
+``fit_poly`` fits y = a + b·n (+ c·n²) by least squares and reports R²; ``crossovers``
+finds where two targets' curves cross, from the data (log-linear interpolation between
+the two measured lengths that bracket the sign change) and from the fits (the smallest
+positive root of their difference).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from analysis.records import RunData
+
+
+@dataclass(frozen=True)
+class Fit:
+    coef: tuple[float, ...]
+    """(a, b) or (a, b, c): y = a + b·n + c·n²."""
+    r2: float | None
+    points: int
+    n_min: float
+    n_max: float
+
+    def __call__(self, n):
+        n = np.asarray(n, dtype=float)
+        return sum(c * n**i for i, c in enumerate(self.coef))
+
+    def formula(self, unit: str = "s") -> str:
+        names = ["", "·n", "·n²"]
+        return " + ".join(f"{c:.4g}{names[i]}" for i, c in enumerate(self.coef)) + f" {unit}"
+
+
+def fit_poly(n: Sequence[float], y: Sequence[float], degree: int) -> Fit | None:
+    """Least-squares polynomial fit with R²; None with fewer distinct lengths than terms."""
+    n = np.asarray(n, dtype=float)
+    y = np.asarray(y, dtype=float)
+    keep = np.isfinite(n) & np.isfinite(y)
+    n, y = n[keep], y[keep]
+    if len(np.unique(n)) < degree + 1:
+        return None
+    scale = float(np.max(np.abs(n))) or 1.0  # conditioning: fit in n/scale, then rescale
+    x = n / scale
+    design = np.vander(x, degree + 1, increasing=True)
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    coef = tuple(float(c) / scale**i for i, c in enumerate(coef))
+    pred = design @ (np.asarray(coef) * scale ** np.arange(degree + 1))
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    ss_res = float(np.sum((y - pred) ** 2))
+    r2 = (1.0 - ss_res / ss_tot) if ss_tot > 0 else None
+    return Fit(coef, r2, int(len(n)), float(n.min()), float(n.max()))
+
+
+def crossover_from_data(n: Sequence[float], a: Sequence[float], b: Sequence[float]) -> float | None:
+    """First prompt length where a − b changes sign, interpolated linearly in log n.
+
+    ``n`` ascending, ``a`` and ``b`` measured at the same lengths. None when no sign change.
+    An exact tie at a measured length is that length.
+    """
+    d = np.asarray(a, float) - np.asarray(b, float)
+    n = np.asarray(n, float)
+    for i in range(len(d)):
+        if d[i] == 0 and (i > 0 or len(d) == 1):
+            return float(n[i])
+        if i + 1 < len(d) and d[i] * d[i + 1] < 0:
+            t = d[i] / (d[i] - d[i + 1])
+            lo, hi = np.log(n[i]), np.log(n[i + 1])
+            return float(np.exp(lo + t * (hi - lo)))
+    return None
+
+
+def crossover_from_fits(fa: Fit, fb: Fit, n_max: float | None = None) -> float | None:
+    """Smallest positive n where two fits are equal (optionally no larger than ``n_max``)."""
+    k = max(len(fa.coef), len(fb.coef))
+    diff = [(fa.coef[i] if i < len(fa.coef) else 0.0) - (fb.coef[i] if i < len(fb.coef) else 0.0)
+            for i in range(k)]
+    while len(diff) > 1 and diff[-1] == 0:
+        diff.pop()
+    if len(diff) < 2:
+        return None
+    roots = np.roots(diff[::-1])
+    real = sorted(float(r.real) for r in roots if abs(r.imag) <= 1e-9 * max(1.0, abs(r.real)) and r.real > 0)
+    if n_max is not None:
+        real = [r for r in real if r <= n_max]
+    return real[0] if real else None
+
+
+# ---- curves per target -------------------------------------------------------------------
+
+
+def curve(run: RunData, target: str, field: str) -> tuple[list[int], list[float]]:
+    """Median of ``field`` (``ttft``/``tpot``/``e2e``) per prompt length, ok requests only."""
+    from analysis.stats import tpot
+
+    by_n: dict[int, list[float]] = {}
+    for r in run.requests:
+        if r.target != target or not r.ok or r.prompt_length is None or not run.in_sweep(r):
+            continue
+        v = {"ttft": r.ttft_s, "tpot": tpot(r), "e2e": r.e2e_s}[field]
+        if v is not None:
+            by_n.setdefault(r.prompt_length, []).append(v)
+    ns = sorted(by_n)
+    return ns, [float(np.median(by_n[n])) for n in ns]
+
+
+@dataclass
+class PairCompare:
+    a: str
+    b: str
+    family_a: str
+    family_b: str
+    metric: str
+    common: list[int]
+    ratio: list[float]
+    """a / b at each common length: above 1 means b is faster."""
+    crossover_data: float | None
+    crossover_fit: float | None
+
+
+def compare_pair(run: RunData, a: str, b: str, metric: str, fits: dict) -> PairCompare:
+    na, ya = curve(run, a, metric)
+    nb, yb = curve(run, b, metric)
+    common = sorted(set(na) & set(nb))
+    va = [ya[na.index(n)] for n in common]
+    vb = [yb[nb.index(n)] for n in common]
+    ratio = [x / y if y > 0 else float("nan") for x, y in zip(va, vb)]
+    fa, fb = fits.get((a, metric)), fits.get((b, metric))
+    cf = None
+    if fa and fb:
+        cf = crossover_from_fits(fa, fb, n_max=4 * max(fa.n_max, fb.n_max))
+    return PairCompare(a, b, run.family_of(a), run.family_of(b), metric, common, ratio,
+                       crossover_from_data(common, va, vb) if len(common) >= 1 else None, cf)
+
+
+def latency_fits(run: RunData) -> dict[tuple[str, str], Fit]:
+    """TTFT(n) = a + b·n + c·n² and TPOT(n) = a + b·n per target."""
+    out = {}
+    for t in run.targets():
+        for metric, degree in (("ttft", 2), ("tpot", 1)):
+            n, y = curve(run, t, metric)
+            f = fit_poly(n, y, degree)
+            if f is not None:
+                out[(t, metric)] = f
+    return out
+
+
+def family_pairs(run: RunData, metric: str, fits: dict) -> list[PairCompare]:
+    """Every pair of targets from different families (transformer before ssm before hybrid)."""
+    order = {"transformer": 0, "ssm": 1, "hybrid": 2}
+    targets = sorted(run.targets(), key=lambda t: order.get(run.family_of(t), 9))
+    out = []
+    for i, a in enumerate(targets):
+        for b in targets[i + 1:]:
+            if run.family_of(a) != run.family_of(b):
+                out.append(compare_pair(run, a, b, metric, fits))
+    return out
+
+
+# ---- context limits ----------------------------------------------------------------------
+
+
+@dataclass
+class ContextLimit:
+    target: str
+    family: str
+    max_ok: int | None
+    """The longest prompt length with a successful request."""
+    first_failed: int | None
+    """The shortest length beyond ``max_ok`` where every request failed."""
+    cause: str | None
+    """Most common error kind beyond ``max_ok`` (None: the limit was not reached)."""
+    message: str | None
+    max_tested: int | None
+    reached: bool
+
+
+def context_limits(run: RunData) -> list[ContextLimit]:
+    out = []
+    for t in run.targets():
+        reqs = [r for r in run.requests if r.target == t and r.prompt_length is not None]
+        ok_lengths = [r.prompt_length for r in reqs if r.ok]
+        max_ok = max(ok_lengths) if ok_lengths else None
+        beyond = [r for r in reqs if not r.ok and (max_ok is None or r.prompt_length > max_ok)]
+        kinds = Counter(r.error_kind or "unknown" for r in beyond)
+        cause = kinds.most_common(1)[0][0] if kinds else None
+        msg = next((r.error_message for r in beyond if (r.error_kind or "unknown") == cause), None)
+        out.append(ContextLimit(
+            target=t, family=run.family_of(t), max_ok=max_ok,
+            first_failed=min((r.prompt_length for r in beyond), default=None),
+            cause=cause, message=(msg or "")[:200] or None,
+            max_tested=max((r.prompt_length for r in reqs), default=None), reached=bool(beyond)))
+    return out
