@@ -43,6 +43,14 @@ def doubling(lengths) -> bool:
     return len(v) >= 3 and v[-1] / v[0] >= 4
 
 
+def _plain(ax, axis="y"):
+    """Plain numbers (0.5, 20, 300) on a log axis instead of powers of ten."""
+    f = FuncFormatter(lambda x, _p: f"{x:g}")
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_formatter(f)
+    target.set_minor_formatter(FuncFormatter(lambda x, _p: ""))
+
+
 def _new(title, xlabel, ylabel):
     fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=100)
     ax.set_title(title)
@@ -58,6 +66,7 @@ def _length_axis(ax, lengths, y_positive=True, ys=()):
         ys = [y for y in ys if y > 0]
         if y_positive and ys and max(ys) / min(ys) >= 10:
             ax.set_yscale("log")
+            _plain(ax, "y")
     ax.xaxis.set_major_formatter(FuncFormatter(_tokens_fmt))
 
 
@@ -155,6 +164,7 @@ def itl_distribution(a):
         plt.close(fig)
         return None
     ax.set_xscale("log")
+    _plain(ax, "x")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8)
     return fig
