@@ -1,0 +1,175 @@
+"""Hands out jobs for the current stage and collects the records that come back.
+
+One controller lives in the process that runs the scenario.  Users of a local run call it
+directly; users in worker processes reach it through Locust's messages (loadgen.distributed),
+so a stage's request budget is counted once for the whole run and every record is written by
+one writer into the one ``requests.jsonl``.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+import gevent
+import gevent.event
+import gevent.queue
+
+from loadgen import prompts
+from loadgen.records import RecordWriter
+from loadgen.shapes import StageResult, StageSpec
+
+
+class Stage:
+    def __init__(self, spec: StageSpec, index: int, base: dict):
+        self.spec, self.index, self.base = spec, index, base
+        self.remaining = spec.requests if spec.duration_s is None else None
+        if spec.rate and spec.requests is not None and spec.duration_s is None:
+            self.remaining = spec.requests
+        self.deadline: float | None = None
+        self.rng = random.Random(spec.seed)
+        self.arrivals: gevent.queue.Queue | None = gevent.queue.Queue() if spec.rate else None
+        self._arrivals_done = False
+        self.in_flight = 0
+        self.issued = 0
+        self.records: list[dict] = []
+        self.done = gevent.event.Event()
+        self.closed = False
+
+    def open(self) -> None:
+        if self.spec.duration_s is not None:
+            self.deadline = time.monotonic() + self.spec.duration_s
+        if self.arrivals is not None:
+            gevent.spawn(self._arrive)
+
+    def _arrive(self) -> None:
+        """A Poisson process: exponential gaps at the stage's mean rate."""
+        n = 0
+        while not self.closed:
+            if self.remaining is not None and n >= self.remaining:
+                break
+            gevent.sleep(self.rng.expovariate(self.spec.rate))
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                break
+            self.arrivals.put(self._tokens())
+            n += 1
+        self._arrivals_done = True
+        self.check()
+
+    def _tokens(self) -> int:
+        if self.spec.prompt_tokens is not None:
+            return self.spec.prompt_tokens
+        lengths, weights = zip(*self.spec.mix)
+        return self.rng.choices(lengths, weights)[0]
+
+    def exhausted(self) -> bool:
+        if self.closed:
+            return True
+        if self.arrivals is not None:
+            return self._arrivals_done and self.arrivals.empty()
+        if self.remaining is not None:
+            return self.remaining <= 0
+        return time.monotonic() >= (self.deadline or 0)
+
+    def take(self, wait_s: float) -> int | None:
+        """A prompt length to send now, or None (nothing for now)."""
+        if self.closed:
+            return None
+        if self.arrivals is not None:
+            try:
+                return self.arrivals.get(timeout=wait_s)
+            except gevent.queue.Empty:
+                return None
+        if self.remaining is not None:
+            if self.remaining <= 0:
+                return None
+            self.remaining -= 1
+            return self._tokens()
+        return self._tokens() if time.monotonic() < (self.deadline or 0) else None
+
+    def check(self) -> None:
+        if self.in_flight == 0 and self.exhausted():
+            self.done.set()
+
+    def result(self) -> StageResult:
+        recs = self.records
+        ok = [r for r in recs if r["status"] == "ok"]
+        errors: dict[str, int] = {}
+        for r in recs:
+            if r["status"] != "ok":
+                errors[r["error_kind"]] = errors.get(r["error_kind"], 0) + 1
+        gaps = sorted(g for r in ok for g in r["itl_s"])
+        tpots = [r["tpot_s"] for r in ok if r["tpot_s"] is not None]
+        return StageResult(
+            requests=len(recs), ok=len(ok), errors=errors,
+            ttft_p50=statistics.median(r["ttft_s"] for r in ok) if ok else None,
+            itl_p99=gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else None,
+            tpot_p50=statistics.median(tpots) if tpots else None,
+            messages=sorted({r["error_message"] for r in recs if r["error_message"]})[:5])
+
+
+class Controller:
+    def __init__(self, writer: RecordWriter, on_record=None):
+        self.writer = writer
+        self.on_record = on_record
+        self.stage: Stage | None = None
+        self.counter = 0
+        self.total = 0
+        self.errors = 0
+        self.stopping = False
+
+    # -- the runner's side --
+    def open(self, stage: Stage) -> None:
+        stage.open()
+        self.stage = stage
+
+    def close(self) -> None:
+        if self.stage is not None:
+            self.stage.closed = True
+        self.stage = None
+
+    # -- the users' side --
+    def take(self) -> dict | None:
+        """The next job; blocks while the stage has none for now.  None when stopping."""
+        while not self.stopping:
+            st = self.stage
+            if st is None:
+                gevent.sleep(0.02)
+                continue
+            tokens = st.take(0.2)
+            if tokens is None:
+                if st is self.stage and not st.arrivals:
+                    st.check()
+                    gevent.sleep(0.02)
+                continue
+            st.in_flight += 1
+            self.counter += 1
+            return dict(st.base, stage=st.spec.label, stage_index=st.index, prompt_tokens=tokens,
+                        concurrency=st.spec.users, request_id=f"r{self.counter:07d}", seq=self.counter,
+                        _stage=id(st))
+        return None
+
+    def prompt(self, job: dict) -> str:
+        return build_prompt(job)
+
+    def finish(self, job: dict, rec: dict) -> None:
+        self.writer.write(rec)
+        self.total += 1
+        self.errors += rec["status"] != "ok"
+        st = self.stage
+        if st is not None and id(st) == job.get("_stage"):
+            st.records.append(rec)
+            st.in_flight -= 1
+            st.check()
+        if self.on_record:
+            self.on_record(rec)
+
+
+def build_prompt(job: dict) -> str:
+    tok = job["tokenizer"]
+    if tok["kind"] == "local":
+        b = prompts.local_builder(tok["path"], job.get("prompt_path"))
+    else:
+        b = prompts.remote_builder(tok["url"], tok["model"], job.get("prompt_path"))
+    return b.build(job["prompt_tokens"], job["seq"], job.get("unique_prefix", True))

@@ -1,0 +1,141 @@
+"""One request's record: raw ``perf_counter_ns`` stamps in, the run directory's fields out.
+
+The stream is read line by line as it arrives; each server-sent event that carries a token is
+stamped with ``perf_counter_ns`` the moment its line is complete.  TTFT, ITL, TPOT and
+end-to-end are computed from those stamps (DESIGN.md's definitions, the same as vLLM's
+benchmark).  A failure is data on the record (``error_kind`` and message), never a lost record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+
+SCHEMA_VERSION = 1
+ERROR_KINDS = ("rejected", "oom", "timeout", "connection", "server_error", "cancelled")
+_OOM = re.compile(r"out of memory|\boom\b|outofmemory|cannot allocate|memory.*exhausted|"
+                  r"not enough (kv|memory|state)|no (free )?state slot", re.I)
+
+
+@dataclass
+class Timing:
+    """Stamps of one streamed request (nanoseconds of ``perf_counter_ns``)."""
+
+    sent_ns: int
+    token_ns: list[int] = field(default_factory=list)
+    end_ns: int | None = None
+    usage: dict | None = None
+    events: int = 0
+
+    def feed(self, line: bytes, now_ns: int, chat: bool) -> str | None:
+        """Take one SSE line; returns an error message carried in the stream, if any."""
+        if not line.startswith(b"data:"):
+            return None
+        payload = line[5:].strip()
+        if not payload or payload == b"[DONE]":
+            return None
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            return f"unparseable event: {payload[:200]!r}"
+        self.events += 1
+        if "error" in data:
+            err = data["error"]
+            return err.get("message", str(err)) if isinstance(err, dict) else str(err)
+        if data.get("usage"):
+            self.usage = data["usage"]
+        choices = data.get("choices")
+        if choices:
+            c = choices[0]
+            if chat:
+                delta = c.get("delta") or {}
+                content = delta.get("content")
+                bearing = content is not None and not (delta.get("role") and content == "")
+            else:
+                bearing = c.get("text") is not None
+            if bearing:
+                self.token_ns.append(now_ns)
+        return None
+
+
+def classify_http(status: int, message: str) -> str:
+    if _OOM.search(message or ""):
+        return "oom"
+    return "rejected" if 400 <= status < 500 else "server_error"
+
+
+def classify_exception(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (socket.timeout, TimeoutError)) or "timeout" in text.lower() or "timed out" in text.lower():
+        return "timeout"
+    if _OOM.search(text):
+        return "oom"
+    if isinstance(exc, (ConnectionError, OSError)) or "connection" in text.lower() or "closed" in text.lower():
+        return "connection"
+    return "server_error"
+
+
+def build(job: dict, timing: Timing, *, http_status: int | None, error_kind: str | None,
+          error_message: str | None, start_time: float, worker: str) -> dict:
+    """The ``requests.jsonl`` record (docs/contracts.md §4)."""
+    t = timing
+    s = 1e-9
+    ttft = (t.token_ns[0] - t.sent_ns) * s if t.token_ns else None
+    itl = [(b - a) * s for a, b in zip(t.token_ns, t.token_ns[1:])]
+    e2e = (t.end_ns - t.sent_ns) * s if t.end_ns is not None else None
+    usage = t.usage or {}
+    if usage.get("completion_tokens") is not None:
+        completion, source = int(usage["completion_tokens"]), "usage"
+    else:
+        completion, source = len(t.token_ns), "events"
+    tpot = (e2e - ttft) / (completion - 1) if (e2e is not None and ttft is not None and completion > 1) else None
+    if error_kind is None and not t.token_ns:
+        error_kind, error_message = "server_error", error_message or "the stream carried no token"
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "request_id": job["request_id"],
+        "target": job["target"],
+        "model": job["model"],
+        "family": job.get("family"),
+        "engine": job.get("engine"),
+        "stage": job["stage"],
+        "stage_index": job["stage_index"],
+        "api": job["api"],
+        "prompt_tokens_requested": job["prompt_tokens"],
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": completion,
+        "max_tokens": job["max_tokens"],
+        "token_count_source": source,
+        "concurrency": job.get("concurrency", 1),
+        "start_time": start_time,
+        "ttft_s": ttft,
+        "itl_s": itl,
+        "tpot_s": tpot,
+        "e2e_s": e2e if error_kind is None else (e2e if t.token_ns else None),
+        "status": "ok" if error_kind is None else "error",
+        "http_status": http_status,
+        "error_kind": error_kind,
+        "error_message": error_message,
+        "worker": worker,
+    }
+
+
+class RecordWriter:
+    """Appends one JSON line per record with a single ``write`` on an ``O_APPEND`` descriptor:
+    the line is in the kernel the moment the call returns, so killing the load generator loses
+    no finished request, and writers in several processes never interleave a line."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, record: dict) -> None:
+        os.write(self.fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,297 @@
+"""Run a scenario headless with Locust and write its run directory (docs/contracts.md §4).
+
+Importing this module imports Locust, which monkey-patches the process with gevent: import it
+at the start of a process that runs load (``ctxload run``, ``ctxload demo``), not from a test
+process — tests run ``ctxload run`` as a subprocess.
+
+For each target in turn, the load shape's generator yields stages; for each stage the runner
+sets Locust's user count, opens the stage in the controller (which hands out jobs until the
+stage's request budget or duration is spent) and waits for the last request to end.  Records
+are appended to ``requests.jsonl`` as each request ends; ``metrics.jsonl`` gets a scrape of
+every target on an interval.  With ``processes > 1`` the users run in Locust worker processes
+(loadgen.distributed) and their records travel back to this one.
+"""
+
+from __future__ import annotations
+
+from locust.env import Environment  # first: Locust's gevent monkey-patching
+
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import gevent
+
+from loadgen import scenario as sc
+from loadgen import shapes, targets
+from loadgen.controller import Controller, Stage
+from loadgen.exporter import ClientMetrics
+from loadgen.records import RecordWriter
+from loadgen.scrape import Scraper
+from loadgen.user import StreamingUser
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _packages() -> dict:
+    out = {}
+    for name in ("ctxload", "torch", "transformers", "locust", "aiohttp", "pydantic", "prometheus-client",
+                 "numpy", "geventhttpclient"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def _memory_bytes() -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def _gpus() -> list[dict]:
+    with contextlib.suppress(Exception):
+        import pynvml  # optional
+
+        pynvml.nvmlInit()
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            out.append({"name": name.decode() if isinstance(name, bytes) else name,
+                        "memory_total_bytes": pynvml.nvmlDeviceGetMemoryInfo(h).total,
+                        "driver": str(pynvml.nvmlSystemGetDriverVersion())})
+        return out
+    return []
+
+
+def write_env(path: Path, run_id: str, started: str, live: list, finished: str | None = None) -> None:
+    env = {"schema_version": 1, "run_id": run_id, "ctxload_version": _packages().get("ctxload"),
+           "started_at": started, "finished_at": finished,
+           "host": {"hostname": socket.gethostname(), "platform": platform.platform(),
+                    "cpu_count": os.cpu_count(), "memory_bytes": _memory_bytes()},
+           "python": sys.version.split()[0], "packages": _packages(), "gpus": _gpus(),
+           "targets": [t.describe() for t in live]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(env, indent=2))
+    tmp.replace(path)
+
+
+def new_run_id(name: str) -> str:
+    return f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}"
+
+
+class _Progress:
+    def __init__(self, controller: Controller, progress):
+        self.c, self.say = controller, progress
+        self.label = ""
+        self.budget: int | None = None
+        self.base = 0
+
+    def stage(self, label: str, budget: int | None) -> None:
+        self.label, self.budget, self.base = label, budget, self.c.total
+
+    def line(self) -> str:
+        done = self.c.total - self.base
+        of = f"/{self.budget}" if self.budget else ""
+        return f"  {self.label}: {done}{of} requests, {self.c.errors} errors so far in the run"
+
+    def loop(self, every_s: float = 5.0) -> None:
+        while True:
+            gevent.sleep(every_s)
+            self.say(self.line())
+
+
+def _job_base(scenario: sc.Scenario, lt: targets.LiveTarget) -> dict:
+    prompt = scenario.prompt
+    return {"target": lt.name, "url": lt.url, "model": lt.spec.model, "family": lt.spec.family,
+            "engine": lt.spec.engine, "api": scenario.api, "max_tokens": scenario.output.max_tokens,
+            "ignore_eos": scenario.output.ignore_eos, "api_key_env": lt.spec.api_key_env,
+            "timeout_s": scenario.request_timeout_s, "tokenizer": lt.tokenizer(),
+            "prompt_path": getattr(prompt, "path", None), "unique_prefix": prompt.unique_prefix}
+
+
+def _slo_missed(scenario: sc.Scenario, res: shapes.StageResult) -> str | None:
+    s = scenario.slos
+    for name, have, bound in (("ttft_s", res.ttft_p50, s.ttft_s), ("tpot_s", res.tpot_p50, s.tpot_s),
+                              ("itl_s", res.itl_p99, s.itl_s)):
+        if bound is not None and have is not None and have > bound:
+            return f"{name} {have:.4g} > {bound:g}"
+    return None
+
+
+def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, processes: int = 1,
+        target_urls: dict[str, str] | None = None) -> Path:
+    """Run the scenario; return the run directory."""
+    scenario = sc.coerce(scenario_or_path)
+    if target_urls:
+        scenario = override_urls(scenario, target_urls)
+    say = progress or (lambda *_: None)
+    run_id = run_id or new_run_id(scenario.name)
+    run_dir = Path(runs_dir) / run_id
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run directory {run_dir} already exists and is not empty")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "scenario.yaml").write_text(scenario.resolved_yaml())
+    started = _now_iso()
+    say(f"run {run_id}: {scenario.name} → {run_dir}")
+    writer = RecordWriter(run_dir / "requests.jsonl")
+    metrics = ClientMetrics()
+    controller = Controller(writer, on_record=metrics.record)
+    live: list[targets.LiveTarget] = []
+    greenlets = []
+    with contextlib.ExitStack() as stack:
+        stack.callback(writer.close)
+        live = targets.start_all(scenario, stack, run_dir, say)
+        write_env(run_dir / "env.json", run_id, started, live)
+        if scenario.metrics.exporter_port is not None:
+            port = metrics.serve(scenario.metrics.exporter_port)
+            say(f"client metrics on http://127.0.0.1:{port}/metrics")
+        current = {"stage": None}
+        sources = [(t.name, "server", t.url + "/metrics") for t in live]
+        sources += [(name, "gpu" if "gpu" in name else "server", url)
+                    for name, url in scenario.metrics.extra_urls.items()]
+        scraper = Scraper(run_dir / "metrics.jsonl", sources, stage=lambda: current["stage"])
+        stack.callback(scraper.close)
+        greenlets.append(gevent.spawn(scraper.loop, scenario.metrics.scrape_interval_s))
+        env = Environment(user_classes=[StreamingUser])
+        env.ctxload = controller
+        if processes > 1:
+            from loadgen import distributed
+
+            runner = distributed.start_master(env, controller, processes, stack, say)
+        else:
+            runner = env.create_local_runner()
+        stack.callback(runner.quit)
+        prog = _Progress(controller, say)
+        greenlets.append(gevent.spawn(prog.loop))
+        stack.callback(lambda: gevent.killall(greenlets, block=False))
+        run_deadline = (time.monotonic() + scenario.stop.max_duration_s) if scenario.stop.max_duration_s else None
+        stage_index = 0
+        for lt in live:
+            stage_index = _run_target(scenario, lt, runner, controller, metrics, current, prog, say,
+                                      stage_index, run_dir, run_deadline)
+        controller.stopping = True
+        scraper.once()
+        write_env(run_dir / "env.json", run_id, started, live, finished=_now_iso())
+        say(f"done: {controller.total} requests, {controller.errors} errors; run directory {run_dir}")
+    return run_dir
+
+
+def _prepare(stage: Stage) -> None:
+    """Build the stage's prompt bodies now, while nothing is in flight: a long prompt built
+    inside a user would stall the event loop that times every other stream."""
+    from loadgen.controller import build_prompt
+
+    spec = stage.spec
+    lengths = [spec.prompt_tokens] if spec.prompt_tokens else [n for n, _ in spec.mix]
+    for n in lengths:
+        build_prompt(dict(stage.base, prompt_tokens=n, seq=0))
+
+
+def _run_stage(runner, controller, stage: Stage, users: int, timeout_s: float) -> None:
+    _prepare(stage)
+    runner.start(users, spawn_rate=max(users, 1))
+    if getattr(runner, "spawning_greenlet", None) is not None:
+        runner.spawning_greenlet.join()
+    controller.open(stage)
+    limit = (stage.spec.duration_s or 0) + timeout_s * max(1, (stage.spec.requests or 1)) + 60
+    if not stage.done.wait(limit):
+        stage.closed = True
+    controller.close()
+
+
+def _run_target(scenario, lt, runner, controller, metrics, current, prog, say, stage_index, run_dir,
+                run_deadline) -> int:
+    base = _job_base(scenario, lt)
+    load = scenario.load
+    search = shapes.Search() if isinstance(load, sc.MaxContext) else None
+    gen = shapes.bisect(load, search) if search else shapes.stages(load)
+    if isinstance(load, (sc.ContextSweep, sc.ConcurrencySweep, sc.Poisson)) and load.warmup_requests:
+        spec = shapes.StageSpec("warmup", 1, _first_length(load), requests=load.warmup_requests)
+        _run_stage(runner, controller, Stage(spec, stage_index, base), 1, scenario.request_timeout_s)
+        stage_index += 1
+    res = None
+    stop_reason = None
+    try:
+        spec = next(gen)
+        while True:
+            if run_deadline and time.monotonic() > run_deadline:
+                stop_reason = "the run's max_duration_s is spent"
+                break
+            if not lt.alive():
+                stop_reason = "its server has exited"
+                break
+            if lt.max_model_len and spec.prompt_tokens and spec.prompt_tokens + scenario.output.max_tokens > lt.max_model_len \
+                    and not isinstance(load, sc.MaxContext):
+                say(f"{lt.name}: {spec.label} exceeds the server's max_model_len {lt.max_model_len}; sent anyway")
+            current["stage"] = spec.label
+            metrics.stage(lt.name, spec.label, spec.users, spec.prompt_tokens)
+            say(f"{lt.name} stage {stage_index} {spec.label}: {spec.users} users")
+            prog.stage(f"{lt.name} {spec.label}", spec.requests if spec.duration_s is None else None)
+            stage = Stage(spec, stage_index, base)
+            _run_stage(runner, controller, stage, spec.users, scenario.request_timeout_s)
+            stage_index += 1
+            res = stage.result()
+            say(_summary(lt.name, spec.label, res))
+            if res.crashed and not lt.alive():
+                stop_reason = "its server crashed (connection lost)"
+                break
+            if res.error_rate > scenario.stop.max_error_rate:
+                stop_reason = f"error rate {res.error_rate:.0%} > max_error_rate {scenario.stop.max_error_rate:g}"
+                break
+            missed = _slo_missed(scenario, res) if scenario.stop.on_slo_violation else None
+            if missed:
+                stop_reason = f"SLO missed: {missed}"
+                break
+            spec = gen.send(res)
+    except StopIteration:
+        pass
+    if stop_reason:
+        say(f"{lt.name}: no more stages: {stop_reason}")
+    if search is not None:
+        out = {"schema_version": 1, "target": lt.name, "max_ok_tokens": search.max_ok,
+               "min_fail_tokens": search.min_fail, "failure_kind": search.failure_kind,
+               "crashed": search.crashed, "converged": search.converged, "tolerance": load.tolerance,
+               "probes": search.probes, "stopped": stop_reason}
+        with open(run_dir / "max_context.jsonl", "a") as f:
+            f.write(json.dumps(out) + "\n")
+        crash = " — connection lost (crash); not hit again" if search.crashed else ""
+        say(f"{lt.name}: max context {search.max_ok} tokens (first failure {search.min_fail}: "
+            f"{search.failure_kind}){crash}")
+    return stage_index
+
+
+def _first_length(load) -> int:
+    if isinstance(load, sc.ContextSweep):
+        return sc.sweep_values(load.prompt_tokens)[0]
+    if isinstance(load, sc.ConcurrencySweep):
+        return load.prompt_tokens
+    return load.mix[0].prompt_tokens
+
+
+def _summary(target: str, label: str, r: shapes.StageResult) -> str:
+    f = lambda v: "-" if v is None else f"{v * 1000:.1f} ms"  # noqa: E731
+    errs = ", ".join(f"{k} {v}" for k, v in r.errors.items())
+    return (f"{target} {label}: {r.ok}/{r.requests} ok, TTFT p50 {f(r.ttft_p50)}, TPOT p50 {f(r.tpot_p50)}, "
+            f"ITL p99 {f(r.itl_p99)}" + (f"; errors: {errs}" if errs else ""))
+
+
+def override_urls(scenario: sc.Scenario, urls: dict[str, str]) -> sc.Scenario:
+    data = scenario.model_dump(mode="json")
+    names = {t["name"] for t in data["targets"]}
+    for name, url in urls.items():
+        if name not in names:
+            raise sc.ScenarioError(f"--target-url: no target named {name!r} (targets: {', '.join(sorted(names))})")
+    for t in data["targets"]:
+        if t["name"] in urls:
+            t["url"], t["serve"] = urls[t["name"]], None
+    return sc.coerce(data)

@@ -1,0 +1,120 @@
+"""Load shapes as generators: each yields the next stage and receives that stage's result.
+
+That makes sweeps and adaptive searches the same thing: a context ramp ignores the result, a
+max-context search bisects on it.  One generator runs per target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Generator
+
+from loadgen import scenario as sc
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    label: str
+    users: int
+    prompt_tokens: int | None = None
+    """The one prompt length, or None with ``mix``."""
+    mix: tuple[tuple[int, float], ...] = ()
+    requests: int | None = None
+    duration_s: float | None = None
+    rate: float | None = None
+    """Poisson arrivals per second (open loop), else closed loop."""
+    seed: int = 0
+
+
+@dataclass
+class StageResult:
+    requests: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    ttft_p50: float | None = None
+    itl_p99: float | None = None
+    tpot_p50: float | None = None
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def error_rate(self) -> float:
+        return 1 - self.ok / self.requests if self.requests else 0.0
+
+    @property
+    def crashed(self) -> bool:
+        return self.errors.get("connection", 0) > 0
+
+    @property
+    def failure_kind(self) -> str | None:
+        if self.ok == self.requests and self.requests:
+            return None
+        return max(self.errors, key=self.errors.get) if self.errors else "server_error"
+
+
+Shape = Generator[StageSpec, StageResult, None]
+
+
+def stages(load, max_context_len: int | None = None) -> Shape:
+    if isinstance(load, sc.ContextSweep):
+        for n in sc.sweep_values(load.prompt_tokens):
+            yield StageSpec(f"prompt={n}", load.users, n, requests=load.requests, duration_s=load.duration_s)
+    elif isinstance(load, sc.ConcurrencySweep):
+        for u in sc.sweep_values(load.users):
+            yield StageSpec(f"users={u}", u, load.prompt_tokens, requests=load.requests,
+                            duration_s=load.duration_s)
+    elif isinstance(load, sc.Poisson):
+        mix = tuple((m.prompt_tokens, m.weight) for m in load.mix)
+        for i, r in enumerate(load.rate):
+            yield StageSpec(f"rate={r:g}", load.max_users, None, mix, requests=load.requests,
+                            duration_s=load.duration_s, rate=r, seed=load.seed + i)
+    elif isinstance(load, sc.MaxContext):
+        yield from bisect(load)
+    else:  # pragma: no cover - the scenario model admits no other kind
+        raise TypeError(f"unknown load kind {type(load).__name__}")
+
+
+def _probe(n: int, load: "sc.MaxContext") -> StageSpec:
+    return StageSpec(f"prompt={n}", 1, n, requests=load.requests_per_probe)
+
+
+class Search:
+    """The state of one max-context search, readable after the generator ends."""
+
+    def __init__(self):
+        self.max_ok: int | None = None
+        self.min_fail: int | None = None
+        self.failure_kind: str | None = None
+        self.crashed = False
+        self.probes: list[dict] = []
+        self.converged = False
+
+
+def bisect(load: "sc.MaxContext", search: Search | None = None) -> Shape:
+    """Double from ``min_tokens`` until a failure (or ``max_tokens``), then bisect between the
+    longest success and the shortest failure until they are within ``tolerance``.  A lost
+    connection (the server crashed) ends the search: the target is not hit again."""
+    s = search or Search()
+    n = load.min_tokens
+    for _ in range(load.max_probes):
+        res = yield _probe(n, load)
+        ok = res.failure_kind is None
+        s.probes.append({"prompt_tokens": n, "ok": ok, "failure_kind": res.failure_kind})
+        if ok:
+            s.max_ok = n
+        else:
+            s.min_fail, s.failure_kind = n, res.failure_kind
+            if res.crashed:
+                s.crashed = True
+                return
+        if s.max_ok is None:  # even the shortest failed
+            return
+        if s.min_fail is None:
+            if n >= load.max_tokens:
+                s.converged = True
+                return
+            n = min(n * 2, load.max_tokens)
+            continue
+        if (s.min_fail - s.max_ok) <= max(1, load.tolerance * s.max_ok):
+            s.converged = True
+            return
+        n = (s.max_ok + s.min_fail) // 2

@@ -1,0 +1,150 @@
+"""The Locust user: takes a job, streams one completion, times every event, hands back a record.
+
+Built on Locust's fast HTTP client (geventhttpclient): the body is read with ``readline`` as
+bytes arrive, so each server-sent event is stamped with ``perf_counter_ns`` when its line is
+complete, not when a buffer fills.  The request body is serialised before the clock starts.
+TTFT, ITL (the request's mean gap), TPOT and end-to-end go through ``events.request.fire`` as
+their own request types, so Locust's statistics, CSV and distributed totals show them; the raw
+per-gap values are in the record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import gevent
+from locust import constant, task
+from locust.contrib.fasthttp import FastHttpUser
+
+from loadgen import records
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def request_body(job: dict, prompt: str) -> bytes:
+    body = {"model": job["model"], "max_tokens": job["max_tokens"], "stream": True,
+            "stream_options": {"include_usage": True}, "temperature": 0.0}
+    if job.get("ignore_eos"):
+        body["ignore_eos"] = True
+        body["min_tokens"] = job["max_tokens"]
+    if job["api"] == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    return json.dumps(body).encode()
+
+
+def _error_message(resp) -> str:
+    try:
+        data = json.loads(resp.content or b"{}")
+        err = data.get("error", data)
+        return str(err.get("message", err) if isinstance(err, dict) else err)[:500]
+    except Exception:
+        return (resp.content or b"")[:500].decode(errors="replace")
+
+
+def stream_once(session, job: dict, prompt: str, timeout_s: float) -> dict:
+    """Send one streamed request through a FastHttpSession and build its record."""
+    chat = job["api"] == "chat"
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    data = request_body(job, prompt)
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
+               "Accept-Encoding": "identity"}
+    if job.get("api_key_env") and os.environ.get(job["api_key_env"]):
+        headers["Authorization"] = f"Bearer {os.environ[job['api_key_env']]}"
+    start_time = time.time()
+    timing = records.Timing(sent_ns=time.perf_counter_ns())
+    status = kind = message = None
+    try:
+        with gevent.Timeout(timeout_s, TimeoutError(f"no end of stream after {timeout_s:g} s")):
+            resp = session.request("POST", job["url"] + path, data=data, headers=headers, stream=True,
+                                   name=f"{job['target']} {job['stage']}")
+            status = resp.status_code or None
+            err = getattr(resp, "error", None)
+            if err is not None and not status:
+                raise err
+            if status != 200:
+                message = _error_message(resp)
+                kind = records.classify_http(status or 0, message)
+            else:
+                raw = resp._response
+                readline = raw.readline
+                feed = timing.feed
+                while True:
+                    line = readline(b"\n")
+                    if not line:
+                        break
+                    stream_err = feed(line, time.perf_counter_ns(), chat)
+                    if stream_err:
+                        message, kind = stream_err[:500], records.classify_http(500, stream_err)
+                timing.end_ns = time.perf_counter_ns()
+    except gevent.GreenletExit:
+        kind, message = "cancelled", "the load generator stopped the request"
+        raise_after = True
+    except BaseException as e:  # noqa: BLE001 - every failure becomes data on the record
+        kind, message = records.classify_exception(e), f"{type(e).__name__}: {e}"[:500]
+        raise_after = False
+    else:
+        raise_after = False
+    if timing.end_ns is None and timing.token_ns:
+        timing.end_ns = time.perf_counter_ns()
+    rec = records.build(job, timing, http_status=status, error_kind=kind, error_message=message,
+                        start_time=start_time, worker=WORKER)
+    if raise_after:
+        rec["_cancelled"] = True
+    return rec
+
+
+def fire_events(env, rec: dict) -> None:
+    """Report a finished request to Locust under its own request types."""
+    fire = env.events.request.fire
+    name = f"{rec['target']} {rec['stage']}"
+    ctx = {"target": rec["target"], "stage": rec["stage"]}
+    if rec["status"] != "ok":
+        fire(request_type="E2E", name=name, response_time=(rec["e2e_s"] or 0) * 1000, response_length=0,
+             exception=RuntimeError(f"{rec['error_kind']}: {rec['error_message']}"), context=ctx)
+        return
+    fire(request_type="TTFT", name=name, response_time=rec["ttft_s"] * 1000, response_length=0,
+         exception=None, context=ctx)
+    if rec["itl_s"]:
+        fire(request_type="ITL", name=name, response_time=sum(rec["itl_s"]) / len(rec["itl_s"]) * 1000,
+             response_length=0, exception=None, context=ctx)
+    if rec["tpot_s"] is not None:
+        fire(request_type="TPOT", name=name, response_time=rec["tpot_s"] * 1000, response_length=0,
+             exception=None, context=ctx)
+    fire(request_type="E2E", name=name, response_time=rec["e2e_s"] * 1000,
+         response_length=rec["completion_tokens"] or 0, exception=None, context=ctx)
+
+
+class StreamingUser(FastHttpUser):
+    """One stream at a time: the user count of a stage is its concurrency."""
+
+    host = "http://127.0.0.1"
+    """Unused: every job carries its target's absolute URL."""
+    wait_time = constant(0)
+    """Closed loop: the next request as soon as the last ends (Poisson stages pace via jobs)."""
+    network_timeout = 3600.0
+    """Socket read timeout; the scenario's ``request_timeout_s`` bounds each request."""
+    connection_timeout = 30.0
+    max_retries = 0
+    """Never resend a request silently: a failure is a record."""
+    concurrency = 2
+    """Connections in this user's pool (one stream at a time needs one)."""
+    insecure = True
+
+    @task
+    def one_request(self) -> None:
+        source = self.environment.ctxload  # a loadgen.controller.Controller or a worker's proxy
+        job = source.take()
+        if job is None:
+            return
+        prompt = source.prompt(job)
+        rec = stream_once(self.client, job, prompt, job["timeout_s"])
+        cancelled = rec.pop("_cancelled", False)
+        source.finish(job, rec)
+        fire_events(self.environment, rec)
+        if cancelled:
+            raise gevent.GreenletExit()
