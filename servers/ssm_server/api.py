@@ -1,0 +1,230 @@
+"""The aiohttp application: OpenAI-compatible routes over an engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from aiohttp import web
+
+from servers.ssm_server import protocol as P
+from servers.ssm_server.openapi import openapi_spec
+from servers.ssm_server.request import Request
+from servers.ssm_server.sampling import SamplingParams
+
+log = logging.getLogger("ssm_server")
+DEFAULT_MAX_TOKENS = 16
+
+
+class Server:
+    def __init__(self, engine, text, metrics, *, model_name: str, max_model_len: int):
+        self.engine = engine
+        self.text = text
+        self.metrics = metrics
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.created = int(time.time())
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors], client_max_size=1 << 30)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics_route)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/openapi.json", self.openapi)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app):
+        await self.engine.start()
+
+    async def _stop(self, app):
+        await self.engine.stop()
+
+    @web.middleware
+    async def _errors(self, request, handler):
+        try:
+            return await handler(request)
+        except P.APIError as e:
+            return web.json_response(e.body(), status=e.status, headers=e.headers)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            err = P.APIError(e.status, e.reason or "error")
+            return web.json_response(err.body(), status=e.status)
+        except Exception as e:  # never a traceback to the client
+            log.exception("unhandled error")
+            err = P.APIError(500, f"internal error: {type(e).__name__}")
+            return web.json_response(err.body(), status=500)
+
+    # ---- simple routes -----------------------------------------------------------------------
+    async def health(self, request):
+        return web.Response(text="")
+
+    async def models(self, request):
+        return web.json_response({"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": self.created, "owned_by": "ctxload",
+            "root": self.model_name, "max_model_len": self.max_model_len}]})
+
+    async def metrics_route(self, request):
+        return web.Response(body=self.metrics.render(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def openapi(self, request):
+        return web.json_response(openapi_spec())
+
+    async def tokenize(self, request):
+        body = P.parse(P.TokenizeRequest, await _json(request))
+        self._check_model(body.model)
+        if body.messages is not None:
+            prompt = self.text.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
+        elif body.prompt is not None:
+            prompt = body.prompt
+        else:
+            raise P.APIError(400, "give either prompt or messages", param="prompt")
+        ids = self.text.encode(prompt, add_special_tokens=body.add_special_tokens)
+        return web.json_response({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids})
+
+    async def detokenize(self, request):
+        body = P.parse(P.DetokenizeRequest, await _json(request))
+        self._check_model(body.model)
+        return web.json_response({"prompt": self.text.decode(body.tokens)})
+
+    # ---- completions -----------------------------------------------------------------------
+    async def completions(self, request):
+        body = P.parse(P.CompletionRequest, await _json(request))
+        self._check_model(body.model)
+        if isinstance(body.prompt, str):
+            ids = self.text.encode(body.prompt)
+        else:
+            ids = [int(t) for t in body.prompt]
+        return await self._serve(request, body, ids, chat=False)
+
+    async def chat(self, request):
+        body = P.parse(P.ChatRequest, await _json(request))
+        self._check_model(body.model)
+        prompt = self.text.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages],
+                                       body.add_generation_prompt)
+        return await self._serve(request, body, self.text.encode(prompt), chat=True)
+
+    def _check_model(self, name):
+        if name is not None and name != self.model_name:
+            raise P.APIError(404, f"The model `{name}` does not exist; this server serves "
+                                  f"`{self.model_name}`", param="model", code="model_not_found")
+
+    def _params(self, body, prompt_len: int) -> SamplingParams:
+        if prompt_len == 0:
+            raise P.APIError(400, "prompt is empty", param="prompt")
+        room = self.max_model_len - prompt_len
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if room < 1:
+            raise P.APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; "
+                                  f"the prompt has {prompt_len} tokens", param="prompt",
+                             code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = min(DEFAULT_MAX_TOKENS, room)
+        elif prompt_len + max_tokens > self.max_model_len:
+            raise P.APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; "
+                                  f"you asked for {prompt_len + max_tokens} ({prompt_len} in the prompt, "
+                                  f"{max_tokens} to generate)", param="max_tokens",
+                             code="context_length_exceeded")
+        if body.min_tokens > max_tokens:
+            raise P.APIError(400, "min_tokens must not exceed max_tokens", param="min_tokens")
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=body.top_k, seed=body.seed, stop=tuple(body.stop or ()),
+                              stop_token_ids=tuple(body.stop_token_ids or ()),
+                              ignore_eos=body.ignore_eos, min_tokens=body.min_tokens)
+
+    async def _serve(self, request, body, ids: list[int], *, chat: bool):
+        req = Request(ids, self._params(body, len(ids)))
+        self.engine.submit(req)
+        try:
+            if body.stream:
+                return await self._stream(request, body, req, chat)
+            return await self._whole(body, req, chat)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.engine.cancel(req)
+            raise
+        finally:
+            if not req.finished:
+                self.engine.cancel(req)
+
+    async def _whole(self, body, req: Request, chat: bool):
+        text, reason = [], None
+        while True:
+            ev = await req.out.get()
+            if ev.kind == "token":
+                text.append(ev.text)
+            elif ev.kind == "done":
+                reason = ev.finish_reason
+                break
+            else:
+                raise P.APIError(ev.status, ev.text)
+        out = "".join(text)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": out}, "finish_reason": reason,
+                   "logprobs": None} if chat else
+                  {"index": 0, "text": out, "finish_reason": reason, "logprobs": None})
+        return web.json_response({"id": req.id, "object": "chat.completion" if chat else "text_completion",
+                                  "created": int(time.time()), "model": self.model_name,
+                                  "choices": [choice], "usage": _usage(req)})
+
+    async def _stream(self, request, body, req: Request, chat: bool):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        created = int(time.time())
+
+        def chunk(delta_text=None, reason=None, role=False, usage=None, choices=True):
+            base = {"id": req.id, "object": obj, "created": created, "model": self.model_name}
+            if choices:
+                if chat:
+                    delta = {"role": "assistant", "content": ""} if role else {}
+                    if delta_text is not None:
+                        delta["content"] = delta_text
+                    c = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+                else:
+                    c = {"index": 0, "text": delta_text or "", "finish_reason": reason, "logprobs": None}
+                base["choices"] = [c]
+            else:
+                base["choices"] = []
+            if usage is not None:
+                base["usage"] = usage
+            return b"data: " + json.dumps(base, separators=(",", ":")).encode() + b"\n\n"
+
+        if chat:
+            await resp.write(chunk(role=True))
+        while True:
+            ev = await req.out.get()
+            if ev.kind == "token":
+                await resp.write(chunk(ev.text))
+            elif ev.kind == "done":
+                await resp.write(chunk("" if not chat else None, reason=ev.finish_reason))
+                break
+            else:
+                err = P.APIError(ev.status, ev.text).body()
+                await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+                break
+        if body.include_usage:
+            await resp.write(chunk(usage=_usage(req), choices=False))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+def _usage(req: Request) -> dict:
+    n = len(req.generated)
+    return {"prompt_tokens": req.prompt_len, "completion_tokens": n, "total_tokens": req.prompt_len + n}
+
+
+async def _json(request):
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        raise P.APIError(400, "request body is not valid JSON") from None

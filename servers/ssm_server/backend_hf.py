@@ -1,0 +1,230 @@
+"""The model backend: a transformers causal LM, its state slots, chunked prefill and decode.
+
+SSM models (Mamba2, Mamba): every sequence's state is fixed-size (a conv window and an SSM
+state per layer). A pool of ``num_slots`` such states is allocated up front; a prefill chunk
+runs on a view of one slot (the model updates it in place, so the state carries from chunk
+to chunk and memory stays flat), and a decode step gathers the running slots into one batch,
+steps them together and scatters the states back. On CUDA that gather-step-scatter is
+captured as a CUDA graph per batch-size bucket and replayed.
+
+Models with attention layers (hybrids such as Falcon-H1, and Transformers as the baseline)
+keep one transformers ``DynamicCache`` per slot (its KV cache grows with the sequence, within
+the budget the slot count was sized for) and decode each sequence on its own.
+
+The kernels are whatever transformers picks: mamba-ssm / causal-conv1d when importable, its
+PyTorch reference otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from servers.ssm_server.config import ServerConfig
+from servers.ssm_server.cuda_graphs import GraphDecoder
+
+log = logging.getLogger("ssm_server")
+
+_MAMBA_CACHE_KW = {"mamba", "mamba2"}  # these models name their cache argument cache_params
+_INEXACT_CHUNKING = {"mamba"}  # transformers' Mamba (v1) prefill ignores a carried SSM state
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def resolve_model_dir(model: str) -> tuple[Path, bool]:
+    """(model directory, must use random weights). A preset name builds config+tokenizer only."""
+    p = Path(model)
+    if p.is_dir():
+        return p, not any(p.glob("*.safetensors")) and not any(p.glob("*.bin"))
+    from servers import modeldir, presets
+
+    try:
+        presets.get(model)
+    except KeyError as e:
+        raise ModelLoadError(f"--model {model!r} is neither a model directory nor a preset: {e}") from None
+    out = Path(tempfile.gettempdir()) / "ctxload-presets" / model
+    modeldir.build(model, out, weights=False, log=None)
+    return out, True
+
+
+class HFBackend:
+    def __init__(self, cfg: ServerConfig):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.device = torch.device(cfg.device)
+        path, random_only = resolve_model_dir(cfg.model)
+        self.path = path
+        hf_cfg = AutoConfig.from_pretrained(path)
+        self.model_type = hf_cfg.model_type
+        dtype = cfg.dtype
+        if dtype == "auto":
+            dtype = str(getattr(hf_cfg, "dtype", None) or "float32").replace("torch.", "")
+            if self.device.type == "cpu" and dtype in ("bfloat16", "float16"):
+                dtype = "float32"
+        self.dtype = getattr(torch, dtype)
+        if cfg.random_weights or random_only:
+            with torch.device(self.device):
+                self.model = AutoModelForCausalLM.from_config(hf_cfg, dtype=self.dtype)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device)
+        self.model.eval()
+        self.config = hf_cfg
+        self.vocab_size = int(hf_cfg.vocab_size)
+        self.cache_kw = "cache_params" if self.model_type in _MAMBA_CACHE_KW else "past_key_values"
+        self.exact_chunking = self.model_type not in _INEXACT_CHUNKING
+        self.max_model_len = cfg.max_model_len or int(getattr(hf_cfg, "max_position_embeddings", 0) or 0) \
+            or (1 << 30)
+        self._probe_state()
+        self._size_pool(cfg)
+        self.graphs = None
+        if self.pooled and self.device.type == "cuda" and cfg.cuda_graphs:
+            self.graphs = GraphDecoder(self, cfg.max_num_seqs)
+
+    # ---- layout -------------------------------------------------------------------------
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    def forward(self, ids: torch.Tensor, cache, positions: torch.Tensor | None = None):
+        kw = {self.cache_kw: cache, "use_cache": True, "logits_to_keep": 1}
+        if positions is not None and self.cache_kw == "past_key_values":
+            kw["cache_position"] = positions
+        return self.model(input_ids=ids, **kw).logits[:, -1]
+
+    @torch.inference_mode()
+    def _probe_state(self) -> None:
+        """Run two tokens once to learn each layer's state shapes and the KV bytes per token."""
+        cache = self.new_cache()
+        self.forward(torch.zeros((1, 2), dtype=torch.long, device=self.device), cache,
+                     torch.arange(2, device=self.device))
+        self.linear_layers: list[int] = []
+        self.state_shapes: list[tuple[tuple, tuple | None, torch.dtype]] = []
+        kv_bytes_2 = 0
+        for i, layer in enumerate(cache.layers):
+            conv = getattr(layer, "conv_states", {}).get(0) if hasattr(layer, "conv_states") else None
+            rec = getattr(layer, "recurrent_states", {}).get(0) if hasattr(layer, "recurrent_states") else None
+            if conv is not None:
+                self.linear_layers.append(i)
+                self.state_shapes.append((tuple(conv.shape[1:]),
+                                          tuple(rec.shape[1:]) if rec is not None else None, conv.dtype))
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor) and t.dim() == 4:
+                    kv_bytes_2 += t.numel() * t.element_size()
+        self.kv_bytes_per_token = kv_bytes_2 // 2
+        self.pooled = self.kv_bytes_per_token == 0 and len(self.linear_layers) == len(cache.layers)
+        el = torch.tensor([], dtype=self.state_shapes[0][2]).element_size() if self.state_shapes else 0
+        self.state_bytes = sum(
+            (_numel(c) + (_numel(r) if r else 0)) * el for c, r, _ in self.state_shapes)
+
+    def _size_pool(self, cfg: ServerConfig) -> None:
+        per_seq = self.state_bytes
+        if not self.pooled:
+            per_seq += self.kv_bytes_per_token * min(self.max_model_len, 1 << 20)
+        slots = cfg.max_num_seqs
+        if cfg.gpu_memory_budget:
+            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            free = cfg.gpu_memory_budget - weights
+            # Keep half of what is left for prefill activations (chunk-sized, so bounded).
+            by_budget = int(free * 0.5 // max(per_seq, 1))
+            if by_budget < 1:
+                raise ModelLoadError(
+                    f"--gpu-memory-budget leaves no room for one sequence: weights {weights} B, "
+                    f"{per_seq} B per sequence")
+            slots = min(slots, by_budget)
+            if self.device.type == "cuda":
+                total = torch.cuda.get_device_properties(self.device).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.gpu_memory_budget / total), self.device)
+        self.num_slots = slots
+        self.conv_pool: list[torch.Tensor] = []
+        self.rec_pool: list[torch.Tensor | None] = []
+        self.caches: list = [None] * slots
+        if self.pooled:
+            for conv_shape, rec_shape, dt in self.state_shapes:
+                self.conv_pool.append(torch.zeros((slots, *conv_shape), dtype=dt, device=self.device))
+                self.rec_pool.append(torch.zeros((slots, *rec_shape), dtype=dt, device=self.device)
+                                     if rec_shape else None)
+
+    # ---- slots ----------------------------------------------------------------------------
+    def bind(self, cache, conv: list[torch.Tensor], rec: list[torch.Tensor | None], fresh: bool):
+        """Point ``cache``'s SSM layers at the given state tensors (updated in place)."""
+        for k, i in enumerate(self.linear_layers):
+            layer = cache.layers[i]
+            layer.conv_states[0] = conv[k]
+            layer.conv_kernel_size[0] = conv[k].shape[-1]
+            layer.is_conv_states_initialized[0] = True
+            if rec[k] is not None:
+                layer.recurrent_states[0] = rec[k]
+                layer.is_recurrent_states_initialized[0] = True
+            layer.has_previous_state[0] = not fresh
+            layer.device, layer.dtype = conv[k].device, conv[k].dtype
+        return cache
+
+    def slot_cache(self, slot: int, fresh: bool):
+        if not self.pooled:
+            if fresh:
+                self.caches[slot] = self.new_cache()
+            return self.caches[slot]
+        if fresh:
+            for t in self.conv_pool + [r for r in self.rec_pool if r is not None]:
+                t[slot].zero_()
+        conv = [t[slot:slot + 1] for t in self.conv_pool]
+        rec = [t[slot:slot + 1] if t is not None else None for t in self.rec_pool]
+        return self.bind(self.new_cache(), conv, rec, fresh)
+
+    def free(self, slot: int) -> None:
+        self.caches[slot] = None
+
+    def kv_bytes_used(self, lengths: list[int]) -> int:
+        return self.kv_bytes_per_token * sum(lengths)
+
+    # ---- compute ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill_chunk(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
+        """Run prompt tokens ``ids`` (positions ``start``…) of the sequence in ``slot``;
+        returns the logits after the last one ([V])."""
+        cache = self.slot_cache(slot, fresh=start == 0)
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        pos = torch.arange(start, start + len(ids), device=self.device)
+        return self.forward(x, cache, pos)[0]
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One step of every listed sequence; returns logits [B, V]."""
+        if not self.pooled:
+            rows = []
+            for s, t, p in zip(slots, tokens, positions):
+                x = torch.tensor([[t]], dtype=torch.long, device=self.device)
+                rows.append(self.forward(x, self.caches[s], torch.tensor([p], device=self.device))[0])
+            return torch.stack(rows)
+        if self.graphs is not None:
+            out = self.graphs.step(slots, tokens)
+            if out is not None:
+                return out
+        return self.decode_eager(slots, tokens)
+
+    def decode_eager(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        conv = [t.index_select(0, idx) for t in self.conv_pool]
+        rec = [t.index_select(0, idx) if t is not None else None for t in self.rec_pool]
+        cache = self.bind(self.new_cache(), conv, rec, fresh=False)
+        x = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+        logits = self.forward(x, cache)
+        for k in range(len(conv)):
+            self.conv_pool[k].index_copy_(0, idx, conv[k])
+            if rec[k] is not None:
+                self.rec_pool[k].index_copy_(0, idx, rec[k])
+        return logits
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,138 @@
+"""Command line of ssm-server: ``python -m servers.ssm_server`` and ``ctxload serve ssm``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from servers.ssm_server.config import ServerConfig, parse_bytes
+
+log = logging.getLogger("ssm_server")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="model directory or preset (same as --model)")
+    p.add_argument("--model", help="model directory, or a preset name (served with random weights)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="instantiate the model's config with random weights, ignoring any checkpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="model name clients send (default: the preset or directory name)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="state slots (concurrent sequences)")
+    p.add_argument("--max-model-len", type=int, help="longest prompt + output, in tokens")
+    p.add_argument("--prefill-chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
+    p.add_argument("--gpu-memory-budget", help="cap on the process's device memory, e.g. 24GiB")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
+    p.add_argument("--engine", default="model", help="model (default) or synthetic")
+    p.add_argument("--ttft-ms", type=float, default=50.0, help="synthetic engine: time to first token")
+    p.add_argument("--itl-ms", type=float, default=10.0, help="synthetic engine: gap between tokens")
+    p.add_argument("--log-level", default="info")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    model = args.model or args.model_pos
+    if args.model and args.model_pos and args.model != args.model_pos:
+        raise ValueError("give the model once (positional MODEL or --model)")
+    cfg = ServerConfig(
+        model=model, served_model_name=args.served_model_name, engine=args.engine,
+        random_weights=args.random_weights, dtype=args.dtype, device=args.device,
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+        prefill_chunk_size=args.prefill_chunk_size,
+        gpu_memory_budget=parse_bytes(args.gpu_memory_budget) if args.gpu_memory_budget else None,
+        max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs,
+        ttft_ms=args.ttft_ms, itl_ms=args.itl_ms)
+    cfg.validate()
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be 1..65535, not {args.port}")
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+    if cfg.model and not os.path.isdir(cfg.model):
+        from servers import presets
+
+        if cfg.model not in presets.PRESETS:
+            raise ValueError(f"--model {cfg.model!r} is neither a model directory nor a preset "
+                             f"(presets: {', '.join(sorted(presets.PRESETS))})")
+    return cfg
+
+
+def build_server(cfg: ServerConfig):
+    """The ``Server`` (routes) over the engine the config asks for."""
+    from pathlib import Path
+
+    from servers.ssm_server.api import Server
+    from servers.ssm_server.metrics import ServerMetrics
+
+    name = cfg.served_model_name or (Path(cfg.model).name if cfg.model else "synthetic")
+    holder = {}
+    metrics = ServerMetrics(name, lambda: holder["engine"].state() if "engine" in holder else {})
+    if cfg.engine == "synthetic":
+        from servers.ssm_server.synthetic import SyntheticEngine
+        from servers.ssm_server.textio import HFText, WordText
+
+        text = WordText()
+        if cfg.model:
+            from servers.ssm_server.backend_hf import resolve_model_dir
+
+            text = HFText(str(resolve_model_dir(cfg.model)[0]))
+        max_len = cfg.max_model_len or (1 << 30)
+        engine = SyntheticEngine(text, metrics, ttft_s=cfg.ttft_ms / 1e3, itl_s=cfg.itl_ms / 1e3,
+                                 max_num_seqs=cfg.max_num_seqs, max_queue=cfg.max_queue,
+                                 max_model_len=max_len, model_name=name)
+    else:
+        from servers.ssm_server.backend_hf import HFBackend
+        from servers.ssm_server.engine import Engine
+        from servers.ssm_server.textio import HFText
+
+        backend = HFBackend(cfg)
+        text = HFText(str(backend.path))
+        engine = Engine(backend, text, metrics, max_queue=cfg.max_queue,
+                        prefill_chunk_size=cfg.prefill_chunk_size, model_name=name)
+        max_len = backend.max_model_len
+        log.info("model %s (%s) on %s: %d state slots, %d B state per sequence, %d B KV per token, "
+                 "graphs=%s", name, backend.model_type, backend.device, backend.num_slots,
+                 backend.state_bytes, backend.kv_bytes_per_token, backend.graphs is not None)
+    holder["engine"] = engine
+    return Server(engine, text, metrics, model_name=name, max_model_len=max_len)
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"ssm-server: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        server = build_server(cfg)
+    except Exception as e:  # a model that cannot load: say why, no traceback
+        from servers.ssm_server.backend_hf import ModelLoadError
+
+        print(f"ssm-server: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, (ModelLoadError, FileNotFoundError, OSError, ValueError)) else 1
+    from aiohttp import web
+
+    try:
+        web.run_app(server.app(), host=args.host, port=args.port, print=None,
+                    handler_cancellation=True, access_log=None)
+    except OSError as e:
+        print(f"ssm-server: error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_from_argv(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m servers.ssm_server",
+                                     description="ssm-server: OpenAI-compatible serving of SSMs and hybrids")
+    add_arguments(parser)
+    return main(parser.parse_args(argv))

@@ -1,0 +1,60 @@
+"""Server settings, validated once at the edge, and memory sizes such as ``24GiB``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``24GiB`` → 25769803776; ``500MB``, ``1e9`` and plain integers work too."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a memory size: {text!r} (use e.g. 24GiB, 500MB or 1000000)")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"memory size must be positive: {text!r}")
+    return int(value)
+
+
+@dataclass
+class ServerConfig:
+    model: str | None = None
+    """A model directory or a preset name; None only for the synthetic engine."""
+    served_model_name: str | None = None
+    engine: str = "model"
+    random_weights: bool = False
+    dtype: str = "auto"
+    device: str = "cpu"
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    prefill_chunk_size: int = 2048
+    gpu_memory_budget: int | None = None
+    max_queue: int = 256
+    cuda_graphs: bool = True
+    # synthetic engine
+    ttft_ms: float = 50.0
+    itl_ms: float = 10.0
+    synthetic_vocab: int = 50000
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for settings that cannot work."""
+        if self.engine not in ("model", "synthetic"):
+            raise ValueError(f"--engine must be 'model' or 'synthetic', not {self.engine!r}")
+        if self.engine == "model" and not self.model:
+            raise ValueError("--model is required unless --engine synthetic")
+        for name in ("max_num_seqs", "prefill_chunk_size", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError("--max-model-len must be at least 1")
+        if self.ttft_ms < 0 or self.itl_ms < 0:
+            raise ValueError("--ttft-ms and --itl-ms must not be negative")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device must be cpu or cuda, not {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
