@@ -130,7 +130,11 @@ def meets_slos(r: Request, slos: dict[str, float]) -> bool:
     checks = {"ttft": r.ttft_s, "tpot": tpot(r), "e2e": r.e2e_s,
               "itl": float(np.percentile(r.itl_s, 99)) if r.itl_s else None}
     for k, limit in slos.items():
-        v = checks.get(k)
+        name = k.lower().removeprefix("max_")
+        key = next((m for m in SLO_KEYS if name.startswith(m)), None)
+        if key is None:
+            raise ValueError(f"unknown SLO {k!r} (known: {', '.join(SLO_KEYS)})")
+        v = checks[key]
         if v is not None and v > limit:
             return False
     return True

@@ -1,0 +1,95 @@
+"""Memory, state sizes and energy against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from analysis import memory, synthetic
+from analysis.records import load_run
+from servers import presets
+
+
+def test_kv_bytes_per_token_from_the_paper_models():
+    qwen = presets.get("qwen2.5-0.5b")
+    # 2 × 24 layers × 2 KV heads × 64 head dim × 2 bytes
+    assert memory.kv_bytes_per_token(dict(qwen.config), "qwen2", 2) == 2 * 24 * 2 * 64 * 2 == 12288
+    llama = presets.get("llama-3.2-1b")
+    assert memory.kv_bytes_per_token(dict(llama.config), "llama", 2) == 2 * 16 * 8 * 64 * 2
+    zamba = presets.get("zamba2-1.2b")  # shared attention applied at 6 of its 38 layers
+    assert memory.kv_bytes_per_token(dict(zamba.config), "zamba2", 2) == 2 * 6 * 32 * 64 * 2
+    assert memory.kv_bytes_per_token(dict(presets.get("mamba2-780m").config), "mamba2", 2) is None
+
+
+def test_state_bytes_per_sequence_mamba2():
+    cfg = dict(presets.get("mamba2-780m").config)
+    # 48 layers × (48 heads·64·128 SSM state + (3072 + 2·128) conv channels × 4 taps) × 2 bytes
+    expected = 48 * (48 * 64 * 128 + (48 * 64 + 2 * 128) * 4) * 2
+    assert memory.state_bytes_per_sequence(cfg, "mamba2", 2) == expected
+    assert memory.state_bytes_per_sequence({}, "llama", 2) is None
+
+
+def _scrape(t, target, stage, samples, source="server"):
+    return dict(schema_version=1, time=t, target=target, source=source, url="u", stage=stage,
+                ok=True, error=None, samples=[dict(name=n, labels={}, value=v) for n, v in samples])
+
+
+def _req(target, n, start, e2e=1.0, family="transformer", conc=1):
+    return dict(schema_version=1, request_id=f"{target}{n}{start}", target=target, family=family,
+                stage=f"prompt={n}", stage_index=0, status="ok", prompt_tokens_requested=n,
+                completion_tokens=4, concurrency=conc, start_time=start, ttft_s=0.1,
+                itl_s=[0.1] * 3, e2e_s=e2e)
+
+
+def _write(tmp_path, reqs, scrapes, env=None):
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scrapes))
+    (tmp_path / "env.json").write_text(json.dumps(env or {"run_id": "m", "finished_at": "x",
+                                                          "targets": [{"name": "a", "family": "transformer"}]}))
+    return load_run(tmp_path)
+
+
+def test_memory_curve_by_stage_label_and_by_time(tmp_path):
+    reqs = [_req("a", 1024, 100.0), _req("a", 2048, 110.0)]
+    scrapes = [_scrape(100.5, "a", "prompt=1024", [(memory.SERVER_MEMORY, 3e9)]),
+               _scrape(100.7, "a", "prompt=1024", [(memory.SERVER_MEMORY, 3.5e9)]),  # the peak
+               _scrape(110.5, "a", None, [(memory.SERVER_MEMORY, 4e9)]),  # placed by time
+               _scrape(50.0, "a", None, [(memory.SERVER_MEMORY, 2e9)])]  # before any request
+    run = _write(tmp_path, reqs, scrapes)
+    (m,) = memory.memory_curves(run)
+    assert m.lengths == [1024, 2048] and m.peak_bytes == [3.5e9, 4e9]
+    assert m.baseline_bytes == 2e9 and m.source == "server"
+    assert m.fit.coef[1] == pytest.approx(0.5e9 / 1024)
+
+
+def test_gpu_exporter_memory_in_mib(tmp_path):
+    run = _write(tmp_path, [_req("a", 1024, 100.0)],
+                 [_scrape(100.5, "gpu", None, [(memory.GPU_MEMORY, 1000.0)], source="gpu")])
+    (m,) = memory.memory_curves(run)
+    assert m.peak_bytes == [1000.0 * 2**20] and m.source == "gpu"
+
+
+def test_energy_from_counter_and_from_power(tmp_path):
+    reqs = [_req("a", 1024, 100.0, e2e=2.0), _req("a", 1024, 102.0, e2e=2.0)]  # window 100 → 104
+    counter = [_scrape(100.0, "gpu", None, [(memory.ENERGY, 5_000.0)], "gpu"),
+               _scrape(104.0, "gpu", None, [(memory.ENERGY, 805_000.0)], "gpu")]
+    (e,) = memory.energy_per_request(_write(tmp_path, reqs, counter))
+    assert e.joules == pytest.approx(800.0) and e.per_request_j == pytest.approx(400.0)
+    power = [_scrape(100.0, "gpu", None, [(memory.POWER, 100.0)], "gpu"),
+             _scrape(102.0, "gpu", None, [(memory.POWER, 200.0)], "gpu"),
+             _scrape(104.0, "gpu", None, [(memory.POWER, 200.0)], "gpu")]
+    (e,) = memory.energy_per_request(_write(tmp_path, reqs, power))
+    # trapezoids: 2·150 + 2·200 = 700 J over 2 requests
+    assert e.joules == pytest.approx(700.0) and e.per_request_j == pytest.approx(350.0)
+    assert e.source == memory.POWER
+
+
+def test_budget_order(tmp_path):
+    run = load_run(synthetic.write(tmp_path / "r"))
+    assert memory.budget_bytes(run) == (24e9, "GPU NVIDIA GeForce RTX 4090")
+    run.scenario["memory_budget_gb"] = 8
+    assert memory.budget_bytes(run)[0] == 8e9
+    run.scenario.pop("memory_budget_gb")
+    run.env["gpus"] = []
+    assert memory.budget_bytes(run)[0] == memory.PAPER_BUDGET_BYTES

@@ -1,0 +1,59 @@
+"""Reading run directories: malformed lines are named and skipped; partial runs still report."""
+
+from __future__ import annotations
+
+import json
+
+from analysis import synthetic
+from analysis.records import load_run
+from analysis.report import write_report
+
+
+def test_malformed_lines_are_named_and_skipped(tmp_path):
+    run_dir = synthetic.write(tmp_path / "r")
+    good = (run_dir / "requests.jsonl").read_text().splitlines()
+    lines = good[:3] + ['{"target": "tiny-llama", "stage"', "[1, 2]",
+                        json.dumps({"target": "x"}), json.dumps(dict(json.loads(good[0]), ttft_s="fast"))]
+    (run_dir / "requests.jsonl").write_text("\n".join(lines) + "\n")
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write("not json\n")
+    run = load_run(run_dir)
+    assert len(run.requests) == 3
+    named = "\n".join(run.problems)
+    for line in (4, 5, 6, 7):
+        assert f"requests.jsonl:{line}:" in named
+    assert "missing field(s) stage, status" in named
+    assert "not a finite number: 'fast'" in named
+    n_metrics = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    assert f"metrics.jsonl:{n_metrics}:" in named
+    html = write_report(run_dir).read_text()
+    assert f"requests.jsonl:4:" in html  # the report says what it skipped
+
+
+def test_partial_run_reports_what_it_has(tmp_path):
+    run_dir = synthetic.write(tmp_path / "r", synthetic.SyntheticRun(finished=False, gpu=False))
+    (run_dir / "metrics.jsonl").unlink()
+    reqs = (run_dir / "requests.jsonl").read_text().splitlines()
+    (run_dir / "requests.jsonl").write_text("\n".join(reqs[:10]) + '\n{"target": "tiny-llama", "sta')
+    run = load_run(run_dir)
+    assert len(run.requests) == 10
+    assert any("metrics.jsonl is missing" in m for m in run.missing)
+    assert any("finished_at" in m for m in run.missing)
+    html = write_report(run_dir).read_text()
+    assert "metrics.jsonl is missing" in html
+    assert "target tiny-mamba2 has no request records" in html
+    assert "Memory vs prompt length: no data" in html
+    assert (run_dir / "report" / "summary.csv").exists()
+
+
+def test_empty_run_directory_still_reports(tmp_path):
+    html = write_report(tmp_path).read_text()
+    assert "requests.jsonl is missing" in html and "env.json is missing" in html
+    assert "No request was recorded" in html
+
+
+def test_prompt_length_prefers_the_requested_count(tmp_path):
+    run = load_run(synthetic.write(tmp_path / "r"))
+    r = run.requests[0]
+    assert r.prompt_tokens == r.prompt_tokens_requested + 1
+    assert r.prompt_length == r.prompt_tokens_requested
