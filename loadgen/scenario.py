@@ -44,7 +44,10 @@ class Serve(_Model):
         if self.preset is not None:
             from servers import presets
 
-            presets.get(self.preset)  # UnknownPreset lists the known ones
+            try:
+                presets.get(self.preset)
+            except presets.UnknownPreset as e:
+                raise ValueError(str(e)) from None
         return self
 
 

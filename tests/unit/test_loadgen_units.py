@@ -1,0 +1,144 @@
+"""Prompt exactness, the record's arithmetic, SSE parsing and the max-context bisection."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from loadgen import records, shapes
+from loadgen import scenario as sc
+from loadgen.prompts import LocalTokenizer, PromptBuilder
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import build_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def builder():
+    return PromptBuilder(LocalTokenizer(build_tiny("tiny-llama")))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 17, 64, 1000, 4096, 12345])
+def test_prompt_has_exact_token_count(builder, n):
+    assert builder.tok.count(builder.build(n, index=n)) == n
+
+
+def test_prompts_differ_per_request_but_not_in_length(builder):
+    a, b = builder.build(500, 1), builder.build(500, 2)
+    assert a != b and builder.tok.count(a) == builder.tok.count(b) == 500
+    assert builder.build(500, 7, unique=False) == builder.build(500, 8, unique=False)
+
+
+def test_file_source_is_exact(builder):
+    fb = PromptBuilder(builder.tok, "shipped")
+    text = fb.build(3000, 5)
+    assert fb.tok.count(text) == 3000
+    assert " light on a far out at" in text  # the shipped text's words, in its order
+
+
+def test_million_token_prompt_is_fast_and_exact(builder):
+    t0 = time.perf_counter()
+    text = builder.build(1 << 20, index=9)
+    assert time.perf_counter() - t0 < 5.0
+    assert builder.tok.count(text) == 1 << 20
+
+
+def _job(**kw):
+    base = dict(request_id="r1", target="t", model="m", family="ssm", engine="e", stage="prompt=8",
+                stage_index=0, api="completions", prompt_tokens=8, max_tokens=4)
+    return {**base, **kw}
+
+
+def _feed(t: records.Timing, stamps_ns, usage=True, chat=False):
+    for i, ns in enumerate(stamps_ns):
+        ev = ('{"choices":[{"delta":{"content":"x"}}]}' if chat else '{"choices":[{"text":"x"}]}')
+        assert t.feed(f"data: {ev}".encode(), ns, chat) is None
+    if usage:
+        t.feed(b'data: {"choices":[],"usage":{"prompt_tokens":8,"completion_tokens":4}}', stamps_ns[-1], chat)
+    t.feed(b"data: [DONE]", stamps_ns[-1], chat)
+
+
+def test_record_derives_ttft_itl_tpot_e2e_from_stamps():
+    t = records.Timing(sent_ns=1_000_000_000)
+    _feed(t, [1_100_000_000, 1_110_000_000, 1_130_000_000, 1_160_000_000])
+    t.end_ns = 1_170_000_000
+    r = records.build(_job(), t, http_status=200, error_kind=None, error_message=None, start_time=5.0, worker="w")
+    assert r["ttft_s"] == pytest.approx(0.1)
+    assert r["itl_s"] == pytest.approx([0.01, 0.02, 0.03])
+    assert r["e2e_s"] == pytest.approx(0.17)
+    assert r["tpot_s"] == pytest.approx((0.17 - 0.1) / 3)
+    assert (r["completion_tokens"], r["token_count_source"], r["prompt_tokens"]) == (4, "usage", 8)
+    assert r["status"] == "ok" and r["error_kind"] is None
+
+
+def test_without_usage_tokens_are_counted_events_and_chat_role_event_is_not_a_token():
+    t = records.Timing(sent_ns=0)
+    t.feed(b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}', 5, True)
+    _feed(t, [10, 20, 30], usage=False, chat=True)
+    t.end_ns = 40
+    r = records.build(_job(api="chat"), t, http_status=200, error_kind=None, error_message=None,
+                      start_time=0, worker="w")
+    assert (r["completion_tokens"], r["token_count_source"]) == (3, "events")
+    assert r["ttft_s"] == pytest.approx(10e-9)
+
+
+@pytest.mark.parametrize("status,msg,kind", [
+    (400, "prompt too long", "rejected"), (429, "queue full", "rejected"),
+    (500, "CUDA out of memory", "oom"), (503, "engine dead", "server_error"),
+])
+def test_http_errors_are_classified(status, msg, kind):
+    assert records.classify_http(status, msg) == kind
+
+
+def test_exceptions_are_classified():
+    assert records.classify_exception(ConnectionRefusedError(111, "refused")) == "connection"
+    assert records.classify_exception(TimeoutError("no end of stream")) == "timeout"
+
+
+def test_error_in_stream_is_data_not_lost():
+    t = records.Timing(sent_ns=0)
+    msg = t.feed(b'data: {"error":{"message":"out of memory","code":500}}', 1, False)
+    r = records.build(_job(), t, http_status=200, error_kind=records.classify_http(500, msg),
+                      error_message=msg, start_time=0, worker="w")
+    assert (r["status"], r["error_kind"], r["ttft_s"]) == ("error", "oom", None)
+
+
+def _search(limit: int, load: sc.MaxContext, crash_above: int | None = None):
+    s = shapes.Search()
+    gen = shapes.bisect(load, s)
+    spec = next(gen)
+    try:
+        while True:
+            n = spec.prompt_tokens
+            if crash_above and n > crash_above:
+                res = shapes.StageResult(requests=1, ok=0, errors={"connection": 1})
+            elif n <= limit:
+                res = shapes.StageResult(requests=1, ok=1)
+            else:
+                res = shapes.StageResult(requests=1, ok=0, errors={"rejected": 1})
+            spec = gen.send(res)
+    except StopIteration:
+        pass
+    return s
+
+
+@pytest.mark.parametrize("limit", [1500, 3000, 40000, 123457, 1_000_000])
+def test_bisection_brackets_the_limit_within_tolerance(limit):
+    load = sc.MaxContext(kind="max_context", min_tokens=1024, max_tokens=1 << 20, tolerance=0.01)
+    s = _search(limit, load)
+    assert s.converged and s.max_ok <= limit < s.min_fail
+    assert (s.min_fail - s.max_ok) <= 0.01 * s.max_ok
+    assert s.failure_kind == "rejected"
+
+
+def test_bisection_reports_a_limit_beyond_max_tokens_and_stops_on_crash():
+    load = sc.MaxContext(kind="max_context", min_tokens=1024, max_tokens=8192)
+    s = _search(1 << 30, load)
+    assert s.max_ok == 8192 and s.min_fail is None and s.converged
+    s = _search(1 << 30, sc.MaxContext(kind="max_context"), crash_above=5000)
+    assert s.crashed and s.max_ok == 4096 and s.min_fail == 8192 and s.failure_kind == "connection"
+    assert len(s.probes) == 4  # 1024, 2048, 4096, 8192: nothing after the crash

@@ -1,0 +1,105 @@
+"""Scenario validation: every shipped file loads; a mistake is reported by field path and line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from loadgen import scenario as sc
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((REPO / "scenarios").glob("*.yaml"))
+
+GOOD = """\
+name: t
+targets:
+  - name: a
+    url: http://127.0.0.1:1
+load:
+  kind: context_sweep
+  prompt_tokens: {start: 64, stop: 512}
+"""
+
+
+def test_all_required_scenarios_ship():
+    names = {p.stem for p in SHIPPED}
+    assert {"demo", "context-sweep", "concurrency-sweep", "poisson", "max-context", "paper-4090"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_scenarios_load_and_round_trip(path):
+    s = sc.load(path)
+    again = sc.parse(s.resolved_yaml())
+    assert again == s
+
+
+def test_defaults_are_filled_and_doubling_expands():
+    s = sc.parse(GOOD)
+    assert s.load.users == 1 and s.load.requests == 1
+    assert sc.sweep_values(s.load.prompt_tokens) == [64, 128, 256, 512]
+    assert s.targets[0].model == "a"
+    assert s.prompt.kind == "synthetic" and s.prompt.unique_prefix
+
+
+def test_demo_serves_one_tiny_model_per_family():
+    from servers.presets import TINY_BY_FAMILY
+
+    s = sc.load(REPO / "scenarios" / "demo.yaml")
+    assert {t.serve.preset for t in s.targets} == set(TINY_BY_FAMILY.values())
+    assert {t.family for t in s.targets} == set(TINY_BY_FAMILY)
+
+
+def _error(text: str) -> str:
+    with pytest.raises(sc.ScenarioError) as e:
+        sc.parse(textwrap.dedent(text), "x.yaml")
+    return str(e.value)
+
+
+def test_unknown_field_names_path_and_line():
+    msg = _error(GOOD.replace("    url:", "    colour: red\n    url:"))
+    assert "x.yaml:4: targets.0.colour: unknown field" in msg
+
+
+def test_bad_value_deep_in_a_variant_names_its_line():
+    msg = _error(GOOD + "  users: 0\n")
+    assert "x.yaml:8: load.users" in msg and "greater than 0" in msg
+
+
+def test_unknown_kind_is_named():
+    msg = _error(GOOD.replace("context_sweep", "context_sweeep"))
+    assert "x.yaml:6: load" in msg and "context_sweep" in msg
+
+
+def test_url_and_serve_are_exclusive():
+    msg = _error(GOOD.replace("    url: http://127.0.0.1:1\n",
+                              "    url: http://127.0.0.1:1\n    serve: {engine: vllm, preset: tiny-llama}\n"))
+    assert "x.yaml:3: targets.0" in msg and "exactly one of `url` or `serve`" in msg
+
+
+def test_unknown_preset_lists_known_ones():
+    msg = _error(GOOD.replace("url: http://127.0.0.1:1", "serve: {engine: ssm-server, preset: nope}"))
+    assert "targets.0.serve" in msg and "tiny-mamba2" in msg
+
+
+def test_stop_below_start_and_duplicate_names():
+    assert "`stop` must be >= `start`" in _error(GOOD.replace("stop: 512", "stop: 32"))
+    dup = GOOD.replace("load:", "  - name: a\n    url: http://127.0.0.1:2\nload:")
+    assert "repeated: a" in _error(dup)
+
+
+def test_yaml_syntax_error_has_line():
+    assert _error("name: t\ntargets: [\n") .startswith("x.yaml:3: not valid YAML")
+
+
+def test_cli_reports_field_and_line_with_exit_2_and_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("  prompt_tokens:", "  max_tokenz: 3\n  prompt_tokens:"))
+    p = subprocess.run([sys.executable, "-m", "ctxload", "run", str(bad)], capture_output=True, text=True,
+                       cwd=REPO, timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert f"{bad}:7: load.max_tokenz: unknown field" in p.stderr
+    assert "Traceback" not in p.stderr
