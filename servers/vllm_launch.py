@@ -1,0 +1,260 @@
+"""vLLM launch profiles: the arguments each preset is served with, and ``ctxload serve vllm``.
+
+vLLM is not ours; ctxload only decides how to start it.  A :class:`Profile` holds what differs
+per preset (the longest context, memory use, chunked prefill, whether prefix caching may be
+on); :func:`vllm_args` turns a profile and a model into vLLM's command-line arguments and
+:func:`command` into a whole command line.  The same function serves ``ctxload serve vllm``,
+the load generator (scenario targets that ask to be served), the tests and the Docker stack,
+whose vLLM containers run ``python3 -m servers.vllm_launch PRESET --exec`` inside the official
+image, so that there is one source of these arguments.
+
+Rules that hold for every profile:
+
+- the served model name is the preset's name (what scenarios and dashboards call it);
+- hybrids and SSMs run with prefix caching off (vLLM cannot cache their recurrent state);
+- a model directory without weights (``ctxload models build PRESET --no-weights``) is served
+  with ``--load-format dummy``: random weights at the real size, nothing downloaded;
+- the CPU profile (tiny presets, or ``--cpu``) adds ``--enforce-eager`` and sizes the KV cache
+  in bytes (``--kv-cache-memory-bytes``), since a CPU has no memory fraction to speak of.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+from servers import presets
+
+#: Default port of an OpenAI-compatible server (vLLM's).
+DEFAULT_PORT = 8000
+#: Where a preset's model directory is built when a preset name (not a directory) is given.
+MODEL_CACHE = Path(os.environ.get("CTXLOAD_MODEL_CACHE", Path.home() / ".cache" / "ctxload" / "models"))
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How one preset is served by vLLM."""
+
+    max_model_len: int
+    """Longest prompt + output accepted; vLLM refuses to start if the KV cache cannot hold one."""
+    gpu_memory_utilization: float = 0.90
+    """Fraction of the GPU's memory vLLM may take (weights, activations, KV cache)."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts into chunks of ``max_num_batched_tokens`` interleaved with decodes."""
+    max_num_batched_tokens: int = 8192
+    """Tokens per engine step (the prefill chunk size)."""
+    max_num_seqs: int = 64
+    """Sequences decoded together at most."""
+    enable_prefix_caching: bool = True
+    """Off for hybrids and SSMs: their recurrent state cannot be reused from a cache."""
+    cpu: bool = False
+    """The CPU profile: eager mode, KV cache sized in bytes."""
+    kv_cache_memory_bytes: int = 128 << 20
+    """KV cache size of the CPU profile."""
+
+
+# The paper measured up to 256K tokens; vLLM's KV-cache check (one whole sequence must fit)
+# then decides at start-up whether the card and memory budget can serve that much.
+_GPU_LEN = 262_144
+
+
+def profile_for(preset_name: str, *, cpu: bool | None = None) -> Profile:
+    """The launch profile of a preset; ``cpu=None`` means CPU for tiny presets, GPU otherwise."""
+    preset = presets.get(preset_name)
+    return _profile(preset.family, preset.tiny, cpu)
+
+
+def _profile(family: str, tiny: bool, cpu: bool | None) -> Profile:
+    cpu = tiny if cpu is None else cpu
+    recurrent = family in ("ssm", "hybrid")
+    if cpu:
+        return Profile(max_model_len=2048, max_num_batched_tokens=2048, max_num_seqs=16,
+                       enable_prefix_caching=not recurrent, cpu=True)
+    return Profile(max_model_len=_GPU_LEN, enable_prefix_caching=not recurrent)
+
+
+@dataclass(frozen=True)
+class Model:
+    """What vLLM is pointed at: a directory or hub id, its name, and whether it has weights."""
+
+    source: str
+    served_name: str
+    family: str
+    tiny: bool
+    has_weights: bool
+    preset: str | None = None
+
+
+def resolve(preset_or_model_dir: str | os.PathLike, *, weights: str = "auto",
+            cache_dir: str | os.PathLike | None = None) -> Model:
+    """Turn a preset name or a model directory into a :class:`Model`.
+
+    A preset name is built into ``cache_dir`` (config and tokenizer; random weights too for
+    tiny presets, which take seconds) unless ``weights="hub"``, which serves the preset's real
+    checkpoint by its hub id.
+    """
+    from servers import modeldir
+
+    path = Path(preset_or_model_dir)
+    if (path / "config.json").exists():
+        info = modeldir.info(path)
+        preset = presets.PRESETS.get(info.preset or "")
+        has = any(next(path.glob(g), None) is not None for g in _WEIGHT_FILES)
+        return Model(str(path), info.name, info.family, bool(preset and preset.tiny), has,
+                     info.preset)
+    preset = presets.get(str(preset_or_model_dir))
+    if weights == "hub":
+        if not preset.hub_id:
+            raise ValueError(f"preset {preset.name!r} has no hub checkpoint; use random weights")
+        return Model(preset.hub_id, preset.name, preset.family, preset.tiny, True, preset.name)
+    out = Path(cache_dir or MODEL_CACHE) / preset.name
+    modeldir.build(preset.name, out, weights=preset.tiny, log=None)
+    return Model(str(out), preset.name, preset.family, preset.tiny, preset.tiny, preset.name)
+
+
+def vllm_args(model: Model, profile: Profile, *, port: int = DEFAULT_PORT,
+              host: str = "127.0.0.1") -> list[str]:
+    """vLLM's ``serve`` arguments (after ``vllm serve``) for ``model`` under ``profile``."""
+    args = [model.source, "--served-model-name", model.served_name, "--host", host,
+            "--port", str(port), "--max-model-len", str(profile.max_model_len),
+            "--max-num-seqs", str(profile.max_num_seqs),
+            "--max-num-batched-tokens", str(profile.max_num_batched_tokens)]
+    args.append("--enable-chunked-prefill" if profile.enable_chunked_prefill
+                else "--no-enable-chunked-prefill")
+    args.append("--enable-prefix-caching" if profile.enable_prefix_caching
+                else "--no-enable-prefix-caching")
+    if profile.cpu:
+        args += ["--enforce-eager", "--kv-cache-memory-bytes", str(profile.kv_cache_memory_bytes)]
+    else:
+        args += ["--gpu-memory-utilization", f"{profile.gpu_memory_utilization:.3f}"]
+    if not model.has_weights:
+        args += ["--load-format", "dummy"]
+    return args
+
+
+def command(preset_or_model_dir: str | os.PathLike, port: int, host: str = "127.0.0.1",
+            python: str | None = None, extra: Sequence[str] = (), *, cpu: bool | None = None,
+            weights: str = "auto", cache_dir: str | os.PathLike | None = None,
+            **overrides) -> list[str]:
+    """The whole command line that serves a preset (or model directory) with vLLM.
+
+    ``python`` is the interpreter that has vLLM (default: ``$CTXLOAD_VLLM_PYTHON``, else this
+    one); ``extra`` is appended as is (later vLLM arguments win); ``overrides`` replace
+    :class:`Profile` fields (``max_model_len=4096``).
+    """
+    model = resolve(preset_or_model_dir, weights=weights, cache_dir=cache_dir)
+    profile = replace(_profile(model.family, model.tiny, cpu), **overrides)
+    python = python or os.environ.get("CTXLOAD_VLLM_PYTHON") or sys.executable
+    return [str(python), "-m", "vllm.entrypoints.cli.main", "serve",
+            *vllm_args(model, profile, port=port, host=host), *map(str, extra)]
+
+
+# ---- memory budgets ------------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """``24GiB`` → 25769803776; ``512MB`` → 512e6; a bare number is bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (e.g. 24GiB, 512MiB, 8GB)")
+    unit = (m.group(2) or "B").upper().rstrip("B") or ""
+    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+             "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def budget_fraction(budget_bytes: int, total_bytes: int) -> float:
+    """The ``--gpu-memory-utilization`` that caps vLLM at ``budget_bytes`` of a card."""
+    if budget_bytes <= 0 or total_bytes <= 0:
+        raise ValueError("memory sizes must be positive")
+    return round(min(budget_bytes / total_bytes, 0.95), 3)
+
+
+def _gpu_total_bytes() -> int:
+    import torch  # present wherever vLLM is
+
+    return int(torch.cuda.mem_get_info()[1])
+
+
+# ---- ctxload serve vllm --------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Serve a preset (or model directory) with vLLM under its launch profile."
+    p.add_argument("model", help="preset name (see `ctxload models`) or model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    dev = p.add_mutually_exclusive_group()
+    dev.add_argument("--cpu", dest="cpu", action="store_true", default=None,
+                     help="CPU profile (default for tiny presets)")
+    dev.add_argument("--gpu", dest="cpu", action="store_false", help="GPU profile")
+    p.add_argument("--weights", choices=["auto", "hub"], default="auto",
+                   help="auto: random weights at the real size (tiny: built locally); "
+                        "hub: the preset's real checkpoint by hub id")
+    p.add_argument("--max-model-len", type=int, help="override the profile's longest context")
+    mem = p.add_mutually_exclusive_group()
+    mem.add_argument("--gpu-memory-utilization", type=float,
+                     help="fraction of the GPU vLLM may take (profile default 0.90)")
+    mem.add_argument("--gpu-memory-budget",
+                     help="cap vLLM at this much GPU memory (e.g. 24GiB), to stand in for a smaller card")
+    p.add_argument("--model-cache", default=None,
+                   help=f"where preset model directories are built (default {MODEL_CACHE})")
+    p.add_argument("--python", default=None,
+                   help="interpreter with vLLM (default $CTXLOAD_VLLM_PYTHON or this one)")
+    p.add_argument("--print", dest="dry_run", action="store_true",
+                   help="print the command line and exit")
+    p.add_argument("--exec", dest="exec_", action="store_true",
+                   help="replace this process with vLLM (what the Docker image does)")
+    p.add_argument("--vllm-args", default="", metavar="'ARGS'",
+                   help="extra vLLM arguments, one shell-quoted string, appended last "
+                        "(e.g. --vllm-args '--seed 3 --dtype float16')")
+
+
+def main(args: argparse.Namespace) -> int:
+    extra = shlex.split(args.vllm_args or "")
+    overrides: dict = {}
+    if args.max_model_len:
+        overrides["max_model_len"] = args.max_model_len
+    try:
+        if args.gpu_memory_budget:
+            budget = parse_bytes(args.gpu_memory_budget)
+            overrides["gpu_memory_utilization"] = budget_fraction(budget, _gpu_total_bytes())
+        elif args.gpu_memory_utilization is not None:
+            if not 0 < args.gpu_memory_utilization <= 1:
+                raise ValueError("--gpu-memory-utilization must be in (0, 1]")
+            overrides["gpu_memory_utilization"] = args.gpu_memory_utilization
+        cmd = command(args.model, args.port, args.host, args.python, extra, cpu=args.cpu,
+                      weights=args.weights, cache_dir=args.model_cache, **overrides)
+    except (presets.UnknownPreset, ValueError, FileNotFoundError) as e:
+        print(f"ctxload serve vllm: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    print("+ " + shlex.join(cmd), file=sys.stderr, flush=True)
+    if args.exec_:
+        os.execv(cmd[0], cmd)
+    import subprocess
+
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 130
+
+
+def run_from_argv(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m servers.vllm_launch")
+    add_arguments(parser)
+    return main(parser.parse_args(list(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(run_from_argv(sys.argv[1:]))
