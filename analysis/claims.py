@@ -83,9 +83,10 @@ def context_claim(run: RunData, limits: list[ContextLimit], mem: list[MemoryCurv
                              f"(extrapolated from ≤{_fmt_n(max(ft.fit.n_max, fs.fit.n_max))} tokens)",
                              HOLDS if ns > nt else DIFFERS))
             continue
+        state = (f"{t} did not reach its limit (ok to {_fmt_n(lt.max_ok)})" if lt.max_ok
+                 else f"{t} served no request")
         out.append(Claim(text, paper, "—", UNMEASURED,
-                         f"{t} did not reach its limit (ok to {_fmt_n(lt.max_ok)}) and no growing "
-                         "device-memory series was scraped to extrapolate from"))
+                         f"{state} and no growing device-memory series was scraped to extrapolate from"))
     return out
 
 

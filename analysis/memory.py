@@ -34,11 +34,13 @@ def sample_value(s: Scrape, name: str, agg=max) -> float | None:
 
 
 def memory_of(s: Scrape) -> tuple[float, str] | None:
+    """Device memory of one scrape in bytes, and where it came from. A zero reading is no
+    reading: on a CPU the server's device gauges stay at 0."""
     v = sample_value(s, SERVER_MEMORY)
-    if v is not None:
+    if v:
         return v, "server"
     v = sample_value(s, GPU_MEMORY, sum)
-    if v is not None:
+    if v:
         return v * 2**20, "gpu"
     return None
 

@@ -16,6 +16,8 @@ from typing import Any, Iterable
 import yaml
 
 FAMILIES = ("transformer", "ssm", "hybrid")
+WARMUP = "warmup"
+"""The stage label loadgen gives warm-up requests (sent before a target's first stage)."""
 
 #: Fields without which a request record cannot be placed in any figure.
 REQUIRED_REQUEST_FIELDS = ("target", "stage", "status")
@@ -86,6 +88,8 @@ class RunData:
     missing: list[str] = field(default_factory=list)
     """What the run lacks (files, metrics), said plainly."""
     metrics_source: str = "metrics.jsonl"
+    warmup: list[Request] = field(default_factory=list)
+    """Requests of the ``warmup`` stage: kept out of every figure."""
     _sweep: dict[str, int] | None = field(default=None, repr=False)
 
     @property
@@ -240,7 +244,8 @@ def load_run(run_dir: str | Path, scrapes: Iterable[Scrape] | None = None) -> Ru
             data.problems.append(f"{name}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
     req = run_dir / "requests.jsonl"
     if req.exists():
-        data.requests = read_jsonl(req, parse_request, data.problems)
+        for r in read_jsonl(req, parse_request, data.problems):
+            (data.warmup if r.stage == WARMUP else data.requests).append(r)
     else:
         data.missing.append("requests.jsonl is missing: no request figures")
     if scrapes is not None:

@@ -41,7 +41,8 @@ def build(a: Analysis, out_dir: Path) -> Path:
     run = a.run
     title = f"ctxload report — {run.run_id}"
     state = "finished" if run.finished else "partial (no finished_at)"
-    sub = (f"{run.scenario.get('name', 'scenario ?')} · {len(run.requests)} requests · "
+    warm = f" (+{len(run.warmup)} warm-up, not counted)" if run.warmup else ""
+    sub = (f"{run.scenario.get('name', 'scenario ?')} · {len(run.requests)} requests{warm} · "
            f"{len(run.scrapes)} metric scrapes ({run.metrics_source}) · started "
            f"{run.env.get('started_at', '?')} · {state}")
     legend = {f: plots.colour(f) for f in ("transformer", "ssm", "hybrid")}

@@ -57,3 +57,23 @@ def test_prompt_length_prefers_the_requested_count(tmp_path):
     r = run.requests[0]
     assert r.prompt_tokens == r.prompt_tokens_requested + 1
     assert r.prompt_length == r.prompt_tokens_requested
+
+
+def test_warmup_requests_stay_out_of_the_figures(tmp_path):
+    run_dir = synthetic.write(tmp_path / "r")
+    first = json.loads((run_dir / "requests.jsonl").read_text().splitlines()[0])
+    slow = dict(first, stage="warmup", request_id="w1", ttft_s=99.0)
+    with open(run_dir / "requests.jsonl", "a") as f:
+        f.write(json.dumps(slow) + "\n")
+    run = load_run(run_dir)
+    assert len(run.warmup) == 1 and all(r.stage != "warmup" for r in run.requests)
+    assert "(+1 warm-up, not counted)" in write_report(run_dir).read_text()
+
+
+def test_zero_device_memory_is_no_reading(tmp_path):
+    from analysis import memory
+
+    run = load_run(synthetic.write(tmp_path / "r", synthetic.SyntheticRun(gpu=False)))
+    for s in run.scrapes:
+        s.samples = [(n, lab, 0.0 if n == memory.SERVER_MEMORY else v) for n, lab, v in s.samples]
+    assert memory.memory_curves(run) == []
