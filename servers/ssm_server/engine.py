@@ -55,7 +55,7 @@ class Engine:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, req: Request) -> None:
-        if len(self.waiting) >= self.max_queue:
+        if len(self.waiting) - len(self.free_slots) >= self.max_queue:  # free slots admit at the next step
             self._count_failure("rejected")
             raise APIError(429, f"request queue is full ({self.max_queue} waiting); retry later",
                            headers={"Retry-After": "1"})
@@ -113,6 +113,7 @@ class Engine:
                 self._emit(req, token, now)
             await asyncio.sleep(0)  # let the HTTP handlers write what was produced
 
+    @torch.inference_mode()
     def _step(self, prefill: Request | None, decode: list[Request]):
         """Runs on the device thread. Returns [(request, sampled token)]."""
         rows, reqs = [], []

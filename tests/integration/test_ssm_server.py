@@ -1,0 +1,190 @@
+"""The real ssm-server on loopback, driven by the official openai client. No HTTP mocks."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import sys
+import time
+import urllib.request
+
+import openai
+import pytest
+
+from servers.process import ManagedServer, free_port
+from tests.conftest import build_tiny
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _start(tmp_path_factory, name, *args):
+    port = free_port()
+    cmd = [sys.executable, "-m", "servers.ssm_server", "--port", str(port), *args]
+    log = tmp_path_factory.mktemp(name) / "server.log"
+    srv = ManagedServer(name, cmd, port, log_path=log, startup_timeout_s=120)
+    srv.__enter__()
+    return srv
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = _start(tmp_path_factory, "ssm-mamba2", "--model", str(build_tiny("tiny-mamba2")),
+                 "--served-model-name", "tiny", "--max-num-seqs", "4", "--max-queue", "2",
+                 "--max-model-len", "512", "--prefill-chunk-size", "32")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def metric(server, name: str) -> float:
+    text = urllib.request.urlopen(server.url + "/metrics").read().decode()
+    m = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def post(server, path, body):
+    req = urllib.request.Request(server.url + path, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+def test_completion_and_usage(client):
+    r = client.completions.create(model="tiny", prompt="the state of the model", max_tokens=5,
+                                  temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 5 and r.usage.prompt_tokens > 0
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_greedy_is_deterministic_and_stream_matches(client):
+    kw = dict(model="tiny", prompt="a long context test", max_tokens=8, temperature=0,
+              extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0].text
+    parts, usage = [], None
+    for ev in client.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        if ev.choices:
+            parts.append(ev.choices[0].text)
+        if ev.usage:
+            usage = ev.usage
+    assert "".join(parts) == whole
+    assert usage.completion_tokens == 8
+
+
+def test_seeded_sampling_repeats(client):
+    kw = dict(model="tiny", prompt="state space", max_tokens=6, temperature=1.0, top_p=0.9,
+              seed=7, extra_body={"ignore_eos": True, "top_k": 50})
+    assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+
+
+def test_chat_stream(client):
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "min_tokens": 4}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == 4
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
+
+
+def test_concurrent_requests(client):
+    def one(i):
+        return client.completions.create(model="tiny", prompt=f"request number {i} " * (i + 1),
+                                         max_tokens=6, extra_body={"ignore_eos": True}).usage.completion_tokens
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        assert list(ex.map(one, range(4))) == [6] * 4
+
+
+def test_models_tokenize_detokenize_openapi(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    status, _, tok = post(server, "/tokenize", {"model": "tiny", "prompt": "the state of the model"})
+    assert status == 200 and tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 512
+    status, _, det = post(server, "/detokenize", {"model": "tiny", "tokens": tok["tokens"]})
+    assert det["prompt"].strip() == "the state of the model"
+    spec = json.loads(urllib.request.urlopen(server.url + "/openapi.json").read())
+    assert {"/v1/completions", "/v1/chat/completions", "/tokenize"} <= set(spec["paths"])
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "word " * 600}, "prompt"),
+    ({"prompt": "x", "max_tokens": 600}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 2, "extra_body": {"min_tokens": 3}}, "min_tokens"),
+])
+def test_bad_requests_get_400(client, body, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", **body)
+    assert e.value.body["param"] == param and e.value.body["message"]
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=1)
+
+
+def test_cancelled_stream_frees_its_slot(client, server):
+    cancelled = metric(server, "ssm:request_failure_total")  # first label set: cancelled
+    stream = client.completions.create(model="tiny", prompt="cancel me", max_tokens=400,
+                                       stream=True, extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    assert metric(server, "ssm:state_slots_used") >= 0
+    stream.close()
+    deadline = time.monotonic() + 10
+    while metric(server, "ssm:state_slots_used") != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server, "ssm:state_slots_used") == 0
+    assert metric(server, "ssm:request_failure_total") == cancelled + 1
+    assert metric(server, "ssm:state_slots_total") == 4
+
+
+def test_queue_full_is_429_with_retry_after(server):
+    # 4 slots + 2 queue places: the 7th concurrent long request must be refused
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    streams = [c.completions.create(model="tiny", prompt="hold", max_tokens=480, stream=True,
+                                    extra_body={"ignore_eos": True}) for _ in range(6)]
+    try:
+        status, headers, body = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1})
+        assert status == 429 and headers.get("Retry-After") == "1"
+        assert body["error"]["type"] == "RateLimitError"
+    finally:
+        for s in streams:
+            s.close()
+
+
+def test_bad_json_and_bad_cli(server):
+    req = urllib.request.Request(server.url + "/v1/completions", b"{not json",
+                                 {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 400 and "error" in json.loads(e.value.read())
+    import subprocess
+    p = subprocess.run([sys.executable, "-m", "servers.ssm_server", "--model", "/no/such/dir"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--model" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "servers.ssm_server", "--engine", "synthetic",
+                        "--gpu-memory-budget", "lots"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "memory size" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_hybrid_model_serves(tmp_path_factory):
+    srv = _start(tmp_path_factory, "ssm-falcon", "--model", str(build_tiny("tiny-falcon-h1")),
+                 "--max-num-seqs", "2", "--max-model-len", "256", "--prefill-chunk-size", "16")
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        r = c.completions.create(model="tiny-falcon-h1", prompt="hybrid " * 40, max_tokens=4,
+                                 extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 4
+        assert metric(srv, "ssm:kv_cache_bytes_used") == 0  # freed after the request
+    finally:
+        srv.stop()
