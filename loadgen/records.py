@@ -26,6 +26,8 @@ class Timing:
 
     sent_ns: int
     token_ns: list[int] = field(default_factory=list)
+    empty: list[bool] = field(default_factory=list)
+    """Per token event: its text was empty (a finish-only event, or a partial character)."""
     end_ns: int | None = None
     usage: dict | None = None
     events: int = 0
@@ -52,12 +54,25 @@ class Timing:
             c = choices[0]
             if chat:
                 delta = c.get("delta") or {}
-                content = delta.get("content")
-                bearing = content is not None and not (delta.get("role") and content == "")
+                text = delta.get("content")
+                bearing = text is not None and not (delta.get("role") and text == "")
             else:
-                bearing = c.get("text") is not None
+                text = c.get("text")
+                bearing = text is not None
             if bearing:
                 self.token_ns.append(now_ns)
+                self.empty.append(text == "")
+        return None
+
+    def settle(self) -> None:
+        """When the server's usage says fewer tokens than events counted, the extra events are
+        trailing empty ones (a finish-only event): drop them, so ITL has one gap per token."""
+        n = (self.usage or {}).get("completion_tokens")
+        if n is None:
+            return
+        while len(self.token_ns) > max(int(n), 1) and self.empty and self.empty[-1]:
+            self.token_ns.pop()
+            self.empty.pop()
         return None
 
 
@@ -82,6 +97,7 @@ def build(job: dict, timing: Timing, *, http_status: int | None, error_kind: str
           error_message: str | None, start_time: float, worker: str) -> dict:
     """The ``requests.jsonl`` record (docs/contracts.md §4)."""
     t = timing
+    t.settle()
     s = 1e-9
     ttft = (t.token_ns[0] - t.sent_ns) * s if t.token_ns else None
     itl = [(b - a) * s for a, b in zip(t.token_ns, t.token_ns[1:])]

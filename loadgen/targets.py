@@ -73,11 +73,11 @@ def command(target: sc.Target, model: Path | str, port: int) -> list[str]:
     if importlib.util.find_spec("servers.vllm_launch") is not None:
         from servers import vllm_launch
 
-        cmd = list(vllm_launch.command(serve.preset or str(model), port))
+        cmd = list(vllm_launch.command(serve.preset or str(model), port, python=_vllm_python()))
         if "--served-model-name" not in cmd:
             cmd += ["--served-model-name", target.model]
         return cmd + list(serve.args)
-    python = os.environ.get("CTXLOAD_VLLM_PYTHON", str(Path.cwd() / ".venv-vllm" / "bin" / "python"))
+    python = _vllm_python() or sys.executable
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--served-model-name", target.model, "--host", "127.0.0.1", "--port", str(port)]
     if serve.preset and _is_tiny(serve.preset):
@@ -85,6 +85,16 @@ def command(target: sc.Target, model: Path | str, port: int) -> list[str]:
     elif serve.preset:
         cmd += ["--load-format", "dummy"]
     return cmd + list(serve.args)
+
+
+def _vllm_python() -> str | None:
+    """The interpreter that has vLLM: ``$CTXLOAD_VLLM_PYTHON``, else the repository's .venv-vllm."""
+    if os.environ.get("CTXLOAD_VLLM_PYTHON"):
+        return os.environ["CTXLOAD_VLLM_PYTHON"]
+    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (root / ".venv-vllm" / "bin" / "python").exists():
+            return str(root / ".venv-vllm" / "bin" / "python")
+    return None
 
 
 def _is_tiny(preset: str) -> bool:

@@ -29,7 +29,6 @@ def request_body(job: dict, prompt: str) -> bytes:
             "stream_options": {"include_usage": True}, "temperature": 0.0}
     if job.get("ignore_eos"):
         body["ignore_eos"] = True
-        body["min_tokens"] = job["max_tokens"]
     if job["api"] == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
