@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from analysis.records import RunData, Scrape
+import bisect
+
+from analysis.records import RunData, Scrape, TimeIndex
 from analysis.scaling import Fit, fit_poly
 
 SERVER_MEMORY = "ssm:device_memory_allocated_bytes"
@@ -54,15 +56,13 @@ def _stage_lengths(run: RunData) -> dict[tuple[str, str], int]:
     return {k: int(np.median(v)) for k, v in by.items()}
 
 
-def _attribute(run: RunData, s: Scrape, stage_len) -> tuple[str | None, int | None]:
+def _attribute(run: RunData, s: Scrape, stage_len, index: TimeIndex) -> tuple[str | None, int | None]:
     """(target, prompt length) a scrape belongs to, or None where it cannot be placed."""
     targets = run.targets()
     target = s.target if s.target in targets else None
     if target and s.stage:
         return target, stage_len.get((target, s.stage))  # None: not a context-sweep stage
-    active = [r for r in run.requests if r.start_time is not None and r.end_time is not None
-              and run.in_sweep(r)
-              and r.start_time <= s.time <= r.end_time + 0.5
+    active = [r for r in index.overlapping(s.time - 0.5, s.time) if run.in_sweep(r)
               and (target is None or r.target == target) and r.prompt_length is not None]
     if not active:
         return target, None
@@ -90,13 +90,14 @@ def memory_curves(run: RunData) -> list[MemoryCurve]:
     per: dict[str, dict[int, float]] = {}
     base: dict[str, float] = {}
     src: dict[str, str] = {}
+    index = TimeIndex(run.requests)
     for s in run.scrapes:
         if not s.ok:
             continue
         m = memory_of(s)
         if m is None:
             continue
-        target, n = _attribute(run, s, stage_len)
+        target, n = _attribute(run, s, stage_len, index)
         if target is None:
             continue
         base[target] = min(base.get(target, m[0]), m[0])
@@ -238,9 +239,12 @@ def energy_per_request(run: RunData) -> list[Energy]:
     time (trapezoids). A GPU shared by targets running at once cannot be split: such windows
     are skipped.
     """
-    gpu = [s for s in run.scrapes if s.ok and s.source == "gpu"]
+    gpu = sorted((s for s in run.scrapes if s.ok and s.source == "gpu"), key=lambda s: s.time)
     if not gpu:
         return []
+    gpu_times = [s.time for s in gpu]
+    index = TimeIndex(run.requests)
+    targets = set(run.targets())
     groups: dict[tuple[str, str], list] = {}
     for r in run.requests:
         if r.start_time is not None and r.end_time is not None:
@@ -248,13 +252,13 @@ def energy_per_request(run: RunData) -> list[Energy]:
     out = []
     for (t, stage), reqs in groups.items():
         lo, hi = min(r.start_time for r in reqs), max(r.end_time for r in reqs)
-        others = [r for r in run.requests if r.target != t and r.start_time is not None
-                  and r.end_time is not None and r.start_time < hi and r.end_time > lo]
+        others = [r for r in index.overlapping(lo, hi) if r.target != t
+                  and r.start_time < hi and r.end_time > lo]
         ok = sum(r.ok for r in reqs)
         if others or not ok:
             continue
-        win = sorted((s for s in gpu if lo - 1.0 <= s.time <= hi + 1.0
-                      and (s.target == t or s.target not in run.targets())), key=lambda s: s.time)
+        i, j = bisect.bisect_left(gpu_times, lo - 1.0), bisect.bisect_right(gpu_times, hi + 1.0)
+        win = [s for s in gpu[i:j] if s.target == t or s.target not in targets]
         e = [(s.time, sample_value(s, ENERGY, sum)) for s in win]
         e = [(x, v) for x, v in e if v is not None]
         joules, source = None, ""

@@ -91,6 +91,8 @@ class RunData:
     warmup: list[Request] = field(default_factory=list)
     """Requests of the ``warmup`` stage: kept out of every figure."""
     _sweep: dict[str, int] | None = field(default=None, repr=False)
+    _targets: list[str] | None = field(default=None, repr=False)
+    _families: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def run_id(self) -> str:
@@ -101,21 +103,25 @@ class RunData:
         return bool(self.env.get("finished_at"))
 
     def targets(self) -> list[str]:
-        """Target names in the order they first appear (env first, then requests)."""
-        names: list[str] = [t.get("name") for t in self.env.get("targets", []) if t.get("name")]
-        for r in self.requests:
-            if r.target not in names:
-                names.append(r.target)
-        return names
+        """Target names in the order they first appear (env first, then requests).
+        Computed once: the records are read before any figure is derived."""
+        if self._targets is None:
+            names: list[str] = [t.get("name") for t in self.env.get("targets", []) if t.get("name")]
+            seen = set(names)
+            for r in self.requests:
+                if r.target not in seen:
+                    names.append(r.target)
+                    seen.add(r.target)
+            self._targets = names
+        return list(self._targets)
 
     def family_of(self, target: str) -> str:
-        for t in self.env.get("targets", []):
-            if t.get("name") == target and t.get("family"):
-                return str(t["family"])
-        for r in self.requests:
-            if r.target == target and r.family:
-                return r.family
-        return "unknown"
+        if target not in self._families:
+            fam = next((str(t["family"]) for t in self.env.get("targets", [])
+                        if t.get("name") == target and t.get("family")), None)
+            fam = fam or next((r.family for r in self.requests if r.target == target and r.family), None)
+            self._families[target] = fam or "unknown"
+        return self._families[target]
 
     def sweep_concurrency(self, target: str) -> int | None:
         """The lowest concurrency the target ran at: curves against prompt length use only
@@ -262,3 +268,23 @@ def load_run(run_dir: str | Path, scrapes: Iterable[Scrape] | None = None) -> Ru
     if not data.requests:
         data.missing.append("no request records")
     return data
+
+
+class TimeIndex:
+    """Requests by send time, to find those in flight during a time window quickly."""
+
+    def __init__(self, requests: Iterable[Request]):
+        import bisect
+
+        self._bisect = bisect
+        rs = sorted((r for r in requests if r.start_time is not None and r.end_time is not None),
+                    key=lambda r: r.start_time)
+        self.requests = rs
+        self.starts = [r.start_time for r in rs]
+        self.longest = max((r.end_time - r.start_time for r in rs), default=0.0)
+
+    def overlapping(self, lo: float, hi: float) -> list[Request]:
+        """Requests whose [start, end] meets [lo, hi]."""
+        i = self._bisect.bisect_left(self.starts, lo - self.longest)
+        j = self._bisect.bisect_right(self.starts, hi)
+        return [r for r in self.requests[i:j] if r.end_time >= lo]
