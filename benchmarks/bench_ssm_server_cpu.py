@@ -1,0 +1,67 @@
+"""ssm-server's own overhead per output token on CPU, over a bare model step, same run.
+
+usage: python benchmarks/bench_ssm_server_cpu.py [PRESET] [TOKENS]
+Reference: the backend's decode step called directly (batch 1, the tiny model). Served: the
+median gap between streamed tokens of one request to the real server on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+import urllib.request
+
+import torch
+
+from servers.process import ManagedServer, free_port
+from servers.ssm_server.backend_hf import HFBackend
+from servers.ssm_server.config import ServerConfig
+from tests.conftest import build_tiny
+
+
+def bare_step_s(model_dir: str, n: int) -> float:
+    b = HFBackend(ServerConfig(model=model_dir, max_num_seqs=1))
+    b.prefill_chunk(0, list(range(1, 65)), 0)
+    gaps = []
+    with torch.inference_mode():
+        for i in range(n):
+            t = time.perf_counter()
+            logits = b.decode([0], [i % 100 + 1], [64 + i])
+            int(logits.argmax())
+            gaps.append(time.perf_counter() - t)
+    return statistics.median(gaps)
+
+
+def served_itl_s(model_dir: str, n: int) -> float:
+    port = free_port()
+    cmd = [sys.executable, "-m", "servers.ssm_server", "--model", model_dir, "--port", str(port)]
+    with ManagedServer("bench-cpu", cmd, port, startup_timeout_s=120) as srv:
+        body = json.dumps({"prompt": list(range(1, 65)), "max_tokens": n, "ignore_eos": True,
+                           "stream": True, "temperature": 0}).encode()
+        stamps = []
+        for _ in range(2):  # first run warms up
+            stamps = []
+            req = urllib.request.Request(srv.url + "/v1/completions", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req) as r:
+                for line in r:
+                    if line.startswith(b"data: {") and b'"finish_reason":null' in line:
+                        stamps.append(time.perf_counter())
+        return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
+def main():
+    preset = sys.argv[1] if len(sys.argv) > 1 else "tiny-mamba2"
+    n = int(sys.argv[2]) if len(sys.argv) > 2 else 200
+    d = str(build_tiny(preset))
+    bare = bare_step_s(d, n)
+    served = served_itl_s(d, n)
+    print(f"| model | bare step (median) | served ITL (median) | overhead per token | ratio |")
+    print(f"|---|---|---|---|---|")
+    print(f"| {preset} | {bare * 1e3:.2f} ms | {served * 1e3:.2f} ms | {(served - bare) * 1e3:.2f} ms "
+          f"| {served / bare:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
