@@ -1,0 +1,124 @@
+"""vLLM launch profiles: the rules every profile keeps, and vLLM's own parser accepting them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from servers import presets
+from servers import vllm_launch as vl
+from tests.conftest import REPO, build_tiny, need_vllm
+
+
+def test_hybrids_and_ssms_run_without_prefix_caching_transformers_with_it():
+    for name, p in presets.PRESETS.items():
+        prof = vl.profile_for(name)
+        assert prof.enable_prefix_caching is (p.family == "transformer"), name
+        assert prof.cpu is p.tiny, name
+        assert prof.enable_chunked_prefill
+
+
+def test_real_size_preset_is_served_with_dummy_weights_under_its_own_name(tmp_path):
+    cmd = vl.command("falcon-h1-0.5b", 8123, python="PY", cache_dir=tmp_path)
+    assert cmd[:4] == ["PY", "-m", "vllm.entrypoints.cli.main", "serve"]
+    assert cmd[4] == str(tmp_path / "falcon-h1-0.5b")
+    assert (tmp_path / "falcon-h1-0.5b" / "config.json").exists()
+    assert not list((tmp_path / "falcon-h1-0.5b").glob("*.safetensors"))  # nothing multi-GB
+    s = " ".join(cmd)
+    for piece in ("--served-model-name falcon-h1-0.5b", "--load-format dummy", "--port 8123",
+                  "--host 127.0.0.1", "--no-enable-prefix-caching", "--enable-chunked-prefill",
+                  "--gpu-memory-utilization 0.900", "--max-model-len 262144"):
+        assert piece in s
+    assert "--enforce-eager" not in cmd
+
+
+def test_tiny_model_directory_gets_the_cpu_profile_and_its_weights():
+    d = build_tiny("tiny-llama")
+    cmd = vl.command(d, 9000, python="PY", extra=["--seed", "3"])
+    s = " ".join(cmd)
+    assert "--enforce-eager" in cmd and "--kv-cache-memory-bytes 134217728" in s
+    assert "--load-format" not in cmd  # the directory holds real (random) weights
+    assert "--enable-prefix-caching" in cmd and "--served-model-name tiny-llama" in s
+    assert cmd[-2:] == ["--seed", "3"]
+
+
+def test_overrides_and_hub_weights(tmp_path):
+    cmd = vl.command("qwen2.5-0.5b", 1, python="PY", weights="hub", max_model_len=4096,
+                     gpu_memory_utilization=0.3)
+    assert cmd[4] == "Qwen/Qwen2.5-0.5B-Instruct" and "--load-format" not in cmd
+    assert "--max-model-len 4096" in " ".join(cmd) and "--gpu-memory-utilization 0.300" in " ".join(cmd)
+    with pytest.raises(ValueError, match="no hub checkpoint"):
+        vl.command("tiny-llama", 1, weights="hub")
+
+
+def test_memory_budget_becomes_a_fraction_of_the_card():
+    assert vl.parse_bytes("24GiB") == 24 << 30
+    assert vl.parse_bytes("512MB") == 512_000_000
+    assert vl.parse_bytes("1024") == 1024
+    assert vl.budget_fraction(24 << 30, 80 << 30) == 0.3
+    assert vl.budget_fraction(100 << 30, 80 << 30) == 0.95
+    with pytest.raises(ValueError):
+        vl.parse_bytes("lots")
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "ctxload.cli", "serve", "vllm", *args],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})},
+                          timeout=120)
+
+
+def test_ctxload_serve_vllm_print_and_errors(tmp_path):
+    r = _cli("tiny-mamba2", "--print", "--port", "9", "--model-cache", str(tmp_path),
+             "--python", "PY", "--vllm-args", "--seed 3")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("PY -m vllm.entrypoints.cli.main serve ")
+    assert "--no-enable-prefix-caching" in r.stdout and r.stdout.rstrip().endswith("--seed 3")
+    r = _cli("no-such-preset", "--print")
+    assert r.returncode == 2 and "unknown preset 'no-such-preset'" in r.stderr
+    r = _cli("tiny-llama", "--print", "--gpu-memory-utilization", "1.5", "--model-cache", str(tmp_path))
+    assert r.returncode == 2 and "--gpu-memory-utilization" in r.stderr
+
+
+_PARSE_IN_VLLM = r"""
+import json, sys
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+from servers import presets, vllm_launch as vl
+p = make_arg_parser(FlexibleArgumentParser())
+out = {}
+for name, pre in presets.PRESETS.items():
+    m = vl.Model("/m/" + name, name, pre.family, pre.tiny, pre.tiny, name)
+    a = vl.vllm_args(m, vl.profile_for(name), port=8000, host="0.0.0.0")
+    ns = p.parse_args(["--model", a[0], *a[1:]])
+    validate_parsed_serve_args(ns)
+    out[name] = dict(max_model_len=ns.max_model_len, prefix=ns.enable_prefix_caching,
+                     load_format=ns.load_format, name=ns.served_model_name,
+                     eager=ns.enforce_eager, chunked=ns.enable_chunked_prefill)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.vllm
+def test_every_profile_is_accepted_by_vllms_own_argument_parser():
+    """The profiles parse under vLLM 0.32's serve parser, meaning what we mean.
+
+    This runs servers.vllm_launch under the vLLM venv's interpreter with the repository on
+    PYTHONPATH, as the Docker stack runs it inside the official vLLM image.
+    """
+    python = need_vllm()
+    r = subprocess.run([str(python), "-c", _PARSE_IN_VLLM], capture_output=True, text=True,
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(got) == set(presets.PRESETS)
+    for name, ns in got.items():
+        p = presets.PRESETS[name]
+        assert ns["name"] == [name]
+        assert ns["prefix"] is (p.family == "transformer")
+        assert ns["load_format"] == ("auto" if p.tiny else "dummy")
+        assert ns["eager"] is p.tiny and ns["chunked"] is True
+        assert ns["max_model_len"] == (2048 if p.tiny else 262144)
