@@ -120,8 +120,13 @@ def memory_vs_prompt(a):
 
 
 def throughput_vs_concurrency(a):
+    """Output tokens/s against concurrent users; a run with one concurrency level only
+    (a context sweep) gets throughput against prompt length instead, which it can show."""
     run = a.run
-    pts: dict[str, dict[int, tuple[int, float]]] = {}
+    levels = {s.concurrency for s in a.stages if s.concurrency is not None}
+    if len(levels) <= 1:
+        return _throughput_vs_prompt(a, levels.pop() if levels else None)
+    pts: dict[str, dict[int, tuple[tuple, float]]] = {}
     for s in a.stages:
         if s.concurrency is None or s.output_token_throughput is None:
             continue
@@ -129,20 +134,39 @@ def throughput_vs_concurrency(a):
         cur = pts.setdefault(s.target, {}).get(s.concurrency)
         if cur is None or key < cur[0]:
             pts[s.target][s.concurrency] = (key, s.output_token_throughput)
-    if not pts:
-        return None
     fig, ax = _new("Output token throughput vs concurrency", "concurrent users",
                    "output tokens per second")
     for t, d in pts.items():
         cs = sorted(d)
         ax.plot(cs, [d[c][1] for c in cs], **_style(run, t))
     allc = sorted({c for d in pts.values() for c in d})
-    if len(allc) > 1 and allc[-1] / allc[0] >= 4:
+    if allc[-1] / allc[0] >= 4:
         ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _p: f"{x:g}"))
     ax.legend(fontsize=8)
     ax.text(0.99, 0.01, "each target at its shortest prompt per concurrency", transform=ax.transAxes,
             ha="right", va="bottom", fontsize=7, alpha=0.7)
+    return fig
+
+
+def _throughput_vs_prompt(a, level):
+    run = a.run
+    by: dict[str, list[tuple[int, float]]] = {}
+    for s in a.stages:
+        if s.prompt_tokens is not None and s.output_token_throughput is not None:
+            by.setdefault(s.target, []).append((s.prompt_tokens, s.output_token_throughput))
+    if not by:
+        return None
+    users = f"{level} user" + ("s" if level != 1 else "") if level else "one concurrency level"
+    fig, ax = _new(f"Output token throughput vs prompt length ({users}: no concurrency sweep)",
+                   "prompt length (tokens)", "output tokens per second")
+    ns = []
+    for t, pts in by.items():
+        pts.sort()
+        ax.plot([n for n, _ in pts], [v for _, v in pts], **_style(run, t))
+        ns += [n for n, _ in pts]
+    _length_axis(ax, ns, y_positive=False)
+    ax.legend(fontsize=8)
     return fig
 
 
