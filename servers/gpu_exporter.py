@@ -10,7 +10,7 @@ dashboard works with either.  Readings are taken at scrape time by a custom coll
 | ``DCGM_FI_DEV_FB_USED``, ``_FB_FREE``, ``_FB_TOTAL``, ``_FB_RESERVED`` | MiB | memory info (v2) |
 | ``DCGM_FI_DEV_GPU_UTIL`` | % | utilization rates |
 | ``DCGM_FI_DEV_POWER_USAGE`` | W | power usage |
-| ``DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION`` | mJ, counter | energy since driver load |
+| ``DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION`` | mJ, monotonic | energy since driver load |
 | ``DCGM_FI_DEV_GPU_TEMP`` | °C | temperature |
 | ``DCGM_FI_DEV_SM_CLOCK`` | MHz | SM clock |
 | ``ctxload:gpu_process_memory_used_bytes{pid, process}`` | bytes | compute processes |
@@ -45,8 +45,11 @@ DCGM_FIELDS = {
     "DCGM_FI_DEV_FB_RESERVED": ("gauge", "Framebuffer memory reserved by the driver (in MiB)."),
     "DCGM_FI_DEV_GPU_UTIL": ("gauge", "GPU utilization (in %)."),
     "DCGM_FI_DEV_POWER_USAGE": ("gauge", "Power draw (in W)."),
+    # DCGM types this a counter; prometheus_client would then print its TYPE line as
+    # ``…_total``, which no longer names the sample.  A gauge keeps DCGM's exact sample name,
+    # and rate() reads it the same.
     "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION": (
-        "counter", "Total energy consumption since boot (in mJ)."),
+        "gauge", "Total energy consumption since boot (in mJ); monotonic, read with rate()."),
     "DCGM_FI_DEV_GPU_TEMP": ("gauge", "GPU temperature (in C)."),
     "DCGM_FI_DEV_SM_CLOCK": ("gauge", "SM clock frequency (in MHz)."),
 }
