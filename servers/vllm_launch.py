@@ -121,8 +121,8 @@ def resolve(preset_or_model_dir: str | os.PathLike, *, weights: str = "auto",
 
 def vllm_args(model: Model, profile: Profile, *, port: int = DEFAULT_PORT,
               host: str = "127.0.0.1") -> list[str]:
-    """vLLM's ``serve`` arguments (after ``vllm serve``) for ``model`` under ``profile``."""
-    args = [model.source, "--served-model-name", model.served_name, "--host", host,
+    """vLLM's OpenAI-server arguments for ``model`` under ``profile``."""
+    args = ["--model", model.source, "--served-model-name", model.served_name, "--host", host,
             "--port", str(port), "--max-model-len", str(profile.max_model_len),
             "--max-num-seqs", str(profile.max_num_seqs),
             "--max-num-batched-tokens", str(profile.max_num_batched_tokens)]
@@ -152,7 +152,9 @@ def command(preset_or_model_dir: str | os.PathLike, port: int, host: str = "127.
     model = resolve(preset_or_model_dir, weights=weights, cache_dir=cache_dir)
     profile = replace(_profile(model.family, model.tiny, cpu), **overrides)
     python = python or os.environ.get("CTXLOAD_VLLM_PYTHON") or sys.executable
-    return [str(python), "-m", "vllm.entrypoints.cli.main", "serve",
+    # The module, not `vllm serve`: the CLI entry needs vLLM's package metadata, which a
+    # source or copied install (the CPU venv) may lack; both take the same arguments.
+    return [str(python), "-m", "vllm.entrypoints.openai.api_server",
             *vllm_args(model, profile, port=port, host=host), *map(str, extra)]
 
 

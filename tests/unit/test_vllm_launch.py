@@ -24,8 +24,8 @@ def test_hybrids_and_ssms_run_without_prefix_caching_transformers_with_it():
 
 def test_real_size_preset_is_served_with_dummy_weights_under_its_own_name(tmp_path):
     cmd = vl.command("falcon-h1-0.5b", 8123, python="PY", cache_dir=tmp_path)
-    assert cmd[:4] == ["PY", "-m", "vllm.entrypoints.cli.main", "serve"]
-    assert cmd[4] == str(tmp_path / "falcon-h1-0.5b")
+    assert cmd[:5] == ["PY", "-m", "vllm.entrypoints.openai.api_server", "--model",
+                       str(tmp_path / "falcon-h1-0.5b")]
     assert (tmp_path / "falcon-h1-0.5b" / "config.json").exists()
     assert not list((tmp_path / "falcon-h1-0.5b").glob("*.safetensors"))  # nothing multi-GB
     s = " ".join(cmd)
@@ -49,7 +49,7 @@ def test_tiny_model_directory_gets_the_cpu_profile_and_its_weights():
 def test_overrides_and_hub_weights(tmp_path):
     cmd = vl.command("qwen2.5-0.5b", 1, python="PY", weights="hub", max_model_len=4096,
                      gpu_memory_utilization=0.3)
-    assert cmd[4] == "Qwen/Qwen2.5-0.5B-Instruct" and "--load-format" not in cmd
+    assert cmd[3:5] == ["--model", "Qwen/Qwen2.5-0.5B-Instruct"] and "--load-format" not in cmd
     assert "--max-model-len 4096" in " ".join(cmd) and "--gpu-memory-utilization 0.300" in " ".join(cmd)
     with pytest.raises(ValueError, match="no hub checkpoint"):
         vl.command("tiny-llama", 1, weights="hub")
@@ -75,7 +75,7 @@ def test_ctxload_serve_vllm_print_and_errors(tmp_path):
     r = _cli("tiny-mamba2", "--print", "--port", "9", "--model-cache", str(tmp_path),
              "--python", "PY", "--vllm-args", "--seed 3")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("PY -m vllm.entrypoints.cli.main serve ")
+    assert r.stdout.startswith("PY -m vllm.entrypoints.openai.api_server --model ")
     assert "--no-enable-prefix-caching" in r.stdout and r.stdout.rstrip().endswith("--seed 3")
     r = _cli("no-such-preset", "--print")
     assert r.returncode == 2 and "unknown preset 'no-such-preset'" in r.stderr
@@ -93,7 +93,7 @@ out = {}
 for name, pre in presets.PRESETS.items():
     m = vl.Model("/m/" + name, name, pre.family, pre.tiny, pre.tiny, name)
     a = vl.vllm_args(m, vl.profile_for(name), port=8000, host="0.0.0.0")
-    ns = p.parse_args(["--model", a[0], *a[1:]])
+    ns = p.parse_args(a)
     validate_parsed_serve_args(ns)
     out[name] = dict(max_model_len=ns.max_model_len, prefix=ns.enable_prefix_caching,
                      load_format=ns.load_format, name=ns.served_model_name,
