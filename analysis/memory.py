@@ -197,7 +197,7 @@ def state_sizes(run: RunData) -> list[StateSizes]:
     measured: dict[str, float] = {}
     for s in run.scrapes:
         v = sample_value(s, STATE_BYTES)
-        if v is not None and s.target in run.targets():
+        if v and s.target in run.targets():  # 0: the target has no SSM state
             measured[s.target] = v
     out = []
     for t in run.targets():

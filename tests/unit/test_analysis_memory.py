@@ -93,3 +93,15 @@ def test_budget_order(tmp_path):
     run.scenario.pop("memory_budget_gb")
     run.env["gpus"] = []
     assert memory.budget_bytes(run)[0] == memory.PAPER_BUDGET_BYTES
+
+
+def test_zero_state_gauge_falls_back_to_the_config(tmp_path):
+    run = load_run(synthetic.write(tmp_path / "r", synthetic.SyntheticRun(gpu=False)))
+    sizes = {s.target: s for s in memory.state_sizes(run)}
+    assert sizes["tiny-mamba2"].state_bytes_per_sequence == 65536.0  # the synthetic gauge
+    for s in run.scrapes:
+        s.samples = [(n, lab, 0.0 if n == memory.STATE_BYTES else v) for n, lab, v in s.samples]
+    sizes = {s.target: s for s in memory.state_sizes(run)}
+    cfg = dict(presets.get("tiny-mamba2").config)
+    assert sizes["tiny-mamba2"].state_bytes_per_sequence == memory.state_bytes_per_sequence(cfg, "mamba2", 4)
+    assert "gauge" not in sizes["tiny-mamba2"].source
