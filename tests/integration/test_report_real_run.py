@@ -35,7 +35,7 @@ def _server(name: str, tmp_path):
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
-    runner = pytest.importorskip("loadgen.runner")
+    from loadgen import runner
     tmp = tmp_path_factory.mktemp("real")
     with _server("fast-attn", tmp) as a, _server("slow-ssm", tmp) as b:
         scenario = {

@@ -22,7 +22,7 @@ DEMO = Path(__file__).resolve().parents[2] / "scenarios" / "demo.yaml"
 
 @pytest.mark.slow
 def test_report_on_tiny_models_of_every_family(tmp_path, tiny_models):
-    runner = pytest.importorskip("loadgen.runner")
+    from loadgen import runner
     scenario = yaml.safe_load(DEMO.read_text())
     scenario["load"].update(prompt_tokens=[32, 64, 128], requests=2, warmup_requests=1)
     scenario["output"]["max_tokens"] = 4

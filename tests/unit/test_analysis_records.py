@@ -77,3 +77,33 @@ def test_zero_device_memory_is_no_reading(tmp_path):
     for s in run.scrapes:
         s.samples = [(n, lab, 0.0 if n == memory.SERVER_MEMORY else v) for n, lab, v in s.samples]
     assert memory.memory_curves(run) == []
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_GARBAGE = st.one_of(
+    st.text(alphabet=st.characters(blacklist_characters="\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
+            min_size=1, max_size=40).filter(lambda s: s.strip()),
+    st.builds(json.dumps, st.dictionaries(st.sampled_from(["target", "stage", "status", "ttft_s", "itl_s"]),
+                                          st.one_of(st.none(), st.integers(), st.text(max_size=5),
+                                                    st.lists(st.integers(), max_size=2)), max_size=2)),
+)
+
+
+@given(st.lists(st.tuples(st.integers(0, 40), _GARBAGE), max_size=6))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_garbage_line_is_named_and_the_rest_is_read(tmp_path, inserts):
+    src = synthetic.write(tmp_path / "src", synthetic.SyntheticRun(lengths=(64, 128), concurrency_levels=(1,)))
+    good = (src / "requests.jsonl").read_text().splitlines()
+    lines = list(good)
+    for pos, junk in inserts:
+        lines.insert(min(pos, len(lines)), junk)
+    d = tmp_path / "mixed"
+    d.mkdir(exist_ok=True)
+    (d / "requests.jsonl").write_text("\n".join(lines) + "\n")
+    run = load_run(d)
+    assert len(run.requests) + len(run.problems) == len(lines)
+    assert len(run.requests) >= len(good)
+    bad_numbers = {int(p.split(":")[1]) for p in run.problems}
+    assert all(not lines[i - 1] in good for i in bad_numbers)
