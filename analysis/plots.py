@@ -74,7 +74,7 @@ def latency_vs_prompt(a, metric: str):
     run = a.run
     title = {"ttft": "Time to first token vs prompt length",
              "tpot": "Time per output token vs prompt length"}[metric]
-    fig, ax = _new(title, "prompt length (tokens)", f"{metric.upper()} p50 (ms)")
+    fig, ax = _new(title, "prompt length (tokens)", f"{metric.upper()} (ms)")
     all_n, all_y = [], []
     for t in run.targets():
         n, y = scaling.curve(run, t, metric)
@@ -82,6 +82,9 @@ def latency_vs_prompt(a, metric: str):
             continue
         st = _style(run, t)
         ax.plot(n, np.asarray(y) * 1e3, **st)
+        _n90, y90 = scaling.curve(run, t, metric, q=90)
+        ax.fill_between(n, np.asarray(y) * 1e3, np.asarray(y90) * 1e3, color=st["color"], alpha=0.12,
+                        linewidth=0)
         fit = a.fits.get((t, metric))
         if fit and len(n) >= 2:
             xs = np.geomspace(min(n), max(n), 50)
@@ -93,7 +96,7 @@ def latency_vs_prompt(a, metric: str):
         return None
     _length_axis(ax, all_n, ys=all_y)
     ax.legend(fontsize=8)
-    ax.text(0.99, 0.01, "faint lines: fitted " + ("a+b·n+c·n²" if metric == "ttft" else "a+b·n"),
+    ax.text(0.99, 0.01, "band: p50–p90; faint lines: fitted " + ("a+b·n+c·n²" if metric == "ttft" else "a+b·n"),
             transform=ax.transAxes, ha="right", va="bottom", fontsize=7, alpha=0.7)
     return fig
 

@@ -93,8 +93,9 @@ def crossover_from_fits(fa: Fit, fb: Fit, n_max: float | None = None) -> float |
 # ---- curves per target -------------------------------------------------------------------
 
 
-def curve(run: RunData, target: str, field: str) -> tuple[list[int], list[float]]:
-    """Median of ``field`` (``ttft``/``tpot``/``e2e``) per prompt length, ok requests only."""
+def curve(run: RunData, target: str, field: str, q: float = 50) -> tuple[list[int], list[float]]:
+    """The ``q``-th percentile (default: the median) of ``field`` (``ttft``/``tpot``/``e2e``)
+    per prompt length, ok requests of the context sweep only."""
     from analysis.stats import tpot
 
     by_n: dict[int, list[float]] = {}
@@ -105,7 +106,7 @@ def curve(run: RunData, target: str, field: str) -> tuple[list[int], list[float]
         if v is not None:
             by_n.setdefault(r.prompt_length, []).append(v)
     ns = sorted(by_n)
-    return ns, [float(np.median(by_n[n])) for n in ns]
+    return ns, [float(np.percentile(by_n[n], q)) for n in ns]
 
 
 @dataclass
