@@ -23,7 +23,12 @@ def test_endpoint_serves_and_reports_no_gpu_without_one(tmp_path):
     cmd = [sys.executable, "-m", "ctxload.cli", "serve", "gpu-exporter", "--port", str(port)]
     with ManagedServer("gpu-exporter", cmd, port, log_path=tmp_path / "x.log",
                        health_path="/metrics", startup_timeout_s=60) as srv:
-        text = urllib.request.urlopen(srv.url + "/metrics", timeout=5).read().decode()
+        # what Prometheus 2 sends: OpenMetrics first; the answer must still keep the colons
+        req = urllib.request.Request(srv.url + "/metrics", headers={
+            "Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            text = r.read().decode()
         import socket
 
         with socket.create_connection(("127.0.0.1", port)) as s:

@@ -122,3 +122,20 @@ def test_every_profile_is_accepted_by_vllms_own_argument_parser():
         assert ns["load_format"] == ("auto" if p.tiny else "dummy")
         assert ns["eager"] is p.tiny and ns["chunked"] is True
         assert ns["max_model_len"] == (2048 if p.tiny else 262144)
+
+
+@pytest.mark.vllm
+def test_the_launcher_builds_model_directories_under_the_vllm_interpreter(tmp_path):
+    """What each vLLM container does first: build the preset's directory with the image's own
+    transformers (here: the vLLM venv's), then hand over to vLLM."""
+    python = need_vllm()
+    for preset, weights in [("falcon-h1-0.5b", False), ("tiny-mamba2", True)]:
+        r = subprocess.run([str(python), "-m", "servers.vllm_launch", preset, "--print", "--host", "0.0.0.0",
+                            "--model-cache", str(tmp_path)], capture_output=True, text=True, cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        d = tmp_path / preset
+        assert f"--model {d} --served-model-name {preset} --host 0.0.0.0" in r.stdout
+        assert (d / "config.json").exists() and (d / "tokenizer.json").exists()
+        assert bool(list(d.glob("*.safetensors"))) is weights
+        assert ("--load-format dummy" in r.stdout) is (not weights)
