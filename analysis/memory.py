@@ -47,13 +47,25 @@ def memory_of(s: Scrape) -> tuple[float, str] | None:
     return None
 
 
-def _stage_lengths(run: RunData) -> dict[tuple[str, str], int]:
-    """Prompt length of each target × stage of the context sweep (lowest concurrency)."""
-    by: dict[tuple[str, str], list[int]] = {}
+def _stage_lengths(run: RunData) -> dict[tuple[str, str], tuple[int, float, float]]:
+    """(prompt length, first send, last end) of each target × stage of the context sweep."""
+    by: dict[tuple[str, str], list] = {}
     for r in run.requests:
         if r.prompt_length is not None and run.in_sweep(r):
-            by.setdefault((r.target, r.stage), []).append(r.prompt_length)
-    return {k: int(np.median(v)) for k, v in by.items()}
+            by.setdefault((r.target, r.stage), []).append(r)
+    out = {}
+    for k, rs in by.items():
+        starts = [r.start_time for r in rs if r.start_time is not None]
+        ends = [r.end_time for r in rs if r.end_time is not None]
+        out[k] = (int(np.median([r.prompt_length for r in rs])),
+                  min(starts) if starts else float("-inf"), max(ends) if ends else float("inf"))
+    return out
+
+
+STAGE_SLACK_S = 2.0
+"""A scrape labelled with a stage counts for a target only within this many seconds of the
+target's own requests of that stage (the label is the run's current stage, whichever
+target is running it)."""
 
 
 def _attribute(run: RunData, s: Scrape, stage_len, index: TimeIndex) -> tuple[str | None, int | None]:
@@ -61,7 +73,10 @@ def _attribute(run: RunData, s: Scrape, stage_len, index: TimeIndex) -> tuple[st
     targets = run.targets()
     target = s.target if s.target in targets else None
     if target and s.stage:
-        return target, stage_len.get((target, s.stage))  # None: not a context-sweep stage
+        st = stage_len.get((target, s.stage))  # None: not a context-sweep stage of this target
+        if st and st[1] - STAGE_SLACK_S <= s.time <= st[2] + STAGE_SLACK_S:
+            return target, st[0]
+        return target, None
     active = [r for r in index.overlapping(s.time - 0.5, s.time) if run.in_sweep(r)
               and (target is None or r.target == target) and r.prompt_length is not None]
     if not active:

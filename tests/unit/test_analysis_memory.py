@@ -105,3 +105,14 @@ def test_zero_state_gauge_falls_back_to_the_config(tmp_path):
     cfg = dict(presets.get("tiny-mamba2").config)
     assert sizes["tiny-mamba2"].state_bytes_per_sequence == memory.state_bytes_per_sequence(cfg, "mamba2", 4)
     assert "gauge" not in sizes["tiny-mamba2"].source
+
+
+def test_stage_label_counts_only_while_the_target_ran_that_stage(tmp_path):
+    # "b" is idle (but scraped, with the run's current stage label) while "a" runs prompt=1024
+    reqs = [_req("a", 1024, 100.0), _req("b", 1024, 200.0, family="ssm")]
+    scrapes = [_scrape(100.5, "b", "prompt=1024", [(memory.SERVER_MEMORY, 9e9)]),
+               _scrape(200.5, "b", "prompt=1024", [(memory.SERVER_MEMORY, 3e9)])]
+    env = {"run_id": "m", "finished_at": "x", "targets": [{"name": "a", "family": "transformer"},
+                                                          {"name": "b", "family": "ssm"}]}
+    (m,) = memory.memory_curves(_write(tmp_path, reqs, scrapes, env))
+    assert m.target == "b" and m.peak_bytes == [3e9]
