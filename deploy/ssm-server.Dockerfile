@@ -22,7 +22,7 @@ RUN pip install packaging ninja einops \
  && python -c "import causal_conv1d_cuda, selective_scan_cuda; print('kernels built for sm_${CUDA_ARCH}')" \
  && rm -rf /build
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md* ./
 COPY ctxload ctxload
 COPY servers servers
 COPY loadgen loadgen

@@ -152,3 +152,19 @@ def test_dashboards_use_only_contract_metric_names_and_the_provisioned_datasourc
         names |= set(re.findall(r"\b(ssm:\w+?|ctxload:client_\w+?)(?:_bucket|_total)?\b", e))
     for n in sorted(names):
         assert n.split(":")[1] in contract, f"{n} is not in docs/contracts.md §5"
+
+
+def test_every_built_image_has_a_dockerfile_and_a_context_that_leaves_out_the_venvs():
+    services = _compose_config()["services"]
+    dockerfiles = {s["build"]["dockerfile"] for s in services.values() if "build" in s}
+    assert dockerfiles == {"deploy/ctxload.Dockerfile", "deploy/ssm-server.Dockerfile"}
+    for df in dockerfiles:
+        ignore = (REPO / f"{df}.dockerignore").read_text().split()
+        assert ignore[ignore.index("*")] == "*"  # everything out, then what the image copies
+        allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+        for line in (REPO / df).read_text().splitlines():
+            if line.startswith("COPY "):
+                for src in line.split()[1:-1]:
+                    src = src.rstrip("*")
+                    assert any(src == a or src.startswith(a + "/") for a in allowed), \
+                        f"{df} copies {src}, which the context leaves out"
