@@ -150,6 +150,36 @@ class Controller:
                         _stage=id(st))
         return None
 
+    def take_for_remote(self, wait_s: float) -> dict | None:
+        """A job for a worker's user, or None after ``wait_s`` (the worker asks again): a
+        request never waits on the master across a stage change, when its user may be stopped."""
+        st = self.stage
+        if st is None or self.stopping:
+            gevent.sleep(min(wait_s, 0.05))
+            return None
+        tokens = st.take(wait_s)
+        if tokens is None:
+            if not st.arrivals:
+                st.check()
+                gevent.sleep(0.02)
+            return None
+        st.in_flight += 1
+        self.counter += 1
+        return dict(st.base, stage=st.spec.label, stage_index=st.index, prompt_tokens=tokens,
+                    concurrency=st.spec.users, request_id=f"r{self.counter:07d}", seq=self.counter,
+                    _stage=id(st))
+
+    def give_back(self, job: dict) -> None:
+        """A job whose user was gone before it started: its stage may issue it again."""
+        st = self.stage
+        if st is not None and id(st) == job.get("_stage"):
+            st.in_flight -= 1
+            if st.remaining is not None:
+                st.remaining += 1
+            elif st.arrivals is not None:
+                st.arrivals.put(job["prompt_tokens"])
+            st.check()
+
     def prompt(self, job: dict) -> str:
         return build_prompt(job)
 

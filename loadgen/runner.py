@@ -189,19 +189,22 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
     return run_dir
 
 
-def _prepare(stage: Stage) -> None:
+def _prepare(stage: Stage, runner=None) -> None:
     """Build the stage's prompt bodies now, while nothing is in flight: a long prompt built
     inside a user would stall the event loop that times every other stream."""
     from loadgen.controller import build_prompt
 
     spec = stage.spec
     lengths = [spec.prompt_tokens] if spec.prompt_tokens else [n for n, _ in spec.mix]
-    for n in lengths:
-        build_prompt(dict(stage.base, prompt_tokens=n, seq=0))
+    jobs = [dict(stage.base, prompt_tokens=n, seq=0) for n in lengths]
+    for job in jobs:
+        build_prompt(job)
+    if hasattr(runner, "ctxload_prepare"):  # distributed: the workers build them too
+        runner.ctxload_prepare(jobs)
 
 
 def _run_stage(runner, controller, stage: Stage, users: int, timeout_s: float) -> None:
-    _prepare(stage)
+    _prepare(stage, runner)
     runner.start(users, spawn_rate=max(users, 1))
     if getattr(runner, "spawning_greenlet", None) is not None:
         runner.spawning_greenlet.join()

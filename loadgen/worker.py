@@ -1,0 +1,31 @@
+"""A Locust worker process for distributed runs: ``python -m loadgen.worker --master-port P``."""
+
+from __future__ import annotations
+
+from locust.env import Environment  # first: Locust's gevent monkey-patching
+
+import argparse
+import gc
+import sys
+
+from loadgen.distributed import WorkerSource
+from loadgen.user import StreamingUser
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--master-host", default="127.0.0.1")
+    ap.add_argument("--master-port", type=int, required=True)
+    a = ap.parse_args(argv)
+    import transformers  # noqa: F401 - imported now, not while the first stage streams
+    env = Environment(user_classes=[StreamingUser])
+    runner = env.create_worker_runner(a.master_host, a.master_port)
+    env.ctxload = WorkerSource(runner)
+    gc.collect()
+    gc.freeze()
+    runner.greenlet.join()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
