@@ -105,6 +105,9 @@ def main() -> int:
     a = ap.parse_args()
     import torch
 
+    if not torch.cuda.is_available():
+        print("gpu_exporter_check: no CUDA GPU visible to torch; run it on a GPU host", file=sys.stderr)
+        return 2
     t_start = time.monotonic()
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

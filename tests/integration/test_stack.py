@@ -232,5 +232,4 @@ def test_the_check_can_fail(stack, loaded):
     prom, window = stack["prom"], loaded
     assert not prom.has_data('{__name__=~"(vllm|ssm):no_such_metric_seconds_bucket"}', *window)
     assert not gpu_only('sum(ssm:state_slots_used) + max(DCGM_FI_DEV_FB_USED)')
-    with pytest.raises(AssertionError, match="parse"):
-        assert prom.range("sum(rate(x[", *window)["status"] == "success", "does not parse"
+    assert prom.range("sum(rate(x[", *window)["status"] == "error"  # a broken query is caught
