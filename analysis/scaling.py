@@ -74,8 +74,10 @@ def crossover_from_data(n: Sequence[float], a: Sequence[float], b: Sequence[floa
     return None
 
 
-def crossover_from_fits(fa: Fit, fb: Fit, n_max: float | None = None) -> float | None:
-    """Smallest positive n where two fits are equal (optionally no larger than ``n_max``)."""
+def crossover_from_fits(fa: Fit, fb: Fit, n_max: float | None = None,
+                        n_min: float = 0.0) -> float | None:
+    """Smallest n > ``n_min`` (≥ 0) where two fits are equal, optionally no larger than ``n_max``.
+    Roots far below the measured lengths are artefacts of the fits, not crossovers."""
     k = max(len(fa.coef), len(fb.coef))
     diff = [(fa.coef[i] if i < len(fa.coef) else 0.0) - (fb.coef[i] if i < len(fb.coef) else 0.0)
             for i in range(k)]
@@ -85,8 +87,7 @@ def crossover_from_fits(fa: Fit, fb: Fit, n_max: float | None = None) -> float |
         return None
     roots = np.roots(diff[::-1])
     real = sorted(float(r.real) for r in roots if abs(r.imag) <= 1e-9 * max(1.0, abs(r.real)) and r.real > 0)
-    if n_max is not None:
-        real = [r for r in real if r <= n_max]
+    real = [r for r in real if r > n_min and (n_max is None or r <= n_max)]
     return real[0] if real else None
 
 
@@ -133,7 +134,8 @@ def compare_pair(run: RunData, a: str, b: str, metric: str, fits: dict) -> PairC
     fa, fb = fits.get((a, metric)), fits.get((b, metric))
     cf = None
     if fa and fb:
-        cf = crossover_from_fits(fa, fb, n_max=4 * max(fa.n_max, fb.n_max))
+        cf = crossover_from_fits(fa, fb, n_max=4 * max(fa.n_max, fb.n_max),
+                                 n_min=min(fa.n_min, fb.n_min) / 2)
     return PairCompare(a, b, run.family_of(a), run.family_of(b), metric, common, ratio,
                        crossover_from_data(common, va, vb) if len(common) >= 1 else None, cf)
 

@@ -94,3 +94,16 @@ def test_compare(tmp_path, run_dir):
     rows = list(csv.reader(open(tmp_path / "cmp" / "compare.csv")))
     assert len(rows) > 10 and rows[0][:3] == ["run", "target", "stage"]
     assert len(re.findall(r"<img ", html)) == 2 * len(PLOTS)
+
+
+def test_memory_reach_measured_then_fitted_then_flat():
+    from analysis.memory import MemoryCurve
+    from analysis.scaling import fit_poly
+
+    def mc(ns, bs):
+        return MemoryCurve("t", "transformer", "server", ns, bs, min(bs), fit_poly(ns, bs, 1))
+
+    assert claims.memory_reach(mc([1024, 2048], [10e9, 30e9]))[0] == 2048  # measured above 24 GB
+    n, text = claims.memory_reach(mc([1024, 2048], [2e9, 4e9]))  # 2e9/1024 B per token
+    assert n == pytest.approx((24e9 - 0.0) / (2e9 / 1024)) and "(fit)" in text
+    assert claims.memory_reach(mc([1024, 2048], [3e9, 3e9]))[0] == float("inf")

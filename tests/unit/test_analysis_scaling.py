@@ -119,3 +119,11 @@ def test_curves_use_the_lowest_concurrency_only():
             dict(target="t", stage="users=8", status="ok", prompt_tokens_requested=1024,
                  ttft_s=5.0, e2e_s=6.0, concurrency=8)]
     assert scaling.curve(_run(recs), "t", "ttft") == ([1024], [0.1])
+
+
+def test_fit_crossover_far_below_the_data_is_no_crossover():
+    # lines crossing at n = 100 while the data spans 1K–8K: an artefact, not a crossover
+    a = scaling.Fit((0.0, 2e-3), 1.0, 4, 1024, 8192)
+    b = scaling.Fit((0.1, 1e-3), 1.0, 4, 1024, 8192)
+    assert scaling.crossover_from_fits(a, b) == pytest.approx(100)
+    assert scaling.crossover_from_fits(a, b, n_min=512) is None
