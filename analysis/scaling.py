@@ -135,7 +135,7 @@ def compare_pair(run: RunData, a: str, b: str, metric: str, fits: dict) -> PairC
     cf = None
     if fa and fb:
         cf = crossover_from_fits(fa, fb, n_max=4 * max(fa.n_max, fb.n_max),
-                                 n_min=min(fa.n_min, fb.n_min) / 2)
+                                 n_min=min(fa.n_min, fb.n_min))
     return PairCompare(a, b, run.family_of(a), run.family_of(b), metric, common, ratio,
                        crossover_from_data(common, va, vb) if len(common) >= 1 else None, cf)
 

@@ -100,7 +100,7 @@ def crossovers(a: Analysis) -> Table:
                  ["pair", "figure", "from the data", "from the fits"], rows,
                  note="Data: log-linear interpolation between the measured lengths that bracket "
                       "the change of sign; fits: the smallest positive root of their difference "
-                      "(searched from half the shortest to 4× the longest length measured).",
+                      "(searched from the shortest to 4× the longest length measured: below the data, the data decides).",
                  empty="needs targets of two families served at common prompt lengths")
 
 
