@@ -9,7 +9,9 @@ through all three servers, serving its client metrics for Prometheus to scrape; 
 stage's prompt is longer than the vLLM server's 2048-token limit, so errors are counted too.
 
 Then EVERY PromQL expression of EVERY panel of every dashboard in deploy/grafana/dashboards is
-run as Grafana runs it (a range query over the test's window) and must return data.
+run as Grafana runs it (a range query over the test's window) and must return data; a query
+written for both engines (``{__name__=~"(vllm|ssm):…"}``) must return data for each of the
+three served models, so an engine missing one of the shared names fails too.
 
 The one exception, stated here so that it is a rule and not a loophole: an expression whose
 only metrics are the GPU readings (``DCGM_FI_DEV_*``, ``ctxload:gpu_process_memory_used_bytes``)
@@ -44,6 +46,8 @@ PROM_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 GPU_METRICS = tuple(gpu_exporter.DCGM_FIELDS) + (gpu_exporter.PROCESS_MEMORY,)
 _GPU_NAME = re.compile(r"\b(DCGM_FI_DEV_\w+|ctxload:gpu_process_memory_used_bytes)\b")
 _OTHER_NAME = re.compile(r"(vllm|ssm)[:|)]|ctxload:client_|ctxload:gpu_exporter_|\bup\{")
+#: the model names the three servers of the fixture serve: vLLM's, and the two ssm-servers'
+SERVED_MODELS = {"tiny-falcon-h1", "tiny-mamba2", "tiny-falcon-h1-ssm"}
 RATE_WINDOW = "20s"  # what $__rate_interval is at a 1 s scrape interval, with margin
 
 
@@ -99,10 +103,15 @@ class Prom:
     def range(self, expr: str, start: float, end: float) -> dict:
         return self.get("/api/v1/query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step="2")
 
-    def has_data(self, expr: str, start: float, end: float) -> bool:
+    def series_with_data(self, expr: str, start: float, end: float) -> list[dict]:
+        """The label sets of the result series that hold at least one number."""
         r = self.range(expr, start, end)
         assert r["status"] == "success", f"{expr}: {r.get('error')}"
-        return any(v[1] not in ("NaN", "+Inf", "-Inf") for s in r["data"]["result"] for v in s["values"])
+        return [s["metric"] for s in r["data"]["result"]
+                if any(v[1] not in ("NaN", "+Inf", "-Inf") for v in s["values"])]
+
+    def has_data(self, expr: str, start: float, end: float) -> bool:
+        return bool(self.series_with_data(expr, start, end))
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +228,14 @@ def test_every_dashboard_query_returns_data(stack, loaded):
             names = set(_GPU_NAME.findall(expr))
             assert names <= set(GPU_METRICS), f"{dash} / {title}: {names - set(GPU_METRICS)} not exported"
             gpu_listed.append(f"{dash} / {title} / {ref}")
-        elif not prom.has_data(q, start, end):
+            continue
+        series = prom.series_with_data(q, start, end)
+        if not series:
             empty.append(f"{dash} / {title} / {ref}: {expr}")
+        elif "(vllm|ssm)" in expr:  # one query for both engines: each served model must answer
+            missing = SERVED_MODELS - {m.get("model_name") for m in series}
+            if missing:
+                empty.append(f"{dash} / {title} / {ref}: no data for {sorted(missing)}: {expr}")
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
     print(f"\n{len(queries) - len(gpu_listed)} queries returned data; GPU-only (parsed, no GPU here):\n  "
           + "\n  ".join(gpu_listed))
