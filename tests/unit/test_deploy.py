@@ -89,8 +89,10 @@ def test_profiles_select_gpu_dcgm_or_cpu_stacks():
     for name, alias in [("vllm-cpu-transformer", "vllm-transformer"), ("vllm-cpu-hybrid", "vllm-hybrid"),
                         ("ssm-server-cpu", "ssm-server")]:
         assert s[name]["profiles"] == ["cpu"] and alias in s[name]["networks"]["default"]["aliases"]
-    for name in ("prometheus", "grafana", "locust-master", "locust-worker"):
+    for name in ("prometheus", "grafana"):
         assert "profiles" not in s[name], name
+    assert s["locust-master"]["profiles"] == s["locust-worker"]["profiles"] == ["load"]
+    assert s["loadgen"]["profiles"] == ["headless"]
 
 
 def test_grafana_has_no_password_in_the_repo_and_anonymous_viewers_read_only():
@@ -117,8 +119,11 @@ def test_prometheus_config_is_valid_and_scrapes_every_service():
                        ("gpu-exporter", 9400), ("dcgm-exporter", 9400), ("locust-master", 9646),
                        ("loadgen", 9646)]:
         assert name in services and f"{name}:{port}" in targets, name
-    dns = [n for job in cfg["scrape_configs"] for d in job.get("dns_sd_configs", []) for n in d["names"]]
-    assert dns == ["locust-worker"]
+
+    # the workers connect to the master by its service name, on the port it binds
+    master, worker = services["locust-master"]["command"][-1], services["locust-worker"]["command"]
+    assert "--master-bind-host 0.0.0.0 --master-port 5557" in master
+    assert worker == ["python", "-m", "loadgen.worker", "--master-host", "locust-master", "--master-port", "5557"]
 
 
 def test_dashboards_are_what_the_generator_writes():
