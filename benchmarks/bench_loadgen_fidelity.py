@@ -118,10 +118,13 @@ def run_guidellm(url: str, levels: list[int], a, work: Path) -> dict[int, dict]:
     out = {}
     for n in levels:
         path = work / f"guidellm-{n}.json"
-        cmd = [str(GUIDELLM), "benchmark", "run", "--target", url, "--model", "synthetic", "--processor",
-               str(a.tokenizer), "--data", f"prompt_tokens={PROMPT_TOKENS},output_tokens={a.output_tokens}",
-               "--profile", "concurrent", "--rate", str(n), "--max-requests", str(requests(n, a)),
-               "--outputs", str(path)]
+        cmd = [str(GUIDELLM), "run", "--backend",
+               f"kind=openai_http,target={url},model=synthetic,request_format=/v1/completions",
+               "--profile", f"kind=concurrent,streams={n}",
+               "--data", f"kind=synthetic_text,prompt_tokens={PROMPT_TOKENS},output_tokens={a.output_tokens}",
+               "--tokenizer", f"kind=hf_auto,model={a.tokenizer}",
+               "--constraint", f"kind=max_requests,count={requests(n, a)}",
+               "--output", f"kind=json,path={path}", "--disable-console-interactive"]
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=work,
                            env={**os.environ, "HF_HUB_OFFLINE": "1", "GUIDELLM__LOGGING__CONSOLE_LOG_LEVEL": "ERROR"})
         if p.returncode != 0 or not path.exists():
@@ -142,9 +145,7 @@ def guidellm_stats(report: dict, a) -> dict:
         if itl_ms is not None:
             itls.append(itl_ms / 1e3)
         events += int(r.get("output_tokens") or 0)
-        info = r.get("info") or r.get("request_timings") or {}
-        tim = info.get("timings", info) if isinstance(info, dict) else {}
-        start, end = tim.get("request_start"), tim.get("request_end")
+        start, end = r.get("request_start_time"), r.get("request_end_time")
         if start and end:
             t0, t1 = min(t0, start), max(t1, end)
     duration = (t1 - t0) if t1 > t0 else bench.get("duration", 0)

@@ -112,7 +112,7 @@ def main(argv=None) -> None:
     except ImportError:
         pass
     web.run_app(make_app(a.ttft_ms / 1000, a.itl_ms / 1000, a.served_model_name, a.max_model_len),
-                host=a.host, port=a.port, print=None, access_log=None)
+                host=a.host, port=a.port, print=None, access_log=None, backlog=4096)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,43 @@ def _error_message(resp) -> str:
         return (resp.content or b"")[:500].decode(errors="replace")
 
 
+def read_events(raw, timing: records.Timing, chat: bool) -> str | None:
+    """Read the SSE body off the socket, stamping each batch of bytes when ``recv`` returns it.
+
+    One ``recv`` per arrival, however many events it carries (they arrived together, so they
+    share the stamp), instead of a ``readline`` per line: fewer switches per event, and the
+    stamp is the arrival, not the end of parsing.  The response's own parser de-chunks into
+    its body buffer; complete lines are taken from there.
+    """
+    buf = raw._body_buffer
+    now = time.perf_counter_ns()
+    feed = timing.feed
+    error = None
+    while True:
+        end = buf.rfind(b"\n")
+        if end >= 0:
+            chunk = bytes(buf[:end + 1])
+            del buf[:end + 1]
+            for line in chunk.split(b"\n"):
+                if line.startswith(b"data:"):
+                    err = feed(line, now, chat)
+                    if err and error is None:
+                        error = err
+        sock = raw._sock
+        if raw.message_complete or sock is None:
+            return error
+        try:
+            data = sock.recv(65536)
+        except BaseException:
+            raw.release()
+            raise
+        now = time.perf_counter_ns()
+        if not data:
+            raw.release()
+            raise ConnectionError("the server closed the connection before the end of the stream")
+        raw.feed(data)
+
+
 def stream_once(session, job: dict, prompt: str, timeout_s: float) -> dict:
     """Send one streamed request through a FastHttpSession and build its record."""
     chat = job["api"] == "chat"
@@ -69,16 +106,9 @@ def stream_once(session, job: dict, prompt: str, timeout_s: float) -> dict:
                 message = _error_message(resp)
                 kind = records.classify_http(status or 0, message)
             else:
-                raw = resp._response
-                readline = raw.readline
-                feed = timing.feed
-                while True:
-                    line = readline(b"\n")
-                    if not line:
-                        break
-                    stream_err = feed(line, time.perf_counter_ns(), chat)
-                    if stream_err:
-                        message, kind = stream_err[:500], records.classify_http(500, stream_err)
+                stream_err = read_events(resp._response, timing, chat)
+                if stream_err:
+                    message, kind = stream_err[:500], records.classify_http(500, stream_err)
                 timing.end_ns = time.perf_counter_ns()
     except gevent.GreenletExit:
         kind, message = "cancelled", "the load generator stopped the request"

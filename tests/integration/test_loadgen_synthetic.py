@@ -139,3 +139,28 @@ def test_kill_9_loses_no_finished_request(tiny_models, tmp_path):
     # lose many more.
     assert served - 3 <= len(recs) <= served, (served, len(recs))
     assert all(r["status"] == "ok" for r in recs)
+
+
+def test_processes_2_lands_every_workers_records_in_one_run_dir(synthetic, tiny_models, tmp_path):
+    scen = scenario(synthetic.url, tiny_models["transformer"],
+                    {"kind": "concurrency_sweep", "prompt_tokens": 64, "users": [2, 6], "requests": 30})
+    before = server_successes(synthetic.url)
+    recs = read(run_ctxload(tmp_path, scen, "--processes", "2"))
+    assert len(recs) == 60 == server_successes(synthetic.url) - before
+    assert len({r["worker"] for r in recs}) == 2          # both worker processes sent load …
+    assert len({r["request_id"] for r in recs}) == 60     # … and no request was counted twice
+    assert {r["stage"]: r["concurrency"] for r in recs} == {"users=2": 2, "users=6": 6}
+    assert all(r["status"] == "ok" for r in recs)
+
+
+def test_poisson_stage_paces_arrivals(synthetic, tiny_models, tmp_path):
+    scen = scenario(synthetic.url, tiny_models["transformer"],
+                    {"kind": "poisson", "rate": [20], "mix": [{"prompt_tokens": 32}, {"prompt_tokens": 96, "weight": 3}],
+                     "requests": 60, "max_users": 32})
+    recs = read(run_ctxload(tmp_path, scen))
+    assert len(recs) == 60 and all(r["status"] == "ok" for r in recs)
+    starts = sorted(r["start_time"] for r in recs)
+    rate = (len(starts) - 1) / (starts[-1] - starts[0])
+    assert 10 < rate < 40, rate  # mean 20/s; a Poisson sample of 60 stays well inside
+    assert {r["prompt_tokens"] for r in recs} == {32, 96}
+    assert sum(r["prompt_tokens"] == 96 for r in recs) > 30
