@@ -142,3 +142,38 @@ def test_bisection_reports_a_limit_beyond_max_tokens_and_stops_on_crash():
     s = _search(1 << 30, sc.MaxContext(kind="max_context"), crash_above=5000)
     assert s.crashed and s.max_ok == 4096 and s.min_fail == 8192 and s.failure_kind == "connection"
     assert len(s.probes) == 4  # 1024, 2048, 4096, 8192: nothing after the crash
+
+
+def test_client_exporter_serves_contract_names_over_http():
+    import urllib.request
+
+    from loadgen.exporter import ClientMetrics
+    from loadgen.scrape import scrape
+
+    m = ClientMetrics()
+    port = m.serve(0)
+    m.stage("t", "prompt=8", users=3, prompt_tokens=8)
+    ok = {"target": "t", "stage": "prompt=8", "status": "ok", "ttft_s": 0.2, "itl_s": [0.01, 0.02]}
+    m.record(ok)
+    m.record({**ok, "status": "error", "error_kind": "oom"})
+    samples = scrape(f"http://127.0.0.1:{port}/metrics")
+    by = {(s["name"], tuple(sorted(s["labels"].items()))): s["value"] for s in samples}
+    lab = (("stage", "prompt=8"), ("target", "t"))
+    assert by[("ctxload:client_users", lab)] == 3
+    assert by[("ctxload:client_prompt_tokens", lab)] == 8
+    assert by[("ctxload:client_requests_total", tuple(sorted(lab + (("status", "ok"),))))] == 1
+    assert by[("ctxload:client_errors_total", tuple(sorted(lab + (("kind", "oom"),))))] == 1
+    assert by[("ctxload:client_time_to_first_token_seconds_count", lab)] == 1
+    assert by[("ctxload:client_inter_token_latency_seconds_count", lab)] == 2
+    assert urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").status == 200
+
+
+def test_trailing_finish_only_event_is_not_a_token():
+    t = records.Timing(sent_ns=0)
+    for ns in (10, 20, 30):
+        t.feed(b'data: {"choices":[{"text":" a","finish_reason":null}]}', ns, False)
+    t.feed(b'data: {"choices":[{"text":"","finish_reason":"length"}]}', 31, False)
+    t.feed(b'data: {"choices":[],"usage":{"prompt_tokens":8,"completion_tokens":3}}', 31, False)
+    t.end_ns = 32
+    r = records.build(_job(), t, http_status=200, error_kind=None, error_message=None, start_time=0, worker="w")
+    assert r["completion_tokens"] == 3 and len(r["itl_s"]) == 2
