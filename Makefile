@@ -38,13 +38,13 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
-# Debian's prometheus (with promtool) and chromium, for the stack and report tests.
+# Debian's prometheus (with promtool), chromium and docker-compose (validates the compose file; no engine needed), for the stack and report tests.
 system-deps:
-	@if command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v chromium >/dev/null; then \
-	  echo "prometheus, promtool and chromium present"; \
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v chromium >/dev/null && command -v docker-compose >/dev/null; then \
+	  echo "prometheus, promtool, chromium and docker-compose present"; \
 	else \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q prometheus chromium; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q prometheus chromium docker-compose; \
 	fi
 
 test-deps: setup vllm-env system-deps
