@@ -127,8 +127,9 @@ def verdict(a: Analysis) -> list[str]:
         if m.fit and m.fit.points >= 2:
             per_k = m.fit.coef[1] * 1024 / 2**20
             per_k = 0.0 if abs(per_k) < 0.005 else per_k
-            lines.append(f"{m.target} memory grows {per_k:.3g} MiB per 1K tokens "
-                         f"of context ({m.source} metrics).")
+            lines.append(f"{m.target} peak memory {m.peak_bytes[0] / 1e9:.3g} GB at {_fmt_n(m.lengths[0])} → "
+                         f"{m.peak_bytes[-1] / 1e9:.3g} GB at {_fmt_n(m.lengths[-1])} tokens "
+                         f"(fit: {per_k:.3g} MiB per 1K tokens; {m.source} metrics).")
     held = sum(c.verdict == claims_mod.HOLDS for c in a.claims)
     differ = sum(c.verdict == claims_mod.DIFFERS for c in a.claims)
     lines.append(f"Paper claims: {held} hold, {differ} differ, "
