@@ -15,7 +15,7 @@ import pytest
 from analysis import synthetic
 from analysis.plots import PLOTS
 from analysis.report import write_report
-from tests.conftest import need_binary
+from conftest import need_binary  # tests/ is on sys.path (rootdir conftest)
 
 CSP = ("<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
        "style-src 'unsafe-inline'; script-src 'unsafe-inline'\">")

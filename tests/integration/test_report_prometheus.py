@@ -18,7 +18,7 @@ import pytest
 from analysis import prometheus, synthetic
 from analysis.cli import add_arguments, main
 from servers.process import ManagedServer, free_port
-from tests.conftest import need_binary
+from conftest import need_binary  # tests/ is on sys.path (rootdir conftest)
 
 EXPOSITION = """# TYPE ssm:device_memory_allocated_bytes gauge
 ssm:device_memory_allocated_bytes{model_name="tiny-mamba2"} 3.0e9
