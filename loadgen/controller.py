@@ -92,7 +92,7 @@ class Stage:
         if self.in_flight == 0 and self.exhausted():
             self.done.set()
 
-    def result(self) -> StageResult:
+    def result(self, slos=None) -> StageResult:
         recs = self.records
         ok = [r for r in recs if r["status"] == "ok"]
         errors: dict[str, int] = {}
@@ -106,7 +106,21 @@ class Stage:
             ttft_p50=statistics.median(r["ttft_s"] for r in ok) if ok else None,
             itl_p99=gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else None,
             tpot_p50=statistics.median(tpots) if tpots else None,
+            goodput=sum(meets(r, slos) for r in ok) if slos is not None and slos.model_dump(exclude_none=True)
+            else None,
             messages=sorted({r["error_message"] for r in recs if r["error_message"]})[:5])
+
+
+def meets(rec: dict, slos) -> bool:
+    """Whether a successful request met every SLO given (ITL: its p99 gap)."""
+    if slos.ttft_s is not None and rec["ttft_s"] > slos.ttft_s:
+        return False
+    if slos.tpot_s is not None and rec["tpot_s"] is not None and rec["tpot_s"] > slos.tpot_s:
+        return False
+    gaps = sorted(rec["itl_s"])
+    if slos.itl_s is not None and gaps and gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] > slos.itl_s:
+        return False
+    return True
 
 
 class Controller:

@@ -205,7 +205,7 @@ def _prepare(stage: Stage, runner=None) -> None:
 
 def _run_stage(runner, controller, stage: Stage, users: int, timeout_s: float) -> None:
     _prepare(stage, runner)
-    runner.start(users, spawn_rate=max(users, 1))
+    runner.start(users, spawn_rate=min(max(users, 1), 100))  # the stage opens once all are up
     if getattr(runner, "spawning_greenlet", None) is not None:
         runner.spawning_greenlet.join()
     controller.open(stage)
@@ -246,7 +246,7 @@ def _run_target(scenario, lt, runner, controller, metrics, current, prog, say, s
             stage = Stage(spec, stage_index, base)
             _run_stage(runner, controller, stage, spec.users, scenario.request_timeout_s)
             stage_index += 1
-            res = stage.result()
+            res = stage.result(scenario.slos)
             say(_summary(lt.name, spec.label, res))
             if res.crashed and not lt.alive():
                 stop_reason = "its server crashed (connection lost)"
@@ -288,7 +288,8 @@ def _summary(target: str, label: str, r: shapes.StageResult) -> str:
     f = lambda v: "-" if v is None else f"{v * 1000:.1f} ms"  # noqa: E731
     errs = ", ".join(f"{k} {v}" for k, v in r.errors.items())
     return (f"{target} {label}: {r.ok}/{r.requests} ok, TTFT p50 {f(r.ttft_p50)}, TPOT p50 {f(r.tpot_p50)}, "
-            f"ITL p99 {f(r.itl_p99)}" + (f"; errors: {errs}" if errs else ""))
+            f"ITL p99 {f(r.itl_p99)}" + (f", goodput {r.goodput}/{r.requests}" if r.goodput is not None else "")
+            + (f"; errors: {errs}" if errs else ""))
 
 
 def override_urls(scenario: sc.Scenario, urls: dict[str, str]) -> sc.Scenario:

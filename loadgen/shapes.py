@@ -34,6 +34,8 @@ class StageResult:
     ttft_p50: float | None = None
     itl_p99: float | None = None
     tpot_p50: float | None = None
+    goodput: int | None = None
+    """Requests that met every SLO given (None when the scenario sets none)."""
     messages: list[str] = field(default_factory=list)
 
     @property

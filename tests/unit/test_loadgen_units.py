@@ -177,3 +177,15 @@ def test_trailing_finish_only_event_is_not_a_token():
     t.end_ns = 32
     r = records.build(_job(), t, http_status=200, error_kind=None, error_message=None, start_time=0, worker="w")
     assert r["completion_tokens"] == 3 and len(r["itl_s"]) == 2
+
+
+def test_goodput_counts_requests_meeting_every_slo():
+    from loadgen.controller import meets
+
+    slos = sc.Slos(ttft_s=0.5, itl_s=0.05, tpot_s=0.02)
+    good = {"ttft_s": 0.4, "tpot_s": 0.01, "itl_s": [0.01] * 99}
+    assert meets(good, slos)
+    assert not meets({**good, "ttft_s": 0.6}, slos)
+    assert not meets({**good, "tpot_s": 0.03}, slos)
+    assert not meets({**good, "itl_s": [0.01] * 90 + [0.2] * 10}, slos)  # p99 gap over the bound
+    assert meets({**good, "itl_s": [0.01] * 199 + [0.2]}, slos)          # one slow gap in 200 is p99.5
