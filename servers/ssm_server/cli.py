@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-budget", help="cap on the process's device memory, e.g. 24GiB")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
+    p.add_argument("--backend", default="auto",
+                   help="auto (native mamba_ssm for Mamba2 on CUDA when importable, else transformers), "
+                        "hf or mamba_ssm")
     p.add_argument("--engine", default="model", help="model (default) or synthetic")
     p.add_argument("--ttft-ms", type=float, default=50.0, help="synthetic engine: time to first token")
     p.add_argument("--itl-ms", type=float, default=10.0, help="synthetic engine: gap between tokens")
@@ -45,7 +48,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         prefill_chunk_size=args.prefill_chunk_size,
         gpu_memory_budget=parse_bytes(args.gpu_memory_budget) if args.gpu_memory_budget else None,
-        max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs,
+        max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs, backend=args.backend,
         ttft_ms=args.ttft_ms, itl_ms=args.itl_ms)
     cfg.validate()
     if not 0 < args.port < 65536:
@@ -88,15 +91,16 @@ def build_server(cfg: ServerConfig):
                                  max_num_seqs=cfg.max_num_seqs, max_queue=cfg.max_queue,
                                  max_model_len=max_len, model_name=name)
     else:
-        from servers.ssm_server.backend_hf import HFBackend
+        from servers.ssm_server.backend_mamba import select_backend
         from servers.ssm_server.engine import Engine
         from servers.ssm_server.textio import HFText
 
-        backend = HFBackend(cfg)
+        backend = select_backend(cfg)
         text = HFText(str(backend.path))
         engine = Engine(backend, text, metrics, max_queue=cfg.max_queue,
                         prefill_chunk_size=cfg.prefill_chunk_size, model_name=name)
         max_len = backend.max_model_len
+        log.info("backend %s", type(backend).__name__)
         log.info("model %s (%s) on %s: %d state slots, %d B state per sequence, %d B KV per token, "
                  "graphs=%s", name, backend.model_type, backend.device, backend.num_slots,
                  backend.state_bytes, backend.kv_bytes_per_token, backend.graphs is not None)

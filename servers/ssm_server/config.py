@@ -36,6 +36,8 @@ class ServerConfig:
     gpu_memory_budget: int | None = None
     max_queue: int = 256
     cuda_graphs: bool = True
+    backend: str = "auto"
+    """auto, hf (transformers) or mamba_ssm (native Mamba2 on CUDA)."""
     # synthetic engine
     ttft_ms: float = 50.0
     itl_ms: float = 10.0
@@ -56,5 +58,7 @@ class ServerConfig:
             raise ValueError("--ttft-ms and --itl-ms must not be negative")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be cpu or cuda, not {self.device!r}")
+        if self.backend not in ("auto", "hf", "mamba_ssm"):
+            raise ValueError(f"--backend must be auto, hf or mamba_ssm, not {self.backend!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")

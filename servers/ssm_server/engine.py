@@ -82,6 +82,7 @@ class Engine:
         if self.b.device.type == "cuda":
             out["ssm:device_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.b.device)
             out["ssm:device_memory_reserved_bytes"] = torch.cuda.memory_reserved(self.b.device)
+            out["ssm:device_memory_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.b.device)
         return out
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -125,18 +126,26 @@ class Engine:
             if prefill.prefilled:
                 rows.append(logits[None])
                 reqs.append(prefill)
-        if decode:
+        out = []
+        if decode and hasattr(self.b, "decode_sample"):  # sampling inside the backend's decode step
+            tokens = self.b.decode_sample([r.slot for r in decode], [r.generated[-1] for r in decode],
+                                          [r.params for r in decode], self._banned(decode),
+                                          [r.generator for r in decode])
+            out = list(zip(decode, tokens))
+        elif decode:
             rows.append(self.b.decode([r.slot for r in decode], [r.generated[-1] for r in decode],
                                       [r.prompt_len + len(r.generated) - 1 for r in decode]))
             reqs.extend(decode)
         if not reqs:
-            return []
+            return out
         logits = torch.cat(rows) if len(rows) > 1 else rows[0]
+        tokens = sample(logits, [r.params for r in reqs], self._banned(reqs), [r.generator for r in reqs])
+        return list(zip(reqs, tokens)) + out
+
+    def _banned(self, reqs: list[Request]) -> list[list[int]]:
         eos = self.text.eos_token_id
-        banned = [[eos] if eos is not None and (r.params.ignore_eos or len(r.generated) < r.params.min_tokens)
-                  else [] for r in reqs]
-        tokens = sample(logits, [r.params for r in reqs], banned, [r.generator for r in reqs])
-        return list(zip(reqs, tokens))
+        return [[eos] if eos is not None and (r.params.ignore_eos or len(r.generated) < r.params.min_tokens)
+                else [] for r in reqs]
 
     def _admit(self) -> None:
         now = time.perf_counter()

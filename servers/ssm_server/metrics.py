@@ -29,6 +29,7 @@ GAUGES = {
     "ssm:kv_cache_usage_perc": "KV cache in use over its budget, 0..1",
     "ssm:device_memory_allocated_bytes": "Device memory held by tensors",
     "ssm:device_memory_reserved_bytes": "Device memory reserved by the allocator",
+    "ssm:device_memory_peak_allocated_bytes": "Highest device memory held by tensors since start",
 }
 
 

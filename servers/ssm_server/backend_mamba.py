@@ -1,0 +1,272 @@
+"""The native backend: Mamba2 through mamba_ssm's modules and Triton kernels, on CUDA.
+
+Used when the device is CUDA, the model is a Mamba2 and mamba_ssm imports (``select_backend``);
+transformers' backend (``backend_hf``) serves everything else (CPU, Mamba v1, hybrids,
+Transformers). Same interface as ``HFBackend``.
+
+- Weights: ``MambaLMHeadModel`` built from the HF config of the preset / model directory; an
+  HF-format directory's safetensors load with one key renamed (HF ``backbone.embeddings`` is
+  mamba_ssm's ``backbone.embedding``); ``--random-weights`` only instantiates.
+- State pool, allocated up front: conv windows [layers, slots, conv_dim, d_conv] and SSM states
+  [layers, slots, heads, head_dim, d_state], in the model dtype (as mamba_ssm's own inference
+  cache), slot count from ``--max-num-seqs`` capped by ``--gpu-memory-budget``.
+- Prefill, one chunk at a time, per layer written here: in_proj → split (z, xBC, dt) → the
+  causal conv over [the slot's last d_conv−1 inputs] ++ chunk → ``mamba_chunk_scan_combined``
+  with ``initial_states`` = the slot's SSM state and ``return_final_states`` → gated RMSNorm →
+  out_proj; the conv window and SSM state are written back. Activations are chunk-sized, so
+  peak memory does not grow with the prompt; logits are computed for the last position only.
+- Decode: ``mamba_decode.NativeDecoder`` (a CUDA graph per batch-size bucket).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from servers.ssm_server.backend_hf import HFBackend, ModelLoadError, resolve_model_dir
+from servers.ssm_server.config import ServerConfig
+from servers.ssm_server.mamba_kernels import import_mamba_ssm
+
+log = logging.getLogger("ssm_server")
+
+
+def native_unavailable(cfg: ServerConfig, model_type: str | None = None) -> str | None:
+    """None when the native backend can serve ``cfg``; otherwise why not."""
+    if not str(cfg.device).startswith("cuda"):
+        return "device is not CUDA"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if model_type is None:
+        path, _ = resolve_model_dir(cfg.model)
+        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    if model_type != "mamba2":
+        return f"model_type {model_type!r} is not mamba2"
+    return import_mamba_ssm()
+
+
+def select_backend(cfg: ServerConfig):
+    """The native mamba_ssm backend where it applies (or ``--backend mamba_ssm`` demands it),
+    transformers otherwise."""
+    choice = getattr(cfg, "backend", "auto")
+    if choice == "hf":
+        return HFBackend(cfg)
+    why = native_unavailable(cfg)
+    if why is None:
+        return MambaBackend(cfg)
+    if choice == "mamba_ssm":
+        raise ModelLoadError(f"--backend mamba_ssm: {why}")
+    log.info("native mamba_ssm backend not used (%s): transformers backend", why)
+    return HFBackend(cfg)
+
+
+def mamba_config_from_hf(hf_cfg):
+    """mamba_ssm's MambaConfig equivalent to a transformers Mamba2Config."""
+    from mamba_ssm.models.config_mamba import MambaConfig
+
+    limit = tuple(getattr(hf_cfg, "time_step_limit", (0.0, float("inf"))) or (0.0, float("inf")))
+    ssm = dict(layer="Mamba2", d_state=hf_cfg.state_size, d_conv=hf_cfg.conv_kernel, expand=hf_cfg.expand,
+               headdim=hf_cfg.head_dim, ngroups=hf_cfg.n_groups, chunk_size=hf_cfg.chunk_size,
+               bias=bool(hf_cfg.use_bias), conv_bias=bool(hf_cfg.use_conv_bias),
+               use_mem_eff_path=False, dt_limit=(float(limit[0]), float(limit[1])))
+    expect = hf_cfg.expand * hf_cfg.hidden_size // hf_cfg.head_dim
+    if getattr(hf_cfg, "num_heads", expect) != expect:
+        raise ModelLoadError(f"num_heads {hf_cfg.num_heads} != expand*hidden/head_dim {expect}: "
+                             "not expressible in mamba_ssm's Mamba2")
+    return MambaConfig(d_model=hf_cfg.hidden_size, d_intermediate=0, n_layer=hf_cfg.num_hidden_layers,
+                       vocab_size=hf_cfg.vocab_size, ssm_cfg=ssm, rms_norm=True,
+                       residual_in_fp32=bool(getattr(hf_cfg, "residual_in_fp32", True)),
+                       fused_add_norm=True, pad_vocab_size_multiple=1,
+                       tie_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", True)))
+
+
+def hf_to_mamba_ssm_key(key: str) -> str:
+    return key.replace("backbone.embeddings.", "backbone.embedding.", 1)
+
+
+def load_hf_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path}: no *.safetensors (the native backend reads safetensors only)")
+    state = {}
+    for f in files:
+        state.update({hf_to_mamba_ssm_key(k): v for k, v in load_file(str(f)).items()})
+    if "lm_head.weight" not in state and "backbone.embedding.weight" in state:
+        state["lm_head.weight"] = state["backbone.embedding.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ModelLoadError(f"{path}: weights do not match the config (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+
+
+class MambaBackend:
+    exact_chunking = True
+    pooled = True
+    kv_bytes_per_token = 0
+
+    def __init__(self, cfg: ServerConfig):
+        why = import_mamba_ssm()
+        if why:
+            raise ModelLoadError(why)
+        from transformers import AutoConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+        self.device = torch.device(cfg.device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(self.device)
+        path, random_only = resolve_model_dir(cfg.model)
+        self.path = path
+        hf_cfg = AutoConfig.from_pretrained(path)
+        self.config = hf_cfg
+        self.model_type = hf_cfg.model_type
+        dtype = cfg.dtype
+        if dtype == "auto":
+            dtype = str(getattr(hf_cfg, "dtype", None) or "bfloat16").replace("torch.", "")
+            dtype = "bfloat16" if dtype == "float32" else dtype  # Triton kernels: bf16 / fp16 serve
+        self.dtype = getattr(torch, dtype)
+        mcfg = mamba_config_from_hf(hf_cfg)
+        if cfg.gpu_memory_budget:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.gpu_memory_budget / total), self.device)
+        self.model = MambaLMHeadModel(mcfg, device=self.device, dtype=self.dtype).eval()
+        if not (cfg.random_weights or random_only):
+            load_hf_weights(self.model, path)
+        self.vocab_size = int(hf_cfg.vocab_size)
+        self.max_model_len = cfg.max_model_len or (1 << 30)  # no positional limit in an SSM
+        bb = self.model.backbone
+        self.layers = list(bb.layers)
+        m0 = self.layers[0].mixer
+        self.d_ssm, self.ngroups, self.d_state = m0.d_ssm, m0.ngroups, m0.d_state
+        self.nheads, self.headdim, self.d_conv = m0.nheads, m0.headdim, m0.d_conv
+        self.conv_dim = self.d_ssm + 2 * self.ngroups * self.d_state
+        if m0.in_proj.out_features != self.d_ssm + self.conv_dim + self.nheads:
+            raise ModelLoadError("Mamba2 with a gated MLP part (d_ssm < d_inner) is not supported natively")
+        self.chunk_tokens = cfg.prefill_chunk_size
+        self._size_pool(cfg)
+        self.graphs = None
+        from servers.ssm_server.mamba_decode import NativeDecoder
+
+        self.decoder = NativeDecoder(self, self.num_slots, use_graphs=cfg.cuda_graphs)
+        self.graphs = self.decoder if cfg.cuda_graphs else None
+        if self.graphs is not None:
+            import time
+
+            t = time.perf_counter()
+            self.decoder.capture_all()  # Triton JIT and capture now, not in the first requests
+            log.info("captured %d decode graphs in %.1f s", len(self.decoder.graphs), time.perf_counter() - t)
+
+    # ---- state pool -------------------------------------------------------------------------
+    def _size_pool(self, cfg: ServerConfig) -> None:
+        el = torch.tensor([], dtype=self.dtype).element_size()
+        n_layer = len(self.layers)
+        conv_b = n_layer * self.conv_dim * self.d_conv * el
+        ssm_b = n_layer * self.nheads * self.headdim * self.d_state * el
+        self.state_bytes = conv_b + ssm_b
+        slots = cfg.max_num_seqs
+        if cfg.gpu_memory_budget:
+            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            free = cfg.gpu_memory_budget - weights - self.prefill_reserve_bytes(cfg.prefill_chunk_size) \
+                - self.decode_reserve_bytes(cfg.max_num_seqs)
+            by_budget = int(free // self.state_bytes)
+            if by_budget < 1:
+                raise ModelLoadError(
+                    f"--gpu-memory-budget leaves no room for one sequence: weights {weights} B, prefill "
+                    f"and decode working memory, {self.state_bytes} B state per sequence")
+            slots = min(slots, by_budget)
+        self.num_slots = slots
+        shape_c = (n_layer, slots, self.conv_dim, self.d_conv)
+        shape_s = (n_layer, slots, self.nheads, self.headdim, self.d_state)
+        self.conv_pool = torch.zeros(shape_c, dtype=self.dtype, device=self.device)
+        self.ssm_pool = torch.zeros(shape_s, dtype=self.dtype, device=self.device)
+
+    def prefill_reserve_bytes(self, chunk: int) -> int:
+        """Working memory of one prefill chunk (activations live for one layer at a time)."""
+        d_model = self.model.backbone.embedding.embedding_dim
+        d_proj = self.d_ssm + self.conv_dim + self.nheads
+        per_tok = (d_proj * 2 + self.conv_dim * 2 * 4 + self.d_ssm * 2 * 4 + d_model * (4 * 2 + 2 * 3)
+                   + self.nheads * 4 * 4)
+        chunk_states = (chunk // 256 + 2) * self.nheads * self.headdim * self.d_state * 4 * 3
+        return int(per_tok * chunk * 1.5) + chunk_states + (256 << 20)
+
+    def decode_reserve_bytes(self, batch: int) -> int:
+        return batch * self.vocab_size * 4 * 6 + (128 << 20)
+
+    def free(self, slot: int) -> None:
+        pass  # a slot's state is overwritten from zero by the next prefill that takes it
+
+    def kv_bytes_used(self, lengths: list[int]) -> int:
+        return 0
+
+    # ---- prefill ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill_chunk(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
+        """Run prompt tokens ``ids`` (positions ``start``…) of the sequence in ``slot``; returns
+        the logits after the last one ([V], float32)."""
+        from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
+
+        x = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)[None]
+        fresh = start == 0
+        bb = self.model.backbone
+        h = bb.embedding(x)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            h, residual = layer_norm_fn(h, layer.norm.weight, layer.norm.bias, residual=residual, prenorm=True,
+                                        residual_in_fp32=bb.residual_in_fp32, eps=layer.norm.eps,
+                                        is_rms_norm=True)
+            h = self._mixer_chunk(layer.mixer, h, i, slot, fresh)
+        h = layer_norm_fn(h[:, -1:], bb.norm_f.weight, bb.norm_f.bias, eps=bb.norm_f.eps,
+                          residual=residual[:, -1:], prenorm=False, residual_in_fp32=bb.residual_in_fp32,
+                          is_rms_norm=True)
+        return self.model.lm_head(h)[0, -1, :self.vocab_size].float()
+
+    def _mixer_chunk(self, m, u: torch.Tensor, i: int, slot: int, fresh: bool) -> torch.Tensor:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        conv_state = self.conv_pool[i, slot]  # [conv_dim, d_conv]: the last d_conv inputs
+        ssm_state = self.ssm_pool[i, slot]  # [heads, head_dim, d_state]
+        L = u.shape[1]
+        zxbcdt = m.in_proj(u)
+        z, xBC, dt = torch.split(zxbcdt, [self.d_ssm, self.conv_dim, self.nheads], dim=-1)
+        xt = xBC.transpose(1, 2)  # [1, conv_dim, L]
+        prev = (torch.zeros_like(conv_state[None, :, 1:]) if fresh else conv_state[None, :, 1:])
+        xcat = torch.cat([prev, xt], dim=-1)  # [1, conv_dim, d_conv - 1 + L]
+        conv_state.copy_(xcat[0, :, -self.d_conv:])
+        xBC = F.silu(F.conv1d(xcat, m.conv1d.weight, m.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
+        del xcat
+        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        A = -torch.exp(m.A_log.float())
+        kw = {} if m.dt_limit == (0.0, float("inf")) else dict(dt_limit=m.dt_limit)
+        y, last = mamba_chunk_scan_combined(
+            x.reshape(1, L, self.nheads, self.headdim), dt, A,
+            B.reshape(1, L, self.ngroups, self.d_state), C.reshape(1, L, self.ngroups, self.d_state),
+            chunk_size=m.chunk_size, D=m.D, z=None, dt_bias=m.dt_bias, dt_softplus=True,
+            initial_states=None if fresh else ssm_state[None].float(), return_final_states=True, **kw)
+        ssm_state.copy_(last[0])
+        y = m.norm(y.reshape(1, L, self.d_ssm), z)
+        return m.out_proj(y)
+
+    # ---- decode -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One step of every listed sequence; returns logits [B, V] (float32)."""
+        return self.decoder.logits(slots, tokens)
+
+    def decode_eager(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        return self.decoder.logits(slots, tokens, eager=True)
+
+    @torch.inference_mode()
+    def decode_sample(self, slots, tokens, params, banned, generators) -> list[int]:
+        """One step and the sampled token of every listed sequence (sampling on the device)."""
+        return self.decoder.step_sample(slots, tokens, params, banned, generators)
+
+    @torch.inference_mode()
+    def full_forward_last(self, ids: torch.Tensor) -> torch.Tensor:
+        """mamba_ssm's own one-shot forward: logits of every position [L, V] (for checks)."""
+        return self.model(ids, num_last_tokens=0).logits[0, :, :self.vocab_size].float()
