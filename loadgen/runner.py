@@ -22,8 +22,10 @@ import gc
 import json
 import os
 import platform
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -35,7 +37,7 @@ from loadgen import shapes, targets
 from loadgen.controller import Controller, Stage
 from loadgen.exporter import ClientMetrics
 from loadgen.records import RecordWriter
-from loadgen.scrape import Scraper
+from loadgen.scrape import ScraperProcess
 from loadgen.user import StreamingUser
 
 
@@ -156,13 +158,13 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
         if scenario.metrics.exporter_port is not None:
             port = metrics.serve(scenario.metrics.exporter_port)
             say(f"client metrics on http://127.0.0.1:{port}/metrics")
-        current = {"stage": None}
         sources = [(t.name, "server", t.url + "/metrics") for t in live]
         sources += [(name, "gpu" if "gpu" in name else "server", url)
                     for name, url in scenario.metrics.extra_urls.items()]
-        scraper = Scraper(run_dir / "metrics.jsonl", sources, stage=lambda: current["stage"])
+        stage_file = Path(tempfile.mkdtemp(prefix="ctxload-")) / "stage"
+        scraper = ScraperProcess(run_dir / "metrics.jsonl", sources, scenario.metrics.scrape_interval_s, stage_file)
+        stack.callback(shutil.rmtree, stage_file.parent, True)
         stack.callback(scraper.close)
-        greenlets.append(gevent.spawn(scraper.loop, scenario.metrics.scrape_interval_s))
         env = Environment(user_classes=[StreamingUser])
         env.ctxload = controller
         if processes > 1:
@@ -180,10 +182,10 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
         gc.freeze()  # setup's objects leave the collector's view: fewer, shorter pauses mid-stream
         stage_index = 0
         for lt in live:
-            stage_index = _run_target(scenario, lt, runner, controller, metrics, current, prog, say,
+            stage_index = _run_target(scenario, lt, runner, controller, metrics, scraper, prog, say,
                                       stage_index, run_dir, run_deadline)
         controller.stopping = True
-        scraper.once()
+        scraper.close(final=True)
         write_env(run_dir / "env.json", run_id, started, live, finished=_now_iso())
         say(f"done: {controller.total} requests, {controller.errors} errors; run directory {run_dir}")
     return run_dir
@@ -215,7 +217,7 @@ def _run_stage(runner, controller, stage: Stage, users: int, timeout_s: float) -
     controller.close()
 
 
-def _run_target(scenario, lt, runner, controller, metrics, current, prog, say, stage_index, run_dir,
+def _run_target(scenario, lt, runner, controller, metrics, scraper, prog, say, stage_index, run_dir,
                 run_deadline) -> int:
     base = _job_base(scenario, lt)
     load = scenario.load
@@ -239,7 +241,7 @@ def _run_target(scenario, lt, runner, controller, metrics, current, prog, say, s
             if lt.max_model_len and spec.prompt_tokens and spec.prompt_tokens + scenario.output.max_tokens > lt.max_model_len \
                     and not isinstance(load, sc.MaxContext):
                 say(f"{lt.name}: {spec.label} exceeds the server's max_model_len {lt.max_model_len}; sent anyway")
-            current["stage"] = spec.label
+            scraper.set_stage(spec.label)
             metrics.stage(lt.name, spec.label, spec.users, spec.prompt_tokens)
             say(f"{lt.name} stage {stage_index} {spec.label}: {spec.users} users")
             prog.stage(f"{lt.name} {spec.label}", spec.requests if spec.duration_s is None else None)

@@ -60,3 +60,83 @@ class Scraper:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class ScraperProcess:
+    """The scraper in its own process: parsing a large ``/metrics`` page takes milliseconds of
+    CPU, which inside the load generator's event loop would delay the stamps of every stream.
+    The current stage label is passed through a small file the runner rewrites."""
+
+    def __init__(self, path, sources: list[tuple[str, str, str]], interval_s: float, stage_file):
+        import subprocess
+        import sys
+
+        self.stage_file = stage_file
+        self.set_stage(None)
+        args = [sys.executable, "-m", "loadgen.scrape", "--out", str(path), "--interval", str(interval_s),
+                "--stage-file", str(stage_file)]
+        for name, kind, url in sources:
+            args += ["--source", f"{name}|{kind}|{url}"]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+
+    def set_stage(self, label: str | None) -> None:
+        tmp = f"{self.stage_file}.tmp"
+        with open(tmp, "w") as f:
+            f.write(label or "")
+        os.replace(tmp, self.stage_file)
+
+    def close(self, final: bool = True) -> None:
+        """Stop it; with ``final``, after one last scrape (SIGUSR1 asks for it)."""
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            if final:
+                self.proc.send_signal(signal.SIGUSR1)
+                try:
+                    self.proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                self.proc.wait(10)
+
+
+def _main(argv=None) -> int:
+    import argparse
+    import signal
+
+    ap = argparse.ArgumentParser(description="scrape /metrics pages into metrics.jsonl")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--interval", type=float, default=2.0)
+    ap.add_argument("--stage-file", required=True)
+    ap.add_argument("--source", action="append", default=[], help="NAME|KIND|URL")
+    a = ap.parse_args(argv)
+
+    def stage():
+        try:
+            with open(a.stage_file) as f:
+                return f.read().strip() or None
+        except OSError:
+            return None
+
+    sources = [tuple(s.split("|", 2)) for s in a.source]
+    scraper = Scraper(a.out, sources, stage=stage)
+    stop = {"final": False}
+    signal.signal(signal.SIGUSR1, lambda *_: stop.update(final=True))
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(final=True))
+    parent = os.getppid()
+    while not stop["final"]:
+        if os.getppid() != parent:  # the load generator is gone (even kill -9): stop too
+            break
+        t0 = time.monotonic()
+        scraper.once()
+        while not stop["final"] and time.monotonic() - t0 < a.interval:
+            time.sleep(0.05)
+    scraper.once()
+    scraper.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -48,28 +48,17 @@ def _error_message(resp) -> str:
 def read_events(raw, timing: records.Timing, chat: bool) -> str | None:
     """Read the SSE body off the socket, stamping each batch of bytes when ``recv`` returns it.
 
-    One ``recv`` per arrival, however many events it carries (they arrived together, so they
-    share the stamp), instead of a ``readline`` per line: fewer switches per event, and the
-    stamp is the arrival, not the end of parsing.  The response's own parser de-chunks into
-    its body buffer; complete lines are taken from there.
+    While the stream runs, each ``recv`` only feeds the response's parser (which de-chunks into
+    its body buffer) and notes (stamp, bytes so far): nothing else competes with the other
+    streams' wake-ups.  Lines are split and parsed after the end; each event gets the stamp of
+    the ``recv`` that completed its line (events that arrived together share it).
     """
     buf = raw._body_buffer
-    now = time.perf_counter_ns()
-    feed = timing.feed
-    error = None
-    while True:
-        end = buf.rfind(b"\n")
-        if end >= 0:
-            chunk = bytes(buf[:end + 1])
-            del buf[:end + 1]
-            for line in chunk.split(b"\n"):
-                if line.startswith(b"data:"):
-                    err = feed(line, now, chat)
-                    if err and error is None:
-                        error = err
+    marks = [(time.perf_counter_ns(), len(buf))]
+    while not raw.message_complete:
         sock = raw._sock
-        if raw.message_complete or sock is None:
-            return error
+        if sock is None:
+            break
         try:
             data = sock.recv(65536)
         except BaseException:
@@ -78,8 +67,29 @@ def read_events(raw, timing: records.Timing, chat: bool) -> str | None:
         now = time.perf_counter_ns()
         if not data:
             raw.release()
+            _parse(bytes(buf), marks, timing, chat)
             raise ConnectionError("the server closed the connection before the end of the stream")
         raw.feed(data)
+        marks.append((now, len(buf)))
+    timing.end_ns = marks[-1][0]  # the last bytes' arrival, before any parsing
+    return _parse(bytes(buf), marks, timing, chat)
+
+
+def _parse(body: bytes, marks: list[tuple[int, int]], timing: records.Timing, chat: bool) -> str | None:
+    error = None
+    pos, m = 0, 0
+    feed = timing.feed
+    for line in body.split(b"\n"):
+        end = pos + len(line) + 1
+        pos = end
+        if not line.startswith(b"data:"):
+            continue
+        while m < len(marks) - 1 and marks[m][1] < end:
+            m += 1
+        err = feed(line, marks[m][0], chat)
+        if err and error is None:
+            error = err
+    return error
 
 
 def stream_once(session, job: dict, prompt: str, timeout_s: float) -> dict:
@@ -109,7 +119,6 @@ def stream_once(session, job: dict, prompt: str, timeout_s: float) -> dict:
                 stream_err = read_events(resp._response, timing, chat)
                 if stream_err:
                     message, kind = stream_err[:500], records.classify_http(500, stream_err)
-                timing.end_ns = time.perf_counter_ns()
     except gevent.GreenletExit:
         kind, message = "cancelled", "the load generator stopped the request"
         raise_after = True
