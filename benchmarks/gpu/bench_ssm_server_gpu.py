@@ -1,7 +1,10 @@
 """Issue 3's table on one GPU: ssm-server (Mamba2-780m, random weights, bf16) against the raw
 forward of the same model measured in the same run.
 
-usage (on the GPU machine, repo root, sdists in .whl/):  python3 benchmarks/gpu/bench_ssm_server_gpu.py
+usage (on the GPU machine, repo root, sdists in .whl/, pydantic wheels in .whl/py/):
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/py/*.whl
+  CHUNK=32768 PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu/bench_ssm_server_gpu.py
+It first checks the native backend against mamba_ssm's one-shot forward (mamba_check.py).
 Prints JSON lines as it goes and a table last. Logs of the servers go to $OUT (or /tmp).
 """
 
@@ -120,6 +123,25 @@ def correctness():
                                   max_num_seqs=8, prefill_chunk_size=4096))
     r = check_native(b)
     emit(what="correctness", **r)
+    del b
+    torch.cuda.empty_cache()
+    # the backend's own decode step (graph replay + on-device greedy sampling + token read-back),
+    # no HTTP and no scheduler: what the server adds is the served figure minus this
+    b = MambaBackend(ServerConfig(model=MODEL, device="cuda", dtype="bfloat16", random_weights=True,
+                                  max_num_seqs=64, prefill_chunk_size=4096))
+    from servers.ssm_server.sampling import SamplingParams
+
+    for n in (1, 64):
+        slots, params = list(range(n)), [SamplingParams(temperature=0.0)] * n
+        toks = [5] * n
+        for _ in range(20):
+            toks = b.decode_sample(slots, toks, params, [[]] * n, [None] * n)
+        t = time.perf_counter()
+        for _ in range(200):
+            toks = b.decode_sample(slots, toks, params, [[]] * n, [None] * n)
+        dt = (time.perf_counter() - t) / 200
+        r[f"backend_step_b{n}_ms"] = dt * 1e3
+        emit(what="backend_decode_step", batch=n, ms=round(dt * 1e3, 3), tok_s=round(n / dt))
     del b
     torch.cuda.empty_cache()
     return r
@@ -254,6 +276,10 @@ def main():
                  _fmt(g1 and g1 * 1e3, ".2f", " ms mamba_ssm generate cg=True"),
                  f"{m1 / g1:.2f}x" if m1 and g1 else "n/a", "<= 1.5 ms"))
     g64, m64 = raw.get("gen_tps64"), res.get("tps64")
+    if "backend_step_b1_ms" in corr:
+        rows.append(("backend decode step alone (no HTTP/scheduler)", f"b1 {corr['backend_step_b1_ms']:.2f} ms; "
+                     f"b64 {corr['backend_step_b64_ms']:.2f} ms = {64e3 / corr['backend_step_b64_ms']:,.0f} tok/s",
+                     "", "", "floor: weights 1.56 GB + b64 state r/w 5.0 GB at ~3 TB/s"))
     rows.append(("64 streams output tok/s", _fmt(m64, ",.0f") + (f" (e2e {res['tps64_e2e']:,.0f})" if m64 else ""),
                  _fmt(g64, ",.0f", " mamba_ssm generate cg=True b64"), f"{m64 / g64:.2f}x" if m64 and g64 else "n/a",
                  ">= 20,000"))

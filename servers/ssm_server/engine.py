@@ -112,7 +112,8 @@ class Engine:
             now = time.perf_counter()
             for req, token in results:
                 self._emit(req, token, now)
-            await asyncio.sleep(0)  # let the HTTP handlers write what was produced
+            # no yield here: the HTTP handlers write what was produced while the next step runs
+            # on the device thread (the await on it yields to them)
 
     @torch.inference_mode()
     def _step(self, prefill: Request | None, decode: list[Request]):
