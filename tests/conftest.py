@@ -76,3 +76,23 @@ def vllm_tiny_llama(tmp_path_factory, tiny_models):
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
     with ManagedServer("vllm-tiny-llama", cmd, port, log_path=log, startup_timeout_s=400) as srv:
         yield srv
+
+
+def run_scenario(scenario: dict, runs_dir: Path, run_id: str, timeout_s: float = 600) -> Path:
+    """Run a scenario as a user does (`ctxload run`, in a child process) and return its run dir.
+
+    Not in the test process: Locust monkey-patches with gevent on import, which deadlocks a
+    process that already has threads (a vLLM fixture's, say).
+    """
+    import subprocess
+
+    import yaml
+
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path = runs_dir / f"{run_id}.scenario.yaml"
+    path.write_text(yaml.safe_dump(scenario, sort_keys=False))
+    r = subprocess.run([sys.executable, "-m", "ctxload", "run", str(path), "--runs-dir", str(runs_dir),
+                        "--run-id", run_id], capture_output=True, text=True, timeout=timeout_s)
+    assert r.returncode == 0, f"ctxload run failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return runs_dir / run_id

@@ -12,11 +12,11 @@ import json
 import sys
 
 import pytest
-import yaml
 
 from analysis.analyze import analyze
 from analysis.records import load_run
 from analysis.report import write_report
+from conftest import run_scenario
 from servers.process import ManagedServer, free_port
 
 TTFT_MS = {"fast-attn": 30.0, "slow-ssm": 90.0}
@@ -35,7 +35,6 @@ def _server(name: str, tmp_path):
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
-    from loadgen import runner
     tmp = tmp_path_factory.mktemp("real")
     with _server("fast-attn", tmp) as a, _server("slow-ssm", tmp) as b:
         scenario = {
@@ -50,9 +49,7 @@ def real_run(tmp_path_factory):
             "metrics": {"scrape_interval_s": 0.5},
             "request_timeout_s": 30,
         }
-        path = tmp / "scenario.yaml"
-        path.write_text(yaml.safe_dump(scenario))
-        run_dir = runner.run(str(path), runs_dir=str(tmp / "runs"), run_id="real", progress=lambda *a: None)
+        run_dir = run_scenario(scenario, tmp / "runs", "real")
     return run_dir
 
 

@@ -16,18 +16,18 @@ from analysis.analyze import analyze
 from analysis.plots import FAMILY_COLOURS
 from analysis.records import load_run
 from analysis.report import write_report
+from conftest import run_scenario
 
 DEMO = Path(__file__).resolve().parents[2] / "scenarios" / "demo.yaml"
 
 
 @pytest.mark.slow
 def test_report_on_tiny_models_of_every_family(tmp_path, tiny_models):
-    from loadgen import runner
     scenario = yaml.safe_load(DEMO.read_text())
     scenario["load"].update(prompt_tokens=[32, 64, 128], requests=2, warmup_requests=1)
     scenario["output"]["max_tokens"] = 4
     scenario["metrics"] = {"scrape_interval_s": 0.5}
-    run_dir = runner.run(scenario, runs_dir=str(tmp_path), run_id="tiny", progress=lambda *a: None)
+    run_dir = run_scenario(scenario, tmp_path, "tiny")
     html = write_report(run_dir).read_text()
     a = analyze(load_run(run_dir))
     records = [json.loads(x) for x in (run_dir / "requests.jsonl").read_text().splitlines()]
