@@ -161,6 +161,9 @@ class Server:
             ev = await req.out.get()
             if ev.kind == "token":
                 text.append(ev.text)
+                if ev.finish_reason:
+                    reason = ev.finish_reason
+                    break
             elif ev.kind == "done":
                 reason = ev.finish_reason
                 break
@@ -198,12 +201,20 @@ class Server:
                 base["usage"] = usage
             return b"data: " + json.dumps(base, separators=(",", ":")).encode() + b"\n\n"
 
+        # a token chunk without finish_reason is this template around the JSON-encoded text:
+        # one json.dumps of a string per token instead of a whole dict
+        head, tail = chunk("\x00", None).split(b'"\\u0000"')
+        dumps = json.dumps
+
         if chat:
             await resp.write(chunk(role=True))
         while True:
             ev = await req.out.get()
             if ev.kind == "token":
-                await resp.write(chunk(ev.text))
+                if ev.finish_reason:  # the last token carries the finish reason, as vLLM sends it
+                    await resp.write(chunk(ev.text, reason=ev.finish_reason))
+                    break
+                await resp.write(head + dumps(ev.text).encode() + tail)
             elif ev.kind == "done":
                 await resp.write(chunk("" if not chat else None, reason=ev.finish_reason))
                 break

@@ -57,6 +57,8 @@ class HFBackend:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" → "cuda:N"
+            self.device = torch.device("cuda", torch.cuda.current_device())
         path, random_only = resolve_model_dir(cfg.model)
         self.path = path
         hf_cfg = AutoConfig.from_pretrained(path)
@@ -81,6 +83,8 @@ class HFBackend:
             or (1 << 30)
         self._probe_state()
         self._size_pool(cfg)
+        if self.device.type == "cuda" and self.exact_chunking:
+            self._check_chunking_on_cuda()
         self.graphs = None
         if self.pooled and self.device.type == "cuda" and cfg.cuda_graphs:
             self.graphs = GraphDecoder(self, cfg.max_num_seqs)
@@ -123,6 +127,35 @@ class HFBackend:
         self.state_bytes = sum(
             (_numel(c) + (_numel(r) if r else 0)) * el for c, r, _ in self.state_shapes)
 
+    @torch.inference_mode()
+    def _check_chunking_on_cuda(self) -> None:
+        """On CUDA, transformers' SSM layers may take their fused-kernel prefill path, which
+        ignores a carried state (wrong logits after the first chunk). Prefill a short random
+        prompt in one chunk and in three into slot 0 and compare; if they differ, every prompt
+        is prefilled in one chunk (correct; peak memory then grows with the prompt)."""
+        n = 96
+        ids = torch.randint(1, self.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+        try:
+            one = self.prefill_chunk(0, ids, 0).float()
+            for s in range(0, n, 40):
+                three = self.prefill_chunk(0, ids[s:s + 40], s).float()
+            diff = (one - three).abs().max().item() / max(one.abs().max().item(), 1e-6)
+        except Exception as e:  # a model that cannot run the probe: be safe
+            diff, why = float("inf"), f"{type(e).__name__}: {e}"
+        else:
+            why = f"max |logit diff| {diff:.3g} of the logit scale"
+        finally:
+            self.free(0)
+        tol = 1e-3 if self.dtype == torch.float32 else 0.03
+        if not diff <= tol:
+            self.exact_chunking = False
+            log.warning("transformers backend on CUDA: chunked prefill does not carry the state for %s "
+                        "(%s); prompts are prefilled in ONE chunk (correct logits, but peak memory grows "
+                        "with the prompt, and a long prompt stalls running streams for its whole prefill)",
+                        self.model_type, why)
+        else:
+            log.info("transformers backend on CUDA: chunked prefill carries the state (%s)", why)
+
     def _size_pool(self, cfg: ServerConfig) -> None:
         per_seq = self.state_bytes
         if not self.pooled:
@@ -132,7 +165,23 @@ class HFBackend:
             weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
             free = cfg.gpu_memory_budget - weights
             # Keep half of what is left for prefill activations (chunk-sized, so bounded).
-            by_budget = int(free * 0.5 // max(per_seq, 1))
+            room = free * 0.5
+            if not self.pooled and cfg.max_model_len is None:
+                # models with a KV cache: keep --max-num-seqs and bound the context instead, so
+                # that every slot can hold a full-length sequence within the budget; a longer
+                # prompt is a 400 (context_length_exceeded) at the API
+                per_tok = self.kv_bytes_per_token * slots
+                fit = int((room - self.state_bytes * slots) // max(per_tok, 1))
+                if fit < 2:
+                    raise ModelLoadError(
+                        f"--gpu-memory-budget leaves no room for {slots} sequences: weights {weights} B, "
+                        f"{self.kv_bytes_per_token} B KV per token; lower --max-num-seqs")
+                if fit < self.max_model_len:
+                    log.info("--gpu-memory-budget: max model length %d tokens (KV %d B/token x %d slots "
+                             "in half the budget left after weights)", fit, self.kv_bytes_per_token, slots)
+                    self.max_model_len = fit
+                per_seq = self.state_bytes + self.kv_bytes_per_token * self.max_model_len
+            by_budget = int(room // max(per_seq, 1))
             if by_budget < 1:
                 raise ModelLoadError(
                     f"--gpu-memory-budget leaves no room for one sequence: weights {weights} B, "

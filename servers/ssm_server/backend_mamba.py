@@ -266,6 +266,21 @@ class MambaBackend:
         """One step and the sampled token of every listed sequence (sampling on the device)."""
         return self.decoder.step_sample(slots, tokens, params, banned, generators)
 
+    def can_launch(self, generators, banned) -> bool:
+        """Whether ``decode_launch`` serves this batch (no host-seeded rows, <= 1 banned id)."""
+        return all(g is None for g in generators) and all(len(x) <= 1 for x in banned)
+
+    @torch.inference_mode()
+    def decode_launch(self, slots, tokens, params, banned):
+        """Enqueue one decode step with on-device sampling and return at once (a handle for
+        ``decode_collect``). ``tokens[i]`` = -1: the row's input is its slot's last sampled token,
+        still on the device (so step N+1 can start before step N's tokens are read back)."""
+        return self.decoder.launch(slots, tokens, params, banned)
+
+    def decode_collect(self, handle) -> list[int]:
+        """Wait for a launched step and return its sampled tokens."""
+        return self.decoder.collect(handle)
+
     @torch.inference_mode()
     def full_forward_last(self, ids: torch.Tensor) -> torch.Tensor:
         """mamba_ssm's own one-shot forward: logits of every position [L, V] (for checks)."""

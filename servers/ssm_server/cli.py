@@ -58,6 +58,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
+        if cfg.device == "cuda":  # memory-fraction and set_device calls need an index
+            cfg.device = "cuda:0"
+        elif int(cfg.device.split(":", 1)[1] or -1) >= torch.cuda.device_count():
+            raise ValueError(f"--device {cfg.device}: only {torch.cuda.device_count()} CUDA device(s)")
     if cfg.model and not os.path.isdir(cfg.model):
         from servers import presets
 

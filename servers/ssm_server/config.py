@@ -56,7 +56,8 @@ class ServerConfig:
             raise ValueError("--max-model-len must be at least 1")
         if self.ttft_ms < 0 or self.itl_ms < 0:
             raise ValueError("--ttft-ms and --itl-ms must not be negative")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+        if self.device not in ("cpu", "cuda") and not (self.device.startswith("cuda:")
+                                                       and self.device[5:].isdigit()):
             raise ValueError(f"--device must be cpu or cuda, not {self.device!r}")
         if self.backend not in ("auto", "hf", "mamba_ssm"):
             raise ValueError(f"--backend must be auto, hf or mamba_ssm, not {self.backend!r}")

@@ -7,6 +7,16 @@ Every step runs on one worker thread (the only code touching the device) and doe
      prefilling, and one batched decode step of every request already decoding — so a long
      prompt arriving costs the running streams one chunk per token, never a freeze;
   4. sample, detokenize, check stop conditions, and hand tokens to the HTTP handlers.
+
+With a backend that can launch a decode step without waiting for it (``decode_launch`` /
+``decode_collect``: the native mamba_ssm backend, whose graph feeds each slot's last sampled
+token to the next step on the device), the loop is pipelined: one call on the device thread
+launches step N+1 and then collects step N's tokens, and the event loop emits them (detokenize,
+stop checks, metrics, SSE writes) while step N+1 runs. A request that stops at step N has
+therefore already been scheduled into step N+1; that extra token is discarded (its slot is free
+for the next request, whose prefill the stream orders after that step). Requests known to end
+at their in-flight token (max_tokens / max_model_len) are left out of the next step. Seeded
+requests (host-side generators) and the transformers backend run synchronously.
 """
 
 from __future__ import annotations
@@ -44,6 +54,12 @@ class Engine:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="device")
         self._task: asyncio.Task | None = None
         self.steps = 0
+        name = model_name
+        self._eos = text.eos_token_id
+        self._ttft, self._itl = metrics.ttft.labels(name), metrics.itl.labels(name)
+        self._prefill_h, self._e2e = metrics.prefill.labels(name), metrics.e2e.labels(name)
+        self._gen_tokens = metrics.generation_tokens.labels(name)
+        self._prompt_tokens = metrics.prompt_tokens.labels(name)
 
     # ---- interface used by the HTTP layer --------------------------------------------------
     async def start(self) -> None:
@@ -88,64 +104,100 @@ class Engine:
     # ---- the loop ---------------------------------------------------------------------------
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        pending = None  # (requests, handle) of the launched, not yet collected decode step
         while True:
             self._drop_cancelled()
             self._admit()
-            if not self.running:
+            if not self.running and pending is None:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             prefill = next((r for r in self.running if not r.prefilled), None)
-            decode = [r for r in self.running if r.prefilled]
+            inflight = set(pending[0]) if pending else ()
+            decode = [r for r in self.running if r.prefilled and not self._ends_inflight(r, inflight)]
+            banned = self._banned(decode, inflight)
+            launch = (decode and hasattr(self.b, "decode_launch")
+                      and self.b.can_launch([r.generator for r in decode], banned))
+            if decode and not launch and pending is not None:
+                prefill, decode = None, []  # a synchronous step needs the in-flight tokens first
+            stepped = [r for r in dict.fromkeys(([prefill] if prefill else []) + decode
+                                                + (list(pending[0]) if pending else [])) if not r.finished]
             try:
-                results = await loop.run_in_executor(self._pool, self._step, prefill, decode)
+                results, pending, failed = await loop.run_in_executor(
+                    self._pool, self._step, prefill, decode, banned, bool(launch), pending, inflight)
             except torch.OutOfMemoryError as e:
-                self._fail(([prefill] if prefill else []) + decode, "oom",
-                           f"out of device memory: {str(e).splitlines()[0]}")
+                pending = None
+                self._fail(stepped, "oom", f"out of device memory: {str(e).splitlines()[0]}")
                 await loop.run_in_executor(self._pool, _empty_cache)
                 continue
             except Exception as e:  # a failed step fails its requests, never the server
+                pending = None
                 log.exception("engine step failed")
-                self._fail(([prefill] if prefill else []) + decode, "error", f"{type(e).__name__}: {e}")
+                self._fail(stepped, "error", f"{type(e).__name__}: {e}")
                 continue
             self.steps += 1
-            now = time.perf_counter()
-            for req, token in results:
-                self._emit(req, token, now)
+            if failed:  # the prefill chunk ran out of memory: that request alone fails
+                self._fail([failed[0]], "oom", failed[1])
+                await loop.run_in_executor(self._pool, _empty_cache)
+            if results:
+                self._emit_all(results, time.perf_counter())
             # no yield here: the HTTP handlers write what was produced while the next step runs
             # on the device thread (the await on it yields to them)
 
+    def _ends_inflight(self, r: Request, inflight) -> bool:
+        """r's in-flight token (if any) is its last: max_tokens or max_model_len reached."""
+        if r not in inflight:
+            return False
+        n = len(r.generated) + 1
+        return n >= r.params.max_tokens or r.prompt_len + n >= self.max_model_len
+
     @torch.inference_mode()
-    def _step(self, prefill: Request | None, decode: list[Request]):
-        """Runs on the device thread. Returns [(request, sampled token)]."""
+    def _step(self, prefill: Request | None, decode: list[Request], banned, launch: bool, pending, inflight):
+        """Runs on the device thread. Returns ([(request, sampled token)], new pending step,
+        (request, message) of a prefill that ran out of memory or None)."""
         rows, reqs = [], []
+        new_pending = None
+        out = []
+        if launch:  # enqueue the decode step first: the device starts on it at once
+            tokens = [-1 if r in inflight else r.generated[-1] for r in decode]
+            handle = self.b.decode_launch([r.slot for r in decode], tokens, [r.params for r in decode], banned)
+            new_pending = (decode, handle)
+        failed = None
         if prefill is not None:
             ids = prefill.prompt_ids[prefill.pos:prefill.pos + self.chunk]
-            logits = self.b.prefill_chunk(prefill.slot, ids, prefill.pos)
-            prefill.pos += len(ids)
-            self.m.prompt_tokens.labels(self.model_name).inc(len(ids))
-            if prefill.prefilled:
-                rows.append(logits[None])
-                reqs.append(prefill)
-        out = []
-        if decode and hasattr(self.b, "decode_sample"):  # sampling inside the backend's decode step
+            try:
+                logits = self.b.prefill_chunk(prefill.slot, ids, prefill.pos)
+            except torch.OutOfMemoryError as e:
+                failed = (prefill, f"out of device memory: {str(e).splitlines()[0]}")
+            else:
+                prefill.pos += len(ids)
+                self._prompt_tokens.inc(len(ids))
+                if prefill.prefilled:
+                    rows.append(logits[None])
+                    reqs.append(prefill)
+        if pending is not None:  # the previous step's tokens (usually ready by now)
+            out = list(zip(pending[0], self.b.decode_collect(pending[1])))
+        if decode and not launch and hasattr(self.b, "decode_sample"):  # seeded rows: synchronous
             tokens = self.b.decode_sample([r.slot for r in decode], [r.generated[-1] for r in decode],
-                                          [r.params for r in decode], self._banned(decode),
+                                          [r.params for r in decode], banned,
                                           [r.generator for r in decode])
-            out = list(zip(decode, tokens))
-        elif decode:
+            out.extend(zip(decode, tokens))
+        elif decode and not launch:
             rows.append(self.b.decode([r.slot for r in decode], [r.generated[-1] for r in decode],
                                       [r.prompt_len + len(r.generated) - 1 for r in decode]))
             reqs.extend(decode)
-        if not reqs:
-            return out
-        logits = torch.cat(rows) if len(rows) > 1 else rows[0]
-        tokens = sample(logits, [r.params for r in reqs], self._banned(reqs), [r.generator for r in reqs])
-        return list(zip(reqs, tokens)) + out
+        if reqs:
+            logits = torch.cat(rows) if len(rows) > 1 else rows[0]
+            tokens = sample(logits, [r.params for r in reqs], self._banned(reqs, ()),
+                            [r.generator for r in reqs])
+            out.extend(zip(reqs, tokens))
+        return out, new_pending, failed
 
-    def _banned(self, reqs: list[Request]) -> list[list[int]]:
+    def _banned(self, reqs: list[Request], inflight=()) -> list[list[int]]:
         eos = self.text.eos_token_id
-        return [[eos] if eos is not None and (r.params.ignore_eos or len(r.generated) < r.params.min_tokens)
+        if eos is None:
+            return [[] for _ in reqs]
+        return [[eos] if r.params.ignore_eos or len(r.generated) + (r in inflight) < r.params.min_tokens
                 else [] for r in reqs]
 
     def _admit(self) -> None:
@@ -173,23 +225,27 @@ class Engine:
             self.free_slots.append(req.slot)
             req.slot = None
 
+    def _emit_all(self, results, now: float) -> None:
+        n = 0
+        for req, token in results:
+            if not (req.cancelled or req.finished):  # a stopped request's extra step: discarded
+                self._emit(req, token, now)
+                n += 1
+        if n:
+            self._gen_tokens.inc(n)
+
     def _emit(self, req: Request, token: int, now: float) -> None:
-        if req.cancelled:
-            return
         p = req.params
-        name = self.model_name
         if req.t_first is None:
             req.t_first = now
-            self.m.ttft.labels(name).observe(now - req.created)
-            self.m.prefill.labels(name).observe(now - req.t_scheduled)
+            self._ttft.observe(now - req.created)
+            self._prefill_h.observe(now - req.t_scheduled)
         else:
-            self.m.itl.labels(name).observe(now - req.t_last)
+            self._itl.observe(now - req.t_last)
         req.t_last = now
         req.generated.append(token)
-        self.m.generation_tokens.labels(name).inc()
-        eos = self.text.eos_token_id
         reason = None
-        if token in p.stop_token_ids or (token == eos and not p.ignore_eos):
+        if token in p.stop_token_ids or (token == self._eos and not p.ignore_eos):
             reason = "stop"
         else:
             req.text += req.detok.add(token)
@@ -200,12 +256,12 @@ class Engine:
             reason = "length"
         if reason:
             req.finished = reason
-        req.out.put_nowait(Event("token", text=req.releasable_text(), token_id=token))
+        # the last token's event carries the finish reason (one SSE chunk, as vLLM sends it)
+        req.out.put_nowait(Event("token", text=req.releasable_text(), token_id=token, finish_reason=reason))
         if reason:
             self._release(req)
-            self.m.success.labels(name, reason).inc()
-            self.m.e2e.labels(name).observe(now - req.created)
-            req.out.put_nowait(Event("done", finish_reason=reason))
+            self.m.success.labels(self.model_name, reason).inc()
+            self._e2e.observe(now - req.created)
 
     def _fail(self, reqs: list[Request], reason: str, message: str) -> None:
         for req in reqs:

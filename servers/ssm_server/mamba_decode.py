@@ -7,11 +7,16 @@ lm_head → sampling (greedy, temperature, top-k, top-p on the device). There is
 scatter of states: the two state kernels index the pool directly. Rows past the real batch are
 padding: their slot index is -1, which both state kernels skip.
 
-Inputs live in static device buffers (slot ids, tokens, temperature, top-k, top-p, banned id),
-filled each step by one copy from pinned host memory; the sampled ids come back by one
-non-blocking copy into pinned memory and one event wait — the only host sync of a step.
-Requests with their own ``seed`` sample on the host side's generator path (``sampling.sample``)
-from the graph's logits.
+Inputs live in one static device buffer (slot ids, input tokens, top-k, banned id; temperature
+and top-p as float32 bits), filled each step by ONE copy from pinned host memory. The graph also
+keeps each slot's last sampled token on the device (``last_tok``) and writes the step's samples
+there, so step N+1 can be launched before step N's tokens reach the host: a row whose input
+token is -1 reads its slot's last token on the device. ``launch`` enqueues the input copy, the
+replay, a non-blocking copy of the sampled ids into a pinned buffer and an event, and returns at
+once; ``collect`` waits on that event (the only host sync) — the engine launches step N+1 and
+then collects step N, so the host's per-token work runs beside the device step. Pinned inputs,
+outputs and events are double-buffered. Requests with their own ``seed`` sample on the host's
+generator path (``sampling.sample``) from the graph's logits (synchronous).
 """
 
 from __future__ import annotations
@@ -41,15 +46,21 @@ class NativeDecoder:
         self.max = self.buckets[-1]
         dev = backend.device
         self.graphs: dict[tuple[int, bool], tuple] = {}
-        # static inputs: rows 0..2 long (slot, token, top-k, banned id), floats (temperature, top-p)
-        self.d_long = torch.zeros((4, self.max), dtype=torch.long, device=dev)
-        self.d_float = torch.zeros((2, self.max), dtype=torch.float32, device=dev)
-        self.h_long = torch.zeros((4, self.max), dtype=torch.long).pin_memory()
-        self.h_float = torch.zeros((2, self.max), dtype=torch.float32).pin_memory()
-        self.h_out = torch.zeros((self.max,), dtype=torch.long).pin_memory()
-        self.done = torch.cuda.Event()
-        self.copied = torch.cuda.Event()  # the pinned inputs may be rewritten once this passed
-        self.copied.record()
+        # one static input block: rows 0..3 long (slot, input token or -1, top-k, banned id),
+        # row 4 holds two float32 rows (temperature, top-p) in its bits
+        self.d_in = torch.zeros((5, self.max), dtype=torch.long, device=dev)
+        self.d_long = self.d_in[:4]
+        self.d_float = self.d_in[4].view(torch.float32).view(2, self.max)
+        self.h_in = [torch.zeros((5, self.max), dtype=torch.long).pin_memory() for _ in range(2)]
+        self.h_out = [torch.zeros((self.max,), dtype=torch.long).pin_memory() for _ in range(2)]
+        self.done = [torch.cuda.Event() for _ in range(2)]
+        self.copied = [torch.cuda.Event() for _ in range(2)]  # pinned inputs reusable once passed
+        for e in self.copied:
+            e.record()
+        self._buf = 0
+        # the last sampled token of every slot (+1 scratch entry that padding rows write)
+        self.scratch = backend.num_slots
+        self.last_tok = torch.zeros((backend.num_slots + 1,), dtype=torch.long, device=dev)
         # per-layer constants in the shapes selective_state_update wants (stride-0 head_dim:
         # its tied-head_dim fast path)
         H, P, N = backend.nheads, backend.headdim, backend.d_state
@@ -67,9 +78,11 @@ class NativeDecoder:
     def _body(self, size: int, greedy_only: bool):
         b = self.b
         bb = b.model.backbone
-        idx, tok, topk, ban = (self.d_long[r, :size] for r in range(4))
+        idx, tok_in, topk, ban = (self.d_long[r, :size] for r in range(4))
         temp, topp = self.d_float[0, :size], self.d_float[1, :size]
         H, P, G, N = b.nheads, b.headdim, b.ngroups, b.d_state
+        safe = torch.where(idx >= 0, idx, self.scratch)
+        tok = torch.where(tok_in >= 0, tok_in, self.last_tok[safe])
         h = bb.embedding(tok)
         res = None
         for i, layer in enumerate(b.layers):
@@ -92,10 +105,18 @@ class NativeDecoder:
                      residual_in_fp32=bb.residual_in_fp32, is_rms_norm=True)
         logits = b.model.lm_head(h)[:, :b.vocab_size].float()
         tokens = sample_on_device(logits, temp, topk, topp, ban, greedy_only)
+        self.last_tok.index_copy_(0, safe, tokens)
         return logits, tokens
 
-    def _capture(self, size: int, greedy_only: bool):
+    def _neutral_inputs(self, size: int) -> None:
         self.d_long[0, :size].fill_(-1)  # warm-up and capture touch no slot
+        self.d_long[1, :size].fill_(0)
+        self.d_long[2, :size].fill_(1)
+        self.d_long[3, :size].fill_(-1)
+        self.d_float[:, :size].fill_(0.0)
+
+    def _capture(self, size: int, greedy_only: bool):
+        self._neutral_inputs(size)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -107,14 +128,16 @@ class NativeDecoder:
             logits, tokens = self._body(size, greedy_only)
         return graph, logits, tokens
 
-    def _run(self, n: int, greedy_only: bool, eager: bool):
-        """Replay (or run) the bucket for n rows whose inputs are in the pinned buffers."""
+    def _load_inputs(self, buf: int) -> None:
+        self.d_in.copy_(self.h_in[buf], non_blocking=True)
+        self.copied[buf].record()
+
+    def _run(self, n: int, greedy_only: bool, eager: bool, buf: int):
+        """Replay (or run) the bucket for n rows whose inputs are in pinned buffer ``buf``."""
         size = self.bucket(n)
-        if size is None:  # more rows than the largest bucket: eager in pieces is not needed —
+        if size is None:
             raise ValueError(f"decode batch {n} exceeds the slot pool {self.max}")
-        self.d_long[:, :size].copy_(self.h_long[:, :size], non_blocking=True)
-        self.d_float[:, :size].copy_(self.h_float[:, :size], non_blocking=True)
-        self.copied.record()
+        self._load_inputs(buf)
         if eager or not self.use_graphs or self.failed:
             return self._body(size, greedy_only)
         key = (size, greedy_only)
@@ -125,58 +148,65 @@ class NativeDecoder:
                 log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
                 self.failed = True
                 torch.cuda.synchronize()
-                self.d_long[:, :size].copy_(self.h_long[:, :size])
-                self.d_float[:, :size].copy_(self.h_float[:, :size])
+                self._load_inputs(buf)
                 return self._body(size, greedy_only)
-            # capture wrote the padding marker over the inputs: load them again
-            self.d_long[:, :size].copy_(self.h_long[:, :size], non_blocking=True)
-            self.d_float[:, :size].copy_(self.h_float[:, :size], non_blocking=True)
-            self.copied.record()
+            self._load_inputs(buf)  # capture wrote neutral inputs over them: load them again
         graph, logits, tokens = self.graphs[key]
         graph.replay()
         return logits, tokens
 
     def _fill(self, slots, tokens, params=None, banned=None) -> int:
-        self.copied.synchronize()
+        """Write the pinned input buffer for this step; returns its index."""
+        self._buf ^= 1
+        buf = self._buf
+        self.copied[buf].synchronize()
         n = len(slots)
         size = self.bucket(n) or n
-        pad = size - n
-        self.h_long[0, :size] = torch.tensor(list(slots) + [-1] * pad, dtype=torch.long)
-        self.h_long[1, :size] = torch.tensor(list(tokens) + [0] * pad, dtype=torch.long)
+        pad = [-1] * (size - n)
+        h = self.h_in[buf]
         if params is None:
-            self.h_long[2, :size] = 1
-            self.h_long[3, :size] = -1
-            self.h_float[:, :size] = 0.0
+            rows = [list(slots) + pad, list(tokens) + [0] * (size - n), [1] * size, [-1] * size]
+            floats = [[0.0] * size, [1.0] * size]
         else:
-            self.h_long[2, :size] = torch.tensor([p.top_k for p in params] + [1] * pad, dtype=torch.long)
-            self.h_long[3, :size] = torch.tensor([ids[0] if ids else -1 for ids in banned] + [-1] * pad,
-                                                 dtype=torch.long)
-            self.h_float[0, :size] = torch.tensor([p.temperature for p in params] + [0.0] * pad)
-            self.h_float[1, :size] = torch.tensor([p.top_p for p in params] + [1.0] * pad)
-        return n
+            rows = [list(slots) + pad, list(tokens) + [0] * (size - n),
+                    [p.top_k for p in params] + [1] * (size - n),
+                    [ids[0] if ids else -1 for ids in banned] + pad]
+            floats = [[p.temperature for p in params] + [0.0] * (size - n),
+                      [p.top_p for p in params] + [1.0] * (size - n)]
+        h[:4, :size] = torch.tensor(rows, dtype=torch.long)
+        h[4].view(torch.float32).view(2, self.max)[:, :size] = torch.tensor(floats, dtype=torch.float32)
+        return buf
 
     # ---- interface ----------------------------------------------------------------------------
     def logits(self, slots, tokens, eager: bool = False) -> torch.Tensor:
-        n = self._fill(slots, tokens)
-        logits, _ = self._run(n, True, eager)
-        return logits[:n].clone()
+        buf = self._fill(slots, tokens)
+        logits, _ = self._run(len(slots), True, eager, buf)
+        return logits[:len(slots)].clone()
+
+    def launch(self, slots, tokens, params, banned):
+        """Enqueue one step (inputs, replay, sampled ids → pinned memory) without waiting.
+        ``tokens[i]`` is the row's input token, or -1 for its slot's last sampled token on the
+        device. Returns a handle for ``collect``."""
+        n = len(slots)
+        buf = self._fill(slots, tokens, params, banned)
+        greedy_only = all(p.greedy for p in params)
+        _, toks = self._run(n, greedy_only, False, buf)
+        self.h_out[buf][:n].copy_(toks[:n], non_blocking=True)
+        self.done[buf].record()
+        return buf, n
+
+    def collect(self, handle) -> list[int]:
+        buf, n = handle
+        self.done[buf].synchronize()
+        return self.h_out[buf][:n].tolist()
 
     def step_sample(self, slots, tokens, params, banned, generators) -> list[int]:
-        n = len(slots)
         if any(g is not None for g in generators) or any(len(x) > 1 for x in banned):
             logits = self.logits(slots, tokens)  # seeded rows: the host-seeded generator path
             return sample(logits, params, banned, generators)
-        self._fill(slots, tokens, params, banned)
-        greedy_only = all(p.greedy for p in params)
-        _, toks = self._run(n, greedy_only, eager=False)
-        self.h_out[:n].copy_(toks[:n], non_blocking=True)
-        self.done.record()
-        self.done.synchronize()
-        return self.h_out[:n].tolist()
+        return self.collect(self.launch(slots, tokens, params, banned))
 
     def capture_all(self) -> None:
         for size in self.buckets:
             if (size, True) not in self.graphs and not self.failed:
-                self._fill([], [])
-                self.h_long[0, :size] = -1
-                self._run(size, True, eager=False)
+                self.logits([-1] * size, [0] * size)

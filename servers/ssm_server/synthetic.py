@@ -119,10 +119,13 @@ class SyntheticEngine:
                 req.generated.append(k)
                 self.m.generation_tokens.labels(name).inc()
                 word = _OUTPUT_WORDS[k % len(_OUTPUT_WORDS)]
-                req.out.put_nowait(Event("token", text=(" " if k else "") + word, token_id=k))
-            req.finished = "length"
-            self.m.success.labels(name, "length").inc()
-            self.m.e2e.labels(name).observe(time.perf_counter() - req.created)
-            req.out.put_nowait(Event("done", finish_reason="length"))
+                last = k == n - 1
+                if last:
+                    req.finished = "length"
+                    self.m.success.labels(name, "length").inc()
+                    self.m.e2e.labels(name).observe(now - req.created)
+                # the last token's event carries the finish reason (one SSE chunk, as vLLM)
+                req.out.put_nowait(Event("token", text=(" " if k else "") + word, token_id=k,
+                                         finish_reason="length" if last else None))
         finally:
             self._finish(req)

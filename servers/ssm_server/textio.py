@@ -89,14 +89,20 @@ class Detokenizer:
         self.ids: list[int] = []
         self.prefix = 0
         self.read = 0
+        self._before = ""  # decode(ids[prefix:read]), kept so each token costs one decode
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        before = self.text.decode(self.ids[self.prefix:self.read])
+        before = self._before
         after = self.text.decode(self.ids[self.prefix:])
         if after.endswith("\ufffd") or len(after) <= len(before):
             return ""
         delta = after[len(before):]
-        self.prefix = max(self.read - 4, self.prefix) if self.read - self.prefix > 8 else self.prefix
+        prefix = max(self.read - 4, self.prefix) if self.read - self.prefix > 8 else self.prefix
         self.read = len(self.ids)
+        if prefix != self.prefix:
+            self.prefix = prefix
+            self._before = self.text.decode(self.ids[prefix:self.read])
+        else:
+            self._before = after
         return delta

@@ -69,14 +69,17 @@ def test_greedy_is_deterministic_and_stream_matches(client):
     kw = dict(model="tiny", prompt="a long context test", max_tokens=8, temperature=0,
               extra_body={"ignore_eos": True})
     whole = client.completions.create(**kw).choices[0].text
-    parts, usage = [], None
+    parts, usage, reasons = [], None, []
     for ev in client.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
         if ev.choices:
             parts.append(ev.choices[0].text)
+            reasons.append(ev.choices[0].finish_reason)
         if ev.usage:
             usage = ev.usage
     assert "".join(parts) == whole
     assert usage.completion_tokens == 8
+    # one chunk per token; the last token's chunk carries finish_reason (no empty extra chunk)
+    assert reasons == [None] * 7 + ["length"], reasons
 
 
 def test_seeded_sampling_repeats(client):
