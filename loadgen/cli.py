@@ -13,6 +13,16 @@ def add_arguments(parser) -> None:
                         help="measure target NAME at URL instead of what the scenario says (repeatable)")
     parser.add_argument("--processes", type=int, default=1, metavar="N",
                         help="run the users in N Locust worker processes (default: 1, in this process)")
+    parser.add_argument("--master-bind-host", default="127.0.0.1", metavar="HOST",
+                        help="address the Locust master binds for its workers, and the web UI (default: 127.0.0.1)")
+    parser.add_argument("--master-port", type=int, default=None, metavar="PORT",
+                        help="port the Locust master binds for its workers (default: a free one)")
+    parser.add_argument("--external-workers", type=int, default=0, metavar="N",
+                        help="wait for N workers started elsewhere (`python -m loadgen.worker --master-host "
+                             "HOST --master-port PORT`) instead of spawning local ones")
+    parser.add_argument("--web-ui", action="store_true",
+                        help="serve Locust's web UI (live TTFT/ITL/TPOT/E2E statistics) on --master-bind-host")
+    parser.add_argument("--web-port", type=int, default=8089, metavar="PORT", help="web UI port (default: 8089)")
     parser.add_argument("--check", action="store_true", help="only validate the scenario and print it resolved")
 
 
@@ -29,6 +39,10 @@ def main(args) -> int:
             urls[name] = url
         if args.processes < 1:
             raise sc.ScenarioError("--processes: must be at least 1")
+        if args.external_workers < 0:
+            raise sc.ScenarioError("--external-workers: must be 0 or more")
+        if args.external_workers and args.processes > 1:
+            raise sc.ScenarioError("--external-workers and --processes: give one (external workers are the processes)")
     except sc.ScenarioError as e:
         print(f"ctxload run: {e}", file=sys.stderr)
         return 2
@@ -39,8 +53,10 @@ def main(args) -> int:
 
     try:
         runner.run(scenario, runs_dir=args.runs_dir, run_id=args.run_id, processes=args.processes,
-                   target_urls=urls)
-    except (sc.ScenarioError, FileExistsError) as e:
+                   target_urls=urls, master_bind_host=args.master_bind_host, master_port=args.master_port,
+                   external_workers=args.external_workers,
+                   web_port=args.web_port if args.web_ui else None)
+    except (sc.ScenarioError, FileExistsError, RuntimeError, OSError) as e:
         print(f"ctxload run: {e}", file=sys.stderr)
         return 2
     return 0

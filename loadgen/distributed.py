@@ -30,6 +30,8 @@ from servers.process import free_port
 def start_master(env, controller, processes: int, stack: contextlib.ExitStack, say, *,
                  bind_host: str = "127.0.0.1", port: int | None = None, spawn_local: bool = True,
                  wait_s: float = 120.0):
+    """The master runner; with ``spawn_local`` it starts ``processes`` local workers.  Waits up
+    to ``wait_s`` for them to connect (0: the caller waits, with ``wait_for_workers``)."""
     import locust.runners
 
     # A worker building a long prompt or loading a tokenizer may not beat for seconds.
@@ -74,12 +76,18 @@ def start_master(env, controller, processes: int, stack: contextlib.ExitStack, s
                                            "--master-port", str(port)], stdin=subprocess.DEVNULL))
         stack.callback(_stop_all, procs)
     say(f"Locust master on {bind_host}:{port}, waiting for {processes} workers")
-    deadline = time.monotonic() + wait_s
-    while len(runner.clients.ready) < processes:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(runner.clients.ready)} of {processes} Locust workers connected")
-        gevent.sleep(0.1)
+    if wait_s:
+        wait_for_workers(runner, processes, wait_s)
     return runner
+
+
+def wait_for_workers(runner, n: int, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while len(runner.clients.ready) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(runner.clients.ready)} of {n} Locust workers connected "
+                               f"within {wait_s:g} s")
+        gevent.sleep(0.1)
 
 
 def _stop_all(procs) -> None:

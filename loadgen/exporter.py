@@ -1,17 +1,35 @@
 """The client's own view as Prometheus metrics (``ctxload:`` prefix, labels target and stage).
 
 An explicit registry served on its own port, so Grafana can show what the load generator sees
-beside what the servers report.
+beside what the servers report.  The address to bind is ``CTXLOAD_EXPORTER_HOST`` (default
+127.0.0.1; a container sets 0.0.0.0 so Prometheus in another container reaches it), and the
+port the scenario's ``metrics.exporter_port``, which ``CTXLOAD_EXPORTER_PORT`` overrides.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+from loadgen.records import ERROR_KINDS
 
 # From 1 ms to an hour: a million-token prefill is minutes, not the default 10 s top bucket.
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80,
                 160, 320, 640, 1280, 2560, 3600)
 ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5, 10, 30)
+
+
+def bind_host() -> str:
+    return os.environ.get("CTXLOAD_EXPORTER_HOST") or "127.0.0.1"
+
+
+def port_override() -> int | None:
+    v = os.environ.get("CTXLOAD_EXPORTER_PORT")
+    return int(v) if v else None
 
 
 class ClientMetrics:
@@ -27,16 +45,50 @@ class ClientMetrics:
         self.requests = Counter("ctxload:client_requests", "Finished requests", lab + ["status"], registry=r)
         self.errors = Counter("ctxload:client_errors", "Failed requests by kind", lab + ["kind"], registry=r)
         self.port: int | None = None
+        self.server: ThreadingHTTPServer | None = None
 
-    def serve(self, port: int = 0, addr: str = "127.0.0.1") -> int:
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
-        self.port = server.server_address[1]
+    def serve(self, port: int = 0, addr: str | None = None) -> int:
+        """Serve ``/metrics`` (any path) from a thread, always in the classic text format
+        (0.0.4): prometheus_client's OpenMetrics output turns the colon of ``ctxload:`` names
+        into an underscore for a Prometheus 2 scraper."""
+        registry = self.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                body = generate_latest(registry)
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer((addr or bind_host(), port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True, name="ctxload-exporter").start()
+        self.port = self.server.server_address[1]
         return self.port
 
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
     def stage(self, target: str, stage: str, users: int, prompt_tokens: int | None) -> None:
+        """Open a stage's series before its first request ends, at zero, so ``rate()`` and
+        ``histogram_quantile()`` see a stage shorter than two scrapes."""
         self.users.labels(target, stage).set(users)
         if prompt_tokens is not None:
             self.prompt_tokens.labels(target, stage).set(prompt_tokens)
+        self.ttft.labels(target, stage)
+        self.itl.labels(target, stage)
+        for status in ("ok", "error"):
+            self.requests.labels(target, stage, status)
+        for kind in ERROR_KINDS:
+            self.errors.labels(target, stage, kind)
 
     def record(self, rec: dict) -> None:
         t, s = rec["target"], rec["stage"]

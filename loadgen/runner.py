@@ -33,7 +33,7 @@ from pathlib import Path
 import gevent
 
 from loadgen import scenario as sc
-from loadgen import shapes, targets
+from loadgen import exporter, shapes, targets
 from loadgen.controller import Controller, Stage
 from loadgen.exporter import ClientMetrics
 from loadgen.records import RecordWriter
@@ -132,8 +132,13 @@ def _slo_missed(scenario: sc.Scenario, res: shapes.StageResult) -> str | None:
 
 
 def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, processes: int = 1,
-        target_urls: dict[str, str] | None = None) -> Path:
-    """Run the scenario; return the run directory."""
+        target_urls: dict[str, str] | None = None, master_bind_host: str = "127.0.0.1",
+        master_port: int | None = None, external_workers: int = 0, web_port: int | None = None) -> Path:
+    """Run the scenario; return the run directory.
+
+    ``processes > 1`` spawns that many local Locust workers; ``external_workers = N`` instead
+    waits for N workers started elsewhere to connect to ``master_bind_host:master_port``.
+    ``web_port`` serves Locust's web UI there (on ``master_bind_host``)."""
     scenario = sc.coerce(scenario_or_path)
     if target_urls:
         scenario = override_urls(scenario, target_urls)
@@ -155,9 +160,13 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
         stack.callback(writer.close)
         live = targets.start_all(scenario, stack, run_dir, say)
         write_env(run_dir / "env.json", run_id, started, live)
-        if scenario.metrics.exporter_port is not None:
-            port = metrics.serve(scenario.metrics.exporter_port)
-            say(f"client metrics on http://127.0.0.1:{port}/metrics")
+        exporter_port = exporter.port_override()
+        if exporter_port is None:
+            exporter_port = scenario.metrics.exporter_port
+        if exporter_port is not None:
+            port = metrics.serve(exporter_port)
+            stack.callback(metrics.close)
+            say(f"client metrics on http://{exporter.bind_host()}:{port}/metrics")
         sources = [(t.name, "server", t.url + "/metrics") for t in live]
         sources += [(name, "gpu" if "gpu" in name else "server", url)
                     for name, url in scenario.metrics.extra_urls.items()]
@@ -167,13 +176,24 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
         stack.callback(scraper.close)
         env = Environment(user_classes=[StreamingUser])
         env.ctxload = controller
-        if processes > 1:
+        if processes > 1 or external_workers:
             from loadgen import distributed
 
-            runner = distributed.start_master(env, controller, processes, stack, say)
+            workers = external_workers or processes
+            runner = distributed.start_master(env, controller, workers, stack, say, bind_host=master_bind_host,
+                                              port=master_port, spawn_local=not external_workers, wait_s=0)
         else:
             runner = env.create_local_runner()
         stack.callback(runner.quit)
+        if web_port is not None:  # up while the master waits for its workers
+            # Locust's UI parses sys.argv with its own parser (ui_extra_args_dict) on every page:
+            # ours are not its options, so it would exit the process.
+            sys.argv = sys.argv[:1]
+            web = env.create_web_ui(host=master_bind_host, port=web_port)
+            stack.callback(web.stop)
+            say(f"Locust web UI on http://{master_bind_host}:{web_port}/")
+        if processes > 1 or external_workers:
+            distributed.wait_for_workers(runner, workers, 3600.0 if external_workers else 120.0)
         prog = _Progress(controller, say)
         greenlets.append(gevent.spawn(prog.loop))
         stack.callback(lambda: gevent.killall(greenlets, block=False))

@@ -189,3 +189,19 @@ def test_goodput_counts_requests_meeting_every_slo():
     assert not meets({**good, "tpot_s": 0.03}, slos)
     assert not meets({**good, "itl_s": [0.01] * 90 + [0.2] * 10}, slos)  # p99 gap over the bound
     assert meets({**good, "itl_s": [0.01] * 199 + [0.2]}, slos)          # one slow gap in 200 is p99.5
+
+
+def test_stage_opens_its_series_at_zero_before_any_request():
+    from prometheus_client.exposition import generate_latest
+
+    from loadgen.exporter import ClientMetrics
+
+    m = ClientMetrics()
+    m.stage("t", "prompt=1024", 1, 1024)
+    text = generate_latest(m.registry).decode()
+    lab = 'stage="prompt=1024",target="t"'
+    for line in (f"ctxload:client_time_to_first_token_seconds_count{{{lab}}} 0.0",
+                 f"ctxload:client_inter_token_latency_seconds_count{{{lab}}} 0.0",
+                 'ctxload:client_requests_total{stage="prompt=1024",status="ok",target="t"} 0.0',
+                 'ctxload:client_errors_total{kind="timeout",stage="prompt=1024",target="t"} 0.0'):
+        assert line in text, line
