@@ -31,6 +31,8 @@ class Timing:
     end_ns: int | None = None
     usage: dict | None = None
     events: int = 0
+    response_id: str | None = None
+    """The stream's ``id`` (from its first event), when the server gives one."""
 
     def feed(self, line: bytes, now_ns: int, chat: bool) -> str | None:
         """Take one SSE line; returns an error message carried in the stream, if any."""
@@ -142,6 +144,7 @@ def build(job: dict, timing: Timing, *, http_status: int | None, error_kind: str
         "error_kind": error_kind,
         "error_message": error_message,
         "worker": worker,
+        "response_id": t.response_id or None,
     }
 
 

@@ -3,6 +3,12 @@
 Each stream's events are scheduled on absolute deadlines (sent + TTFT + k·ITL on the event
 loop's monotonic clock), so the server's own scheduling jitter does not accumulate; what a
 client measures beyond the set values is the client's error plus this server's lateness.
+
+To tell the two apart, every event carries ``t_send_ns``, the server's ``perf_counter_ns()``
+just before its bytes are written (CLOCK_MONOTONIC: comparable across processes on Linux), and
+with ``--send-log PATH`` each finished stream appends ``{"id", "recv_ns", "send_ns": [...]}``
+to PATH (``recv_ns``: when the request reached its handler).  The first token's text is the
+response id (`` cmpl-…``), so a tool that keeps only generated text can still be matched.
 ssm-server's synthetic engine is the fuller version; this one has no dependency on it.
 
     python -m loadgen.synthetic_server --port 8000 --ttft-ms 50 --itl-ms 10
@@ -13,15 +19,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 
 from aiohttp import web
 
 
-def make_app(ttft_s: float, itl_s: float, model: str = "synthetic", max_model_len: int = 1 << 20) -> web.Application:
-    counts = {"ok": 0, "failed": 0, "running": 0}
+def make_app(ttft_s: float, itl_s: float, model: str = "synthetic", max_model_len: int = 1 << 20,
+             send_log: str | None = None) -> web.Application:
+    counts = {"ok": 0, "failed": 0, "running": 0, "seq": 0}
+    log_fd = os.open(send_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if send_log else None
 
     async def completions(request: web.Request) -> web.StreamResponse:
+        recv_ns = time.perf_counter_ns()
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         body = await request.json()
@@ -42,20 +52,25 @@ def make_app(ttft_s: float, itl_s: float, model: str = "synthetic", max_model_le
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         counts["running"] += 1
-        rid = f"cmpl-{time.monotonic_ns()}"
+        counts["seq"] += 1
+        rid = f"cmpl-{os.getpid()}-{counts['seq']}"
+        sends: list[int] = []
         try:
             for k in range(n):
                 delay = t0 + ttft_s + k * itl_s - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                text = " " + rid if k == 0 else " tok"
                 if chat:
-                    choice = {"index": 0, "delta": {"content": " tok"}, "finish_reason": None}
+                    choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
                 else:
-                    choice = {"index": 0, "text": " tok", "finish_reason": None}
+                    choice = {"index": 0, "text": text, "finish_reason": None}
                 if k == n - 1:
                     choice["finish_reason"] = "length"
                 ev = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                       "model": model, "choices": [choice]}
+                sends.append(time.perf_counter_ns())
+                ev["t_send_ns"] = sends[-1]
                 await resp.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
             usage = {"id": rid, "model": model, "choices": [],
                      "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
@@ -63,6 +78,8 @@ def make_app(ttft_s: float, itl_s: float, model: str = "synthetic", max_model_le
             await resp.write(b"data: " + json.dumps(usage).encode() + b"\n\ndata: [DONE]\n\n")
             await resp.write_eof()
             counts["ok"] += 1
+            if log_fd is not None:
+                os.write(log_fd, (json.dumps({"id": rid, "recv_ns": recv_ns, "send_ns": sends}) + "\n").encode())
         finally:
             counts["running"] -= 1
         return resp
@@ -104,6 +121,7 @@ def main(argv=None) -> None:
     ap.add_argument("--itl-ms", type=float, default=10.0)
     ap.add_argument("--served-model-name", default="synthetic")
     ap.add_argument("--max-model-len", type=int, default=1 << 20)
+    ap.add_argument("--send-log", default=None, help="append each finished stream's send stamps here (JSON lines)")
     a = ap.parse_args(argv)
     try:
         import uvloop  # optional: a tighter event loop
@@ -111,7 +129,7 @@ def main(argv=None) -> None:
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(make_app(a.ttft_ms / 1000, a.itl_ms / 1000, a.served_model_name, a.max_model_len),
+    web.run_app(make_app(a.ttft_ms / 1000, a.itl_ms / 1000, a.served_model_name, a.max_model_len, a.send_log),
                 host=a.host, port=a.port, print=None, access_log=None, backlog=4096)
 
 

@@ -89,7 +89,18 @@ def _parse(body: bytes, marks: list[tuple[int, int]], timing: records.Timing, ch
         err = feed(line, marks[m][0], chat)
         if err and error is None:
             error = err
+        if timing.response_id is None:
+            timing.response_id = _response_id(line)
     return error
+
+
+def _response_id(line: bytes) -> str:
+    """The event's ``id`` (the same in every event of an OpenAI stream), or ``""``."""
+    try:
+        rid = json.loads(line[5:]).get("id")
+    except (ValueError, AttributeError):
+        return ""
+    return rid if isinstance(rid, str) else ""
 
 
 def stream_once(session, job: dict, prompt: str, timeout_s: float) -> dict:
