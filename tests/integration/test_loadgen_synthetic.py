@@ -164,3 +164,39 @@ def test_poisson_stage_paces_arrivals(synthetic, tiny_models, tmp_path):
     assert 10 < rate < 40, rate  # mean 20/s; a Poisson sample of 60 stays well inside
     assert {r["prompt_tokens"] for r in recs} == {32, 96}
     assert sum(r["prompt_tokens"] == 96 for r in recs) > 30
+
+
+def test_one_stream_is_never_bunched(tiny_models, tmp_path):
+    """At one user, token events must not pile up: a greenlet of the client that hogs the loop
+    (prompt synthesis, record writing, parsing while streaming) leaves several events in the
+    socket, read in one ``recv`` after a long gap — a run of ~0 ms gaps.  The server logs when it
+    really sent each event, so a gap the server itself bunched is not held against the client.
+    An isolated short gap is the OS scheduling the client a few ms late on a busy 2-core box;
+    a run of them, or more than 1% of gaps, is a blocked client."""
+    itl_ms, port, log = 10.0, free_port(), tmp_path / "sends.jsonl"
+    cmd = [sys.executable, "-m", "loadgen.synthetic_server", "--ttft-ms", "20", "--itl-ms", str(itl_ms),
+           "--port", str(port), "--send-log", str(log)]
+    with ManagedServer("syn-1", cmd, port, log_path=tmp_path / "s.log", startup_timeout_s=60) as srv:
+        scen = scenario(srv.url, tiny_models["transformer"],
+                        {"kind": "concurrency_sweep", "prompt_tokens": 64, "users": [1], "requests": 15},
+                        metrics={"scrape_interval_s": 0.5, "exporter_port": 0})
+        scen["output"] = {"max_tokens": 48}
+        recs = read(run_ctxload(tmp_path, scen))
+    sends = {s["id"]: s["send_ns"] for s in map(json.loads, log.read_text().splitlines())}
+    short, runs, total = [], [], 0
+    for r in recs:
+        s = sends[r["response_id"]]
+        server_gaps = [(b - a) / 1e6 for a, b in zip(s, s[1:])]
+        assert len(server_gaps) == len(r["itl_s"]) == 47
+        total += len(server_gaps)
+        prev = False
+        for k, (g, sg) in enumerate(zip(r["itl_s"], server_gaps)):
+            bunched = g * 1e3 < 0.25 * itl_ms and sg >= 0.25 * itl_ms  # short here, not at the server
+            if bunched:
+                short.append((r["request_id"], k, round(g * 1e3, 3), round(sg, 3)))
+                if prev:
+                    runs.append((r["request_id"], k))
+            prev = bunched
+    print(f"{len(short)} short gaps of {total} (request, gap, client ms, server ms): {short[:10]}")
+    assert not runs, f"runs of bunched events (a blocked client): {runs[:10]}; {short[:10]}"
+    assert len(short) <= 0.01 * total, short[:20]
