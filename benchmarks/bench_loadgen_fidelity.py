@@ -10,7 +10,12 @@ within 1 ms.  GuideLLM reports only a per-request mean ITL, so its ITL column is
 
     .venv/bin/python benchmarks/bench_loadgen_fidelity.py [--levels 1,50,200] [--tools ctxload,vllm,guidellm]
 
-The figures include the server's own lateness (it shares the CPU), the same for every tool.
+The "vs set" columns include the server's own lateness (it shares the CPU), the same for every
+tool.  The "vs sent" columns take it out: loadgen's synthetic server logs when it really wrote
+each event (``--send-log``; ``perf_counter_ns``, CLOCK_MONOTONIC) and names each stream in its
+first token's text, so each tool's request is matched to the server's: the client's own error is
+its TTFT minus the server's (first write − request arrival) and each gap minus the server's gap
+between the same two writes.  ``--server ssm-server`` has no send log: those columns stay empty.
 """
 
 from __future__ import annotations
@@ -36,13 +41,55 @@ GUIDELLM = Path(os.environ.get("GUIDELLM", "/tmp/guidellm-venv/bin/guidellm"))
 PROMPT_TOKENS = 128
 
 
-def server_cmd(port: int, ttft_ms: float, itl_ms: float, which: str) -> list[str]:
+def server_cmd(port: int, ttft_ms: float, itl_ms: float, which: str, send_log: Path | None = None) -> list[str]:
     if which == "ssm-server":
         return [sys.executable, "-m", "servers.ssm_server", "--engine", "synthetic", "--ttft-ms", str(ttft_ms),
                 "--itl-ms", str(itl_ms), "--port", str(port), "--max-num-seqs", "2048", "--max-queue", "4096",
                 "--served-model-name", "synthetic"]
     return [sys.executable, "-m", "loadgen.synthetic_server", "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms),
-            "--port", str(port), "--served-model-name", "synthetic"]
+            "--port", str(port), "--served-model-name", "synthetic"] + (["--send-log", str(send_log)] if send_log else [])
+
+
+# ---- the server's own stamps ------------------------------------------------------------------
+
+def read_sends(a) -> dict[str, dict]:
+    """The server's send log: response id → {"ttft_s", "itl_s"} as it really wrote them."""
+    if not a.send_log or not a.send_log.exists():
+        return {}
+    out = {}
+    for line in a.send_log.read_text().splitlines():
+        e = json.loads(line)
+        s = e["send_ns"]
+        out[e["id"]] = {"ttft_s": (s[0] - e["recv_ns"]) * 1e-9 if s else None,
+                        "itl_s": [(y - x) * 1e-9 for x, y in zip(s, s[1:])]}
+    return out
+
+
+def own_error(pairs: list[tuple[float | None, list[float], dict | None]], mean_itl: bool = False) -> dict:
+    """p50/p99 of |client − server| for TTFT and per gap (or per-request mean gap) over the
+    requests matched to the server's log; ``matched`` counts them."""
+    te, ie, matched = [], [], 0
+    for ttft, itls, srv in pairs:
+        if srv is None:
+            continue
+        matched += 1
+        if ttft is not None and srv["ttft_s"] is not None:
+            te.append(abs(ttft - srv["ttft_s"]) * 1e3)
+        if mean_itl:
+            if itls and srv["itl_s"]:
+                ie.append(abs(itls[0] - sum(srv["itl_s"]) / len(srv["itl_s"])) * 1e3)
+        elif len(itls) == len(srv["itl_s"]):
+            ie += [abs(c - v) * 1e3 for c, v in zip(itls, srv["itl_s"])]
+    return {"matched": matched, "own_ttft_p50": q(te, .5), "own_ttft_p99": q(te, .99),
+            "own_itl_p50": q(ie, .5), "own_itl_p99": q(ie, .99)}
+
+
+def id_in_text(text: str | None) -> str | None:
+    """The response id the server put in the first token's text."""
+    if not text:
+        return None
+    first = text.split()[0] if text.split() else ""
+    return first if first.startswith("cmpl-") else None
 
 
 def requests(n: int, a) -> int:
@@ -87,6 +134,8 @@ def run_ctxload(url: str, levels: list[int], a, work: Path) -> dict[int, dict]:
         out[n] = summarize([r["ttft_s"] for r in ok], [g for r in ok for g in r["itl_s"]],
                            sum(len(r["itl_s"]) + 1 for r in ok), span, a)
         out[n]["errors"] = len(recs) - len(ok)
+        sends = read_sends(a)
+        out[n].update(own_error([(r["ttft_s"], r["itl_s"], sends.get(r.get("response_id"))) for r in ok]))
     return out
 
 
@@ -111,6 +160,9 @@ def run_vllm(url: str, levels: list[int], a, work: Path) -> dict[int, dict]:
         itls = [g for lst in r["itls"] for g in lst]
         out[n] = summarize([t for t in r["ttfts"] if t], itls, sum(r["output_lens"]), r["duration"], a)
         out[n]["errors"] = r.get("failed", 0)
+        sends = read_sends(a)  # matched through the id the server wrote as the first token
+        out[n].update(own_error([(t, lst, sends.get(id_in_text(txt)))
+                                 for t, lst, txt in zip(r["ttfts"], r["itls"], r.get("generated_texts") or [])]))
     return out
 
 
@@ -151,6 +203,14 @@ def guidellm_stats(report: dict, a) -> dict:
     duration = (t1 - t0) if t1 > t0 else bench.get("duration", 0)
     out = summarize(ttfts, itls, events, duration, a)
     out["errors"] = len(bench["requests"].get("errored", []))
+    sends = read_sends(a)
+    pairs = []
+    for r in reqs:
+        text = r.get("output") or r.get("response_text") or r.get("output_text")
+        ttft_ms, itl_ms = r.get("time_to_first_token_ms"), r.get("inter_token_latency_ms")
+        pairs.append((None if ttft_ms is None else ttft_ms / 1e3, [] if itl_ms is None else [itl_ms / 1e3],
+                      sends.get(id_in_text(text if isinstance(text, str) else None))))
+    out.update(own_error(pairs, mean_itl=True))
     return out
 
 
@@ -161,23 +221,41 @@ LABELS = {"ctxload": "ctxload loadgen (Locust, 1 process)", "vllm": "vllm bench 
 
 def table(results: dict[str, dict[int, dict]], a) -> str:
     f = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
-    lines = [f"| tool | streams | requests | events/s | TTFT err p50 | TTFT err p99 | ITL err p50 | ITL err p99 |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    best = {}
+    lines = ["| tool | streams | requests | events/s | TTFT err p50 | TTFT err p99 | ITL err p50 | ITL err p99 "
+             "| matched | own TTFT err p50 | own TTFT err p99 | own ITL err p50 | own ITL err p99 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    best, best_own = {}, {}
     for tool, levels in results.items():
         if isinstance(levels, str):
-            lines.append(f"| {LABELS[tool]} | — | — | — | {levels} | | | |")
+            lines.append(f"| {LABELS[tool]} | — | — | — | {levels} | | | | | | | | |")
             continue
         for n, s in levels.items():
             lines.append(f"| {LABELS[tool]} | {n} | {s['requests']} | {s['events_per_s']:.0f} | {f(s['ttft_p50'])} | "
-                         f"{f(s['ttft_p99'])} | {f(s['itl_p50'])} | {f(s['itl_p99'])} |")
+                         f"{f(s['ttft_p99'])} | {f(s['itl_p50'])} | {f(s['itl_p99'])} | {s.get('matched', 0)} | "
+                         f"{f(s.get('own_ttft_p50'))} | {f(s.get('own_ttft_p99'))} | {f(s.get('own_itl_p50'))} | "
+                         f"{f(s.get('own_itl_p99'))} |")
         within = [s["events_per_s"] for s in levels.values() if s["itl_p99"] is not None and s["itl_p99"] <= 1.0]
         best[tool] = max(within) if within else None
-    lines += ["", "| tool | max events/s with p99 ITL error ≤ 1 ms |", "| --- | ---: |"]
-    lines += [f"| {LABELS[t]} | {'none of the levels' if v is None else f'{v:.0f}'} |" for t, v in best.items()]
+        own = [s["events_per_s"] for s in levels.values()
+               if s.get("own_itl_p99") is not None and s["own_itl_p99"] <= 1.0]
+        best_own[tool] = max(own) if own else None
+    w = lambda v: "none of the levels" if v is None else f"{v:.0f}"  # noqa: E731
+    lines += ["", "| tool | max events/s, p99 ITL error ≤ 1 ms vs set | … vs sent (own error) |",
+              "| --- | ---: | ---: |"]
+    lines += [f"| {LABELS[t]} | {w(v)} | {w(best_own.get(t))} |" for t, v in best.items()]
     head = (f"Set TTFT {a.ttft_ms:g} ms, ITL {a.itl_ms:g} ms, {a.output_tokens} output tokens, "
-            f"{PROMPT_TOKENS}-token prompts, {a.rounds} requests per stream; errors in ms (absolute).")
+            f"{PROMPT_TOKENS}-token prompts, {a.rounds} requests per stream; errors in ms (absolute). "
+            "\"vs set\": against the set values; \"own\": against the server's logged send times of the same "
+            "request (matched: requests matched by response id).")
     return head + "\n\n" + "\n".join(lines)
+
+
+GUIDELLM_HELP = """GuideLLM is not installed at {path}: its column is skipped.
+To include it (docs/loadgen.md, "Installing GuideLLM"):
+    python3 -m venv /tmp/guidellm-venv
+    /tmp/guidellm-venv/bin/pip install torch --index-url https://download.pytorch.org/whl/cpu
+    /tmp/guidellm-venv/bin/pip install 'guidellm==0.8.1'
+or point GUIDELLM=/path/to/bin/guidellm at an existing one."""
 
 
 def main(argv=None) -> int:
@@ -202,13 +280,17 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="ctxload-fidelity-"))
     port = free_port()
     results: dict = {}
-    with ManagedServer("synthetic", server_cmd(port, a.ttft_ms, a.itl_ms, a.server), port, log_path=work / "server.log",
-                       startup_timeout_s=60) as srv:
+    a.send_log = work / "sends.jsonl" if a.server == "own" else None
+    with ManagedServer("synthetic", server_cmd(port, a.ttft_ms, a.itl_ms, a.server, a.send_log), port,
+                       log_path=work / "server.log", startup_timeout_s=60) as srv:
         for tool in a.tools.split(","):
             t0 = time.monotonic()
-            missing = (tool == "vllm" and not VLLM_PY.exists()) or (tool == "guidellm" and not GUIDELLM.exists())
-            if missing:
-                results[tool] = "not installed"
+            if tool == "guidellm" and not GUIDELLM.exists():
+                print(GUIDELLM_HELP.format(path=GUIDELLM), file=sys.stderr)
+                continue
+            if tool == "vllm" and not VLLM_PY.exists():
+                print(f"vllm bench serve: no vLLM venv at {VLLM_PY} (CTXLOAD_VLLM_PYTHON): its column is skipped",
+                      file=sys.stderr)
                 continue
             try:
                 results[tool] = TOOLS[tool](srv.url, levels, a, work)
