@@ -206,10 +206,10 @@ def guidellm_stats(report: dict, a) -> dict:
     sends = read_sends(a)
     pairs = []
     for r in reqs:
-        text = r.get("output") or r.get("response_text") or r.get("output_text")
+        rid = r.get("response_id") if r.get("response_id") in sends else id_in_text(r.get("output"))
         ttft_ms, itl_ms = r.get("time_to_first_token_ms"), r.get("inter_token_latency_ms")
         pairs.append((None if ttft_ms is None else ttft_ms / 1e3, [] if itl_ms is None else [itl_ms / 1e3],
-                      sends.get(id_in_text(text if isinstance(text, str) else None))))
+                      sends.get(rid)))
     out.update(own_error(pairs, mean_itl=True))
     return out
 
