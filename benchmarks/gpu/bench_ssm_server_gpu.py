@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tarfile
 import time
@@ -104,7 +103,7 @@ def raw_reference(lens):
             step = (tn - t2) / NEW
             out[key] = step if b == 1 else b / step
             emit(what="mamba_ssm_generate_cg", batch=b, step_ms=round(step * 1e3, 3), tok_s=round(b / step))
-        del model
+        model = gen = None  # free it (a `del` here reads as undefined in the lambda to pyflakes)
     except Exception as e:
         emit(what="raw_reference", error=f"{type(e).__name__}: {str(e)[:300]}")
     torch.cuda.empty_cache()

@@ -48,24 +48,24 @@ def _conv_kernel():
                   stride_o, W: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
         """One decode step of the depthwise causal conv for row b, in place on the pooled state
         of slot idx[b] (skipped when idx[b] < 0: a padding row): shift the window left by one,
-        append x, out = silu(sum(window * w) + bias)."""
+        append x, out = silu(sum(window * w) + bias). The window is read as one [BLOCK, W] tile
+        and written back as one (no load after a store: nothing serialises on memory)."""
         b = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.arange(0, W)
         mask = offs < dim
         slot = tl.load(idx_ptr + b)
+        live = slot >= 0
         xn = tl.load(x_ptr + b * stride_x + offs, mask=mask, other=0.0)
+        sp = state_ptr + slot.to(tl.int64) * stride_sb + offs[:, None] * stride_sd + cols[None, :]
+        # window after the shift: old[1..W-1] then x (padding rows: zeros then x)
+        old = tl.load(sp + 1, mask=mask[:, None] & (cols[None, :] < W - 1) & live, other=0.0)
+        win = tl.where(cols[None, :] == W - 1, xn[:, None].to(state_ptr.dtype.element_ty), old)
+        wt = tl.load(w_ptr + offs[:, None] * W + cols[None, :], mask=mask[:, None], other=0.0)
+        acc = tl.sum(win.to(tl.float32) * wt.to(tl.float32), axis=1)
         if HAS_BIAS:
-            acc = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-        if slot >= 0:
-            sp = state_ptr + slot.to(tl.int64) * stride_sb + offs * stride_sd
-            for k in tl.static_range(W - 1):
-                v = tl.load(sp + k + 1, mask=mask, other=0.0)
-                tl.store(sp + k, v, mask=mask)
-                acc += v.to(tl.float32) * tl.load(w_ptr + offs * W + k, mask=mask, other=0.0).to(tl.float32)
-            tl.store(sp + W - 1, xn.to(state_ptr.dtype.element_ty), mask=mask)
-        acc += xn.to(tl.float32) * tl.load(w_ptr + offs * W + (W - 1), mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(sp, win, mask=mask[:, None] & live)
         out = acc / (1.0 + tl.exp(-acc))
         tl.store(out_ptr + b * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -81,7 +81,8 @@ def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: 
     width = state.shape[-1]
     assert x.stride(-1) == 1 and state.stride(-1) == 1 and weight.is_contiguous()
     out = torch.empty((bsz, dim), dtype=x.dtype, device=x.device)
-    block = 1024
+    assert width & (width - 1) == 0, "conv width must be a power of two"
+    block = 128  # 26 CTAs per row at dim 3328 (was 1024: 4 CTAs at batch 1)
     grid = (bsz, (dim + block - 1) // block)
     _conv_kernel()[grid](x, state, weight, bias if bias is not None else weight, out, idx, dim,
                          x.stride(0), state.stride(0), state.stride(1), out.stride(0),
