@@ -9,13 +9,12 @@ port the scenario's ``metrics.exporter_port``, which ``CTXLOAD_EXPORTER_PORT`` o
 from __future__ import annotations
 
 import os
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from loadgen.records import ERROR_KINDS
+from servers.metrics_http import serve_registry
 
 # From 1 ms to an hour: a million-token prefill is minutes, not the default 10 s top bucket.
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80,
@@ -51,23 +50,8 @@ class ClientMetrics:
         """Serve ``/metrics`` (any path) from a thread, always in the classic text format
         (0.0.4): prometheus_client's OpenMetrics output turns the colon of ``ctxload:`` names
         into an underscore for a Prometheus 2 scraper."""
-        registry = self.registry
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's name)
-                body = generate_latest(registry)
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer((addr or bind_host(), port), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True, name="ctxload-exporter").start()
+        self.server, _ = serve_registry(self.registry, addr or bind_host(), port,
+                                        name="ctxload-exporter")
         self.port = self.server.server_address[1]
         return self.port
 

@@ -56,7 +56,6 @@ DCGM_FIELDS = {
 PROCESS_MEMORY = "ctxload:gpu_process_memory_used_bytes"
 UP = "ctxload:gpu_exporter_up"
 GPUS = "ctxload:gpu_exporter_gpus"
-TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what every Prometheus parses
 
 
 def _load_nvml():
@@ -200,29 +199,10 @@ def serve(port: int = DEFAULT_PORT, host: str = "127.0.0.1", *, hostname: str | 
     prometheus_client's OpenMetrics output rewrites the colons of ``ctxload:gpu_*`` names to
     underscores for a Prometheus 2 scraper (and DCGM exporter speaks the text format too).
     """
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from prometheus_client.exposition import generate_latest
+    from servers.metrics_http import serve_registry
 
     registry = registry or make_registry(NvmlCollector.from_system(hostname))
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's name)
-            body = generate_latest(registry)
-            self.send_response(200)
-            self.send_header("Content-Type", TEXT_FORMAT)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):  # one line per scrape is noise
-            pass
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="gpu-exporter", daemon=True)
-    thread.start()
-    return server, thread
+    return serve_registry(registry, host, port, name="gpu-exporter")
 
 
 # ---- ctxload serve gpu-exporter ------------------------------------------------------------
