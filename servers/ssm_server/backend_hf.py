@@ -265,11 +265,15 @@ class HFBackend:
         cache = self.bind(self.new_cache(), conv, rec, fresh=False)
         x = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         logits = self.forward(x, cache)
+        self.scatter_states(idx, conv, rec)
+        return logits
+
+    def scatter_states(self, idx: torch.Tensor, conv: list, rec: list) -> None:
+        """Write the stepped states of the rows ``idx`` back into the slot pools."""
         for k in range(len(conv)):
             self.conv_pool[k].index_copy_(0, idx, conv[k])
             if rec[k] is not None:
                 self.rec_pool[k].index_copy_(0, idx, rec[k])
-        return logits
 
 
 def _numel(shape) -> int:

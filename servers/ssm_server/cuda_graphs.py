@@ -51,10 +51,7 @@ class GraphDecoder:
                 if rec[k] is not None:
                     torch.index_select(b.rec_pool[k], 0, idx, out=rec[k])
             out = b.forward(tok, cache)
-            for k in range(len(conv)):
-                b.conv_pool[k].index_copy_(0, idx, conv[k])
-                if rec[k] is not None:
-                    b.rec_pool[k].index_copy_(0, idx, rec[k])
+            b.scatter_states(idx, conv, rec)
             return out
 
         stream = torch.cuda.Stream()
