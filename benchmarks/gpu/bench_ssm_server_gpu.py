@@ -110,6 +110,89 @@ def raw_reference(lens):
     return out
 
 
+def state_update_kernels():
+    """Mamba2-780m's per-layer decode state update at batch 1 and 64 on a 64-slot pool: our
+    ``ssu_step`` (each block size; the pick) against mamba_ssm's ``selective_state_update`` with
+    ``state_batch_indices``, same inputs: time per call, state bytes moved per second, and the
+    largest difference of outputs and updated states between the two."""
+    import torch
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+    from servers.ssm_server.mamba_kernels import SSU_BLOCKS, graph_time_us, pick_ssu_block, ssu_step
+
+    H, P, N, G, slots = 48, 64, 128, 1, 64
+    dev, bf = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    out = {}
+    for bsz in (1, 64):
+        pool = torch.randn((slots, H, P, N), dtype=bf, device=dev)
+        x = torch.randn((bsz, H, P), dtype=bf, device=dev)
+        dt = torch.randn((bsz, H), dtype=bf, device=dev)
+        Bm, Cm = torch.randn((2, bsz, G, N), dtype=bf, device=dev)
+        A = -torch.rand(H, device=dev) * 4
+        D, dtb = torch.rand((2, H), device=dev)
+        idx = torch.randperm(slots, device=dev)[:bsz]
+
+        def mamba(st):
+            return selective_state_update(st, x, dt[:, :, None].expand(bsz, H, P), A[:, None, None].expand(H, P, N),
+                                          Bm, Cm, D[:, None].expand(H, P), z=None,
+                                          dt_bias=dtb[:, None].expand(H, P), dt_softplus=True, state_batch_indices=idx)
+
+        def ours(st, bp):
+            return ssu_step(st, x, dt, A, Bm, Cm, D, dtb, idx, bp)
+
+        s1, s2 = pool.clone(), pool.clone()
+        y1, y2 = mamba(s1), ours(s2, 16)
+        diff = max((y1.float() - y2.float()).abs().max().item(), (s1.float() - s2.float()).abs().max().item())
+        scale = max(y1.float().abs().max().item(), s1.float().abs().max().item())
+
+        timed = graph_time_us  # device time per call: 50 calls in one CUDA graph
+        st = pool.clone()
+        moved = 2 * bsz * H * P * N * 2  # state read + written, bytes
+        t_m = timed(lambda: mamba(st))
+        per = {bp: timed(lambda bp=bp: ours(st, bp)) for bp in SSU_BLOCKS}
+        pick = pick_ssu_block(bsz, H, P, N, G, bf, dev)
+        out[bsz] = {"mamba_us": t_m, "ours_us": per[pick], "pick": pick}
+        emit(what="state_update_kernel", batch=bsz, mamba_ssm_us=round(t_m, 2),
+             ours_us={bp: round(t, 2) for bp, t in per.items()}, picked_block=pick,
+             mamba_GBps=round(moved / t_m / 1e3), ours_GBps=round(moved / per[pick] / 1e3),
+             max_abs_diff=diff, scale=scale)
+    return out
+
+
+def decode_step_mamba_ssu(b, g):
+    """The same backend's pipelined decode step with mamba_ssm's state update (CTXLOAD_SSU=mamba):
+    the reference for what our kernel buys. Returns {batch: ms}."""
+    import torch
+
+    from servers.ssm_server.mamba_decode import NativeDecoder
+
+    os.environ["CTXLOAD_SSU"] = "mamba"
+    try:
+        dec = NativeDecoder(b, 64)
+    finally:
+        os.environ.pop("CTXLOAD_SSU", None)
+    res = {}
+    for n in (1, 64):
+        slots, params = list(range(n)), [g] * n
+        h = dec.launch(slots, [5] * n, params, [[]] * n)
+        for _ in range(20):
+            h2 = dec.launch(slots, [-1] * n, params, [[]] * n)
+            dec.collect(h)
+            h = h2
+        t = time.perf_counter()
+        for _ in range(200):
+            h2 = dec.launch(slots, [-1] * n, params, [[]] * n)
+            dec.collect(h)
+            h = h2
+        dec.collect(h)
+        res[n] = (time.perf_counter() - t) / 200 * 1e3
+        emit(what="backend_decode_step_mamba_ssu", batch=n, piped_ms=round(res[n], 3), tok_s=round(n / res[n] * 1e3))
+    del dec
+    torch.cuda.empty_cache()
+    return res
+
+
 def correctness():
     """The native backend against mamba_ssm's own one-shot forward (servers/ssm_server/mamba_check)."""
     import torch
@@ -171,7 +254,11 @@ def correctness():
         r[f"backend_step_b{n}_ms"] = dt * 1e3
         r[f"backend_piped_b{n}_ms"] = dp * 1e3
         emit(what="backend_decode_step", batch=n, sync_ms=round(dt * 1e3, 3), piped_ms=round(dp * 1e3, 3),
-             tok_s_piped=round(n / dp))
+             tok_s_piped=round(n / dp), ssu_block=b.decoder.ssu_block.get(b.decoder.bucket(n)))
+    try:
+        r["mamba_ssu_step_ms"] = decode_step_mamba_ssu(b, g)
+    except Exception as e:
+        emit(what="backend_decode_step_mamba_ssu", error=f"{type(e).__name__}: {str(e)[:300]}")
     try:  # where a batch-1 step's device time goes: the eager body's kernels, summed
         from torch.profiler import ProfilerActivity, profile
 
@@ -301,6 +388,11 @@ def main():
     emit(what="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, mamba_ssm_triton=have,
          date=time.strftime("%Y-%m-%d"), chunk=CHUNK)
     try:
+        kern = state_update_kernels()
+    except Exception as e:
+        emit(what="state_update_kernel", error=f"{type(e).__name__}: {str(e)[:500]}")
+        kern = {}
+    try:
         corr = correctness()
     except Exception as e:
         emit(what="correctness", error=f"{type(e).__name__}: {str(e)[:500]}")
@@ -340,6 +432,14 @@ def main():
                      f"b1 eager kernels: {corr.get('b1_kernels', 'n/a')}, "
                      f"{corr.get('b1_kernel_us', 0) / 1e3:.2f} ms summed device time", "",
                      "floor: weights 1.56 GB + b64 state r/w 5.0 GB at ~3 TB/s"))
+    ms = corr.get("mamba_ssu_step_ms")
+    if ms:
+        rows.append(("same step with mamba_ssm's selective_state_update", f"ours: b1 {corr['backend_piped_b1_ms']:.2f} ms, "
+                     f"b64 {corr['backend_piped_b64_ms']:.2f} ms", f"mamba_ssm's: b1 {ms[1]:.2f} ms, b64 {ms[64]:.2f} ms",
+                     f"{corr['backend_piped_b64_ms'] / ms[64]:.2f}x at b64", ""))
+    for bsz, k in kern.items():
+        rows.append((f"state update kernel, one layer, batch {bsz}", f"{k['ours_us']:.1f} us (block {k['pick']})",
+                     f"{k['mamba_us']:.1f} us mamba_ssm selective_state_update", f"{k['ours_us'] / k['mamba_us']:.2f}x", ""))
     rows.append(("64 streams output tok/s", _fmt(m64, ",.0f") + (f" (e2e {res['tps64_e2e']:,.0f})" if m64 else ""),
                  _fmt(g64, ",.0f", " mamba_ssm generate cg=True b64"), f"{m64 / g64:.2f}x" if m64 and g64 else "n/a",
                  ">= 20,000"))

@@ -22,11 +22,12 @@ generator path (``sampling.sample``) from the graph's logits (synchronous).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 from servers.ssm_server.cuda_graphs import BUCKETS
-from servers.ssm_server.mamba_kernels import conv_step, sample_on_device
+from servers.ssm_server.mamba_kernels import conv_step, pick_ssu_block, sample_on_device, ssu_step
 from servers.ssm_server.sampling import sample
 
 log = logging.getLogger("ssm_server")
@@ -64,15 +65,30 @@ class NativeDecoder:
         # per-layer constants in the shapes selective_state_update wants (stride-0 head_dim:
         # its tied-head_dim fast path)
         H, P, N = backend.nheads, backend.headdim, backend.d_state
+        # the state update: our own kernel (block of head-dim rows per program picked per batch
+        # size by timing) unless CTXLOAD_SSU=mamba asks for mamba_ssm's selective_state_update
+        self.own_ssu = os.environ.get("CTXLOAD_SSU", "own") != "mamba"
+        self.ssu_block: dict[int, int] = {}
         self.consts = []
         for layer in backend.layers:
             m = layer.mixer
-            A = (-torch.exp(m.A_log.float()))[:, None, None].expand(H, P, N)
-            self.consts.append((A, m.D[:, None].expand(H, P), m.dt_bias[:, None].expand(H, P),
-                                m.conv1d.weight.reshape(backend.conv_dim, backend.d_conv).contiguous()))
+            A = -torch.exp(m.A_log.float())
+            if self.own_ssu:  # [H] scalars per head
+                ssu = (A.contiguous(), m.D.reshape(H).contiguous(), m.dt_bias.reshape(H).contiguous())
+            else:  # stride-0 head_dim: mamba_ssm's tied-head_dim fast path
+                ssu = (A[:, None, None].expand(H, P, N), m.D[:, None].expand(H, P), m.dt_bias[:, None].expand(H, P))
+            self.consts.append(ssu + (m.conv1d.weight.reshape(backend.conv_dim, backend.d_conv).contiguous(),))
 
     def bucket(self, n: int) -> int | None:
         return next((x for x in self.buckets if x >= n), None)
+
+    def block(self, size: int) -> int:
+        """The state-update block for this batch size, timed once (never inside a capture)."""
+        if size not in self.ssu_block:
+            b = self.b
+            self.ssu_block[size] = pick_ssu_block(size, b.nheads, b.headdim, b.d_state, b.ngroups,
+                                                  b.ssm_pool.dtype, b.device) if self.own_ssu else 0
+        return self.ssu_block[size]
 
     # ---- the step body (captured or eager) -------------------------------------------------
     def _body(self, size: int, greedy_only: bool):
@@ -81,6 +97,7 @@ class NativeDecoder:
         idx, tok_in, topk, ban = (self.d_long[r, :size] for r in range(4))
         temp, topp = self.d_float[0, :size], self.d_float[1, :size]
         H, P, G, N = b.nheads, b.headdim, b.ngroups, b.d_state
+        blk = self.ssu_block.get(size, 16)
         safe = torch.where(idx >= 0, idx, self.scratch)
         tok = torch.where(tok_in >= 0, tok_in, self.last_tok[safe])
         h = bb.embedding(tok)
@@ -97,8 +114,11 @@ class NativeDecoder:
             x = xBC[:, :b.d_ssm].view(size, H, P)
             Bm = xBC[:, b.d_ssm:b.d_ssm + G * N].view(size, G, N)
             Cm = xBC[:, b.d_ssm + G * N:].view(size, G, N)
-            y = self._ssu(b.ssm_pool[i], x, dt[:, :, None].expand(size, H, P), A, Bm, Cm, D, z=None,
-                          dt_bias=dt_bias, dt_softplus=True, state_batch_indices=idx)
+            if self.own_ssu:
+                y = ssu_step(b.ssm_pool[i], x, dt, A, Bm, Cm, D, dt_bias, idx, blk)
+            else:
+                y = self._ssu(b.ssm_pool[i], x, dt[:, :, None].expand(size, H, P), A, Bm, Cm, D, z=None,
+                              dt_bias=dt_bias, dt_softplus=True, state_batch_indices=idx)
             y = m.norm(y.reshape(size, b.d_ssm), z)
             h = m.out_proj(y)
         h = self._ln(h, bb.norm_f.weight, bb.norm_f.bias, eps=bb.norm_f.eps, residual=res, prenorm=False,
@@ -116,6 +136,7 @@ class NativeDecoder:
         self.d_float[:, :size].fill_(0.0)
 
     def _capture(self, size: int, greedy_only: bool):
+        self.block(size)
         self._neutral_inputs(size)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -137,6 +158,7 @@ class NativeDecoder:
         size = self.bucket(n)
         if size is None:
             raise ValueError(f"decode batch {n} exceeds the slot pool {self.max}")
+        self.block(size)
         self._load_inputs(buf)
         if eager or not self.use_graphs or self.failed:
             return self._body(size, greedy_only)

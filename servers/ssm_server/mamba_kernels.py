@@ -100,6 +100,134 @@ def conv_ref(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias, i
     return torch.nn.functional.silu(acc).to(x.dtype)
 
 
+_SSU_KERNEL = None
+
+
+def _ssu_kernel():
+    global _SSU_KERNEL
+    if _SSU_KERNEL is not None:
+        return _SSU_KERNEL
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def ssu(state_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, out_ptr, idx_ptr,
+            P, N, ratio, s_slot, s_head, s_p, sx_b, sx_h, sdt_b, sB_b, sB_g, sC_b, sC_g, so_b, so_h,
+            BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One Mamba2 decode step of head h for row b (BLOCK_P head-dim rows of it), in place on
+        the pooled state of slot idx[b] (padding rows, idx < 0, write zeros and touch no slot):
+        dt = softplus(dt + dt_bias); state = state * exp(A dt) + dt B x; y = state . C + D x.
+        Scalars per head (A, D, dt, dt_bias) as Mamba2 ties them over the head dim."""
+        pid_p = tl.program_id(0)
+        b = tl.program_id(1)
+        h = tl.program_id(2)
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_n = tl.arange(0, BLOCK_N)
+        mp = offs_p < P
+        mn = offs_n < N
+        optr = out_ptr + b * so_b + h * so_h + offs_p
+        slot = tl.load(idx_ptr + b)
+        if slot < 0:
+            tl.store(optr, tl.zeros([BLOCK_P], dtype=tl.float32).to(out_ptr.dtype.element_ty), mask=mp)
+            return
+        sp = state_ptr + slot.to(tl.int64) * s_slot + h * s_head + offs_p[:, None] * s_p + offs_n[None, :]
+        m2 = mp[:, None] & mn[None, :]
+        state = tl.load(sp, mask=m2, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + b * sx_b + h * sx_h + offs_p, mask=mp, other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + b * sdt_b + h).to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32)
+        dt = tl.where(dt <= 20.0, tl.math.log(tl.math.exp(dt) + 1), dt)  # mamba_ssm's softplus
+        dA = tl.exp(tl.load(A_ptr + h).to(tl.float32) * dt)
+        g = h // ratio
+        Bv = tl.load(B_ptr + b * sB_b + g * sB_g + offs_n, mask=mn, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + b * sC_b + g * sC_g + offs_n, mask=mn, other=0.0).to(tl.float32)
+        state = state * dA + (Bv * dt)[None, :] * x[:, None]
+        tl.store(sp, state.to(state_ptr.dtype.element_ty), mask=m2)
+        y = tl.sum(state * Cv[None, :], axis=1) + x * tl.load(D_ptr + h).to(tl.float32)
+        tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=mp)
+
+    _SSU_KERNEL = ssu
+    return ssu
+
+
+SSU_BLOCKS = (4, 8, 16, 32, 64)
+"""Head-dim rows per program of ``ssu_step``: small blocks give many programs (batch 1 fills
+the GPU), large ones stream more state per program (big batches reach the memory bandwidth)."""
+
+
+def ssu_step(state, x, dt, A, B, C, D, dt_bias, idx, block_p: int = 16) -> torch.Tensor:
+    """Mamba2's ``selective_state_update`` for tied head dims, in place on a slot pool.
+
+    state [slots, H, P, N] (pool; rows idx[b] >= 0 updated), x [B, H, P], dt [B, H] (raw, before
+    bias and softplus), A/D/dt_bias [H] (A = -exp(A_log), float32), B/C [B, G, N], idx [B].
+    Returns y [B, H, P] in x's dtype (zeros for padding rows). Unlike mamba_ssm's kernel (4
+    head-dim rows per program at N = 128), the block is a parameter: ``pick_ssu_block`` times
+    them once per batch size on scratch state and keeps the fastest."""
+    bsz, H, P = x.shape
+    N = state.shape[-1]
+    G = B.shape[1]
+    assert state.stride(-1) == 1 and x.stride(-1) == 1 and dt.stride(-1) == 1
+    assert B.stride(-1) == 1 and C.stride(-1) == 1 and H % G == 0
+    out = torch.empty((bsz, H, P), dtype=x.dtype, device=x.device)
+    bn = 1 << (N - 1).bit_length()
+    grid = ((P + block_p - 1) // block_p, bsz, H)
+    _ssu_kernel()[grid](state, x, dt, dt_bias, A, B, C, D, out, idx, P, N, H // G,
+                        state.stride(0), state.stride(1), state.stride(2), x.stride(0), x.stride(1),
+                        dt.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+                        out.stride(0), out.stride(1), BLOCK_P=block_p, BLOCK_N=bn,
+                        num_warps=8 if block_p * bn >= 4096 else 4)
+    return out
+
+
+def ssu_ref(state, x, dt, A, B, C, D, dt_bias, idx):
+    """PyTorch reference of ``ssu_step`` (non-negative idx only), for tests."""
+    H, G = x.shape[1], B.shape[1]
+    dtv = torch.nn.functional.softplus(dt.float() + dt_bias.float())  # [B, H]
+    Bh = B.float().repeat_interleave(H // G, dim=1)  # [B, H, N]
+    Ch = C.float().repeat_interleave(H // G, dim=1)
+    s = state[idx].float()
+    s = s * torch.exp(A.float()[None, :] * dtv)[:, :, None, None] + (dtv[:, :, None] * Bh)[:, :, None, :] * x.float()[..., None]
+    state[idx] = s.to(state.dtype)
+    return ((s * Ch[:, :, None, :]).sum(-1) + D.float()[None, :, None] * x.float()).to(x.dtype)
+
+
+def graph_time_us(fn, reps: int = 50) -> float:
+    """Device time of one ``fn()`` in microseconds: ``reps`` calls captured in one CUDA graph and
+    replayed (a host-timed loop of Triton launches measures the launcher, not the kernel)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # JIT outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps * 1e3
+
+
+def pick_ssu_block(bsz: int, H: int, P: int, N: int, G: int, dtype, device) -> int:
+    """The fastest ``SSU_BLOCKS`` entry for a batch of ``bsz`` rows, timed in a CUDA graph on
+    scratch tensors (the live slot pool is never touched); 16 where timing fails."""
+    try:
+        st = torch.zeros((bsz, H, P, N), dtype=dtype, device=device)
+        x = torch.randn((bsz, H, P), dtype=dtype, device=device)
+        dt = torch.randn((bsz, H), dtype=dtype, device=device)
+        BC = torch.randn((2, bsz, G, N), dtype=dtype, device=device)
+        hv = torch.rand((3, H), dtype=torch.float32, device=device)
+        idx = torch.arange(bsz, device=device)
+        times = {bp: graph_time_us(lambda bp=bp: ssu_step(st, x, dt, -hv[0], BC[0], BC[1], hv[1], hv[2], idx, bp))
+                 for bp in SSU_BLOCKS if bp <= max(P, 4)}
+    except (torch.cuda.OutOfMemoryError, RuntimeError):
+        return 16
+    return min(times, key=times.get)
+
+
 def sample_on_device(logits: torch.Tensor, temp: torch.Tensor, topk: torch.Tensor, topp: torch.Tensor,
                      ban: torch.Tensor, greedy_only: bool) -> torch.Tensor:
     """Tokens [B] from logits [B, V] float32 with per-row temperature (0 = greedy), top-k (<= 0:
