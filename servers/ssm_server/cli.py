@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttft-ms", type=float, default=50.0, help="synthetic engine: time to first token")
     p.add_argument("--itl-ms", type=float, default=10.0, help="synthetic engine: gap between tokens")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"],
+                   help="the HTTP side's event loop: uvloop where importable (auto), or asyncio's own")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -130,9 +132,21 @@ def main(args: argparse.Namespace) -> int:
         return 2 if isinstance(e, (ModelLoadError, FileNotFoundError, OSError, ValueError)) else 1
     from aiohttp import web
 
+    loop = None  # asyncio's own
+    if args.event_loop != "asyncio":
+        try:
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        except ImportError:
+            if args.event_loop == "uvloop":
+                print("ssm-server: error: --event-loop uvloop: uvloop is not installed (pip install uvloop)",
+                      file=sys.stderr)
+                return 2
+    log.info("event loop: %s", "uvloop" if loop is not None else "asyncio")
     try:
         web.run_app(server.app(), host=args.host, port=args.port, print=None,
-                    handler_cancellation=True, access_log=None)
+                    handler_cancellation=True, access_log=None, loop=loop)
     except OSError as e:
         print(f"ssm-server: error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1

@@ -180,14 +180,19 @@ def test_bad_json_and_bad_cli(server):
     assert p.returncode == 2 and "memory size" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_hybrid_model_serves(tmp_path_factory):
+def test_hybrid_model_serves(tmp_path_factory, server):
+    """Also the other event loop: the module's server runs on uvloop (the default where
+    installed), this one on asyncio's own."""
+    assert "event loop: uvloop" in server.log_path.read_text()
     srv = _start(tmp_path_factory, "ssm-falcon", "--model", str(build_tiny("tiny-falcon-h1")),
-                 "--max-num-seqs", "2", "--max-model-len", "256", "--prefill-chunk-size", "16")
+                 "--max-num-seqs", "2", "--max-model-len", "256", "--prefill-chunk-size", "16",
+                 "--event-loop", "asyncio")
     try:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
         r = c.completions.create(model="tiny-falcon-h1", prompt="hybrid " * 40, max_tokens=4,
                                  extra_body={"ignore_eos": True})
         assert r.usage.completion_tokens == 4
         assert metric(srv, "ssm:kv_cache_bytes_used") == 0  # freed after the request
+        assert "event loop: asyncio" in srv.log_path.read_text()
     finally:
         srv.stop()
