@@ -1,7 +1,8 @@
 """One request's record: raw ``perf_counter_ns`` stamps in, the run directory's fields out.
 
-The stream is read line by line as it arrives; each server-sent event that carries a token is
-stamped with ``perf_counter_ns`` the moment its line is complete.  TTFT, ITL, TPOT and
+Each server-sent event that carries a token is stamped with when the read that completed it
+arrived, in ``perf_counter_ns`` nanoseconds: the kernel's receive time where the socket gives one
+(loadgen.user), else ``perf_counter_ns()`` after the read.  TTFT, ITL, TPOT and
 end-to-end are computed from those stamps (DESIGN.md's definitions, the same as vLLM's
 benchmark).  A failure is data on the record (``error_kind`` and message), never a lost record.
 """
@@ -28,14 +29,17 @@ class Timing:
     token_ns: list[int] = field(default_factory=list)
     empty: list[bool] = field(default_factory=list)
     """Per token event: its text was empty (a finish-only event, or a partial character)."""
+    kernel: list[bool] = field(default_factory=list)
+    """Per token event: its stamp is the kernel's receive time (else user space's, after the read)."""
     end_ns: int | None = None
     usage: dict | None = None
     events: int = 0
     response_id: str | None = None
     """The stream's ``id`` (from its first event), when the server gives one."""
 
-    def feed(self, line: bytes, now_ns: int, chat: bool) -> str | None:
-        """Take one SSE line; returns an error message carried in the stream, if any."""
+    def feed(self, line: bytes, now_ns: int, chat: bool, kernel: bool = False) -> str | None:
+        """Take one SSE line stamped ``now_ns`` (``kernel``: a kernel receive stamp); returns an
+        error message carried in the stream, if any."""
         if not line.startswith(b"data:"):
             return None
         payload = line[5:].strip()
@@ -47,6 +51,7 @@ class Timing:
         if not chat and b'"text":' in payload and b'"usage":{' not in payload and b'"error"' not in payload:
             self.token_ns.append(now_ns)
             self.empty.append(b'"text":""' in payload)
+            self.kernel.append(kernel)
             return None
         try:
             data = json.loads(payload)
@@ -70,6 +75,7 @@ class Timing:
             if bearing:
                 self.token_ns.append(now_ns)
                 self.empty.append(text == "")
+                self.kernel.append(kernel)
         return None
 
     def settle(self) -> None:
@@ -81,7 +87,17 @@ class Timing:
         while len(self.token_ns) > max(int(n), 1) and self.empty and self.empty[-1]:
             self.token_ns.pop()
             self.empty.pop()
+            if len(self.kernel) > len(self.token_ns):
+                self.kernel.pop()
         return None
+
+    def stamp_clock(self) -> str | None:
+        """``kernel`` when every token event's stamp is the kernel's receive time, ``user`` when
+        none is, ``mixed`` otherwise; None without token events."""
+        if not self.token_ns:
+            return None
+        k = sum(self.kernel[:len(self.token_ns)])
+        return "kernel" if k == len(self.token_ns) else "user" if k == 0 else "mixed"
 
 
 def classify_http(status: int, message: str) -> str:
@@ -145,6 +161,7 @@ def build(job: dict, timing: Timing, *, http_status: int | None, error_kind: str
         "error_message": error_message,
         "worker": worker,
         "response_id": t.response_id or None,
+        "stamp_clock": t.stamp_clock(),
     }
 
 

@@ -1,8 +1,9 @@
 """The Locust user: takes a job, streams one completion, times every event, hands back a record.
 
-Built on Locust's fast HTTP client (geventhttpclient): the body is read with ``readline`` as
-bytes arrive, so each server-sent event is stamped with ``perf_counter_ns`` when its line is
-complete, not when a buffer fills.  The request body is serialised before the clock starts.
+Built on Locust's fast HTTP client (geventhttpclient): the body is read off the socket as bytes
+arrive, and each server-sent event is stamped with the kernel's receive time of the read that
+completed it (``read_events``), so a late wake-up of the gevent loop does not move the stamp.
+The request body is serialised before the clock starts.
 TTFT, ITL (the request's mean gap), TPOT and end-to-end go through ``events.request.fire`` as
 their own request types, so Locust's statistics, CSV and distributed totals show them; the raw
 per-gap values are in the record.
@@ -13,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
+import sys
 import time
 
 import gevent
@@ -45,22 +48,65 @@ def _error_message(resp) -> str:
         return (resp.content or b"")[:500].decode(errors="replace")
 
 
-def read_events(raw, timing: records.Timing, chat: bool) -> str | None:
-    """Read the SSE body off the socket, stamping each batch of bytes when ``recv`` returns it.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+"""Linux's receive-timestamp option (Python's socket module lacks the name)."""
+_LINUX = sys.platform.startswith("linux") and hasattr(socket, "CMSG_SPACE")
+_CMSG = socket.CMSG_SPACE(16) if _LINUX else 0
+_TIMESPEC = struct.Struct("qq")
+_SEP = b"\n\n"
 
-    While the stream runs, each ``recv`` only feeds the response's parser (which de-chunks into
-    its body buffer) and notes (stamp, bytes so far): nothing else competes with the other
+
+def kernel_stamps_wanted() -> bool:
+    """Kernel receive stamps are used on Linux unless ``CTXLOAD_KERNEL_STAMPS=0``."""
+    return _LINUX and os.environ.get("CTXLOAD_KERNEL_STAMPS", "1") != "0"
+
+
+def _enable_kernel_stamps(sock) -> bool:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def read_events(raw, timing: records.Timing, chat: bool) -> str | None:
+    """Read the SSE body off the socket, stamping each read with when its bytes arrived.
+
+    While the stream runs, each read only feeds the response's parser (which de-chunks into its
+    body buffer) and notes (stamp, bytes so far, kernel?): nothing else competes with the other
     streams' wake-ups.  Lines are split and parsed after the end; each event gets the stamp of
-    the ``recv`` that completed its line (events that arrived together share it).
+    the read that completed it.
+
+    The stamp is the kernel's: with ``SO_TIMESTAMPNS`` on the socket, each ``recvmsg`` carries
+    the arrival time (CLOCK_REALTIME) of the last segment it copied, converted here to the
+    ``perf_counter_ns`` domain — so a read that the gevent loop gets to late is still stamped
+    when its bytes arrived.  To give each event its own segment's stamp, the reader first peeks
+    at what is waiting and, when that holds more than one event end (``\n\n``; chunked framing
+    never contains one), reads up to each event end with its own ``recvmsg``.  A kernel stamp
+    outside [sent, now], a missing one, a socket that refuses the option or ``recvmsg`` (TLS), a
+    non-Linux host or ``CTXLOAD_KERNEL_STAMPS=0`` fall back to ``perf_counter_ns()`` after the
+    read (the user-space stamp), as do bytes that came with the headers.
     """
     buf = raw._body_buffer
-    marks = [(time.perf_counter_ns(), len(buf))]
+    marks = [(time.perf_counter_ns(), len(buf), False)]
+    sock = raw._sock
+    kernel = sock is not None and kernel_stamps_wanted() and _enable_kernel_stamps(sock)
     while not raw.message_complete:
         sock = raw._sock
         if sock is None:
             break
         try:
-            data = sock.recv(65536)
+            if kernel:
+                try:
+                    more = _read_stamped(sock, raw, buf, marks, timing.sent_ns)
+                except NotImplementedError:  # a TLS socket: no recvmsg; nothing was read
+                    kernel = False
+                    continue
+                if more:
+                    continue
+                data = b""
+            else:
+                data = sock.recv(65536)
         except BaseException:
             raw.release()
             raise
@@ -70,12 +116,52 @@ def read_events(raw, timing: records.Timing, chat: bool) -> str | None:
             _parse(bytes(buf), marks, timing, chat)
             raise ConnectionError("the server closed the connection before the end of the stream")
         raw.feed(data)
-        marks.append((now, len(buf)))
+        marks.append((now, len(buf), False))
     timing.end_ns = marks[-1][0]  # the last bytes' arrival, before any parsing
     return _parse(bytes(buf), marks, timing, chat)
 
 
-def _parse(body: bytes, marks: list[tuple[int, int]], timing: records.Timing, chat: bool) -> str | None:
+def _read_stamped(sock, raw, buf: bytearray, marks: list, sent_ns: int) -> bool:
+    """Wait for bytes, then read what is waiting, one ``recvmsg`` per event end, each marked
+    with its kernel stamp (or the user-space one where that is missing or implausible).
+    Returns False at the end of the stream (the peer closed)."""
+    peek = sock.recvmsg(65536, 0, socket.MSG_PEEK)[0]  # blocks (cooperatively) until data
+    n = len(peek)
+    if not n:
+        return False
+    e = peek.find(_SEP) + 2
+    if e == 1 or (n - e <= 2 and peek.find(_SEP, e) < 0):
+        ends = [n]  # at most one event end, and no byte of a next event after it: one read
+    else:
+        ends = []
+        while e > 1:
+            ends.append(e)
+            e = peek.find(_SEP, e) + 2
+        if ends[-1] < n:
+            ends.append(n)
+    perf = time.perf_counter_ns
+    pos = 0
+    for e in ends:
+        while pos < e:
+            data, anc, _, _ = sock.recvmsg(e - pos, _CMSG)
+            now = perf()
+            if not data:
+                return False
+            pos += len(data)
+            raw.feed(data)
+            if anc:
+                _, kind, val = anc[0]
+                if kind == SO_TIMESTAMPNS and len(val) >= 16:
+                    sec, nsec = _TIMESPEC.unpack_from(val)
+                    k = sec * 1_000_000_000 + nsec - (time.time_ns() - perf())
+                    if sent_ns <= k <= now:
+                        marks.append((k, len(buf), True))
+                        continue
+            marks.append((now, len(buf), False))
+    return True
+
+
+def _parse(body: bytes, marks: list[tuple[int, int, bool]], timing: records.Timing, chat: bool) -> str | None:
     error = None
     pos, m = 0, 0
     feed = timing.feed
@@ -86,7 +172,7 @@ def _parse(body: bytes, marks: list[tuple[int, int]], timing: records.Timing, ch
             continue
         while m < len(marks) - 1 and marks[m][1] < end:
             m += 1
-        err = feed(line, marks[m][0], chat)
+        err = feed(line, marks[m][0], chat, marks[m][2])
         if err and error is None:
             error = err
         if timing.response_id is None:

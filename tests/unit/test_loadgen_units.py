@@ -179,6 +179,28 @@ def test_trailing_finish_only_event_is_not_a_token():
     assert r["completion_tokens"] == 3 and len(r["itl_s"]) == 2
 
 
+def test_stamp_clock_says_which_clock_stamped_the_token_events():
+    def clock(flags, finish_flag=None):
+        t = records.Timing(sent_ns=0)
+        for i, k in enumerate(flags):
+            t.feed(b'data: {"choices":[{"text":" a"}]}', 10 * (i + 1), False, k)
+        if finish_flag is not None:  # a trailing finish-only event, dropped by settle()
+            t.feed(b'data: {"choices":[{"text":"","finish_reason":"length"}]}', 99, False, finish_flag)
+            t.feed(f'data: {{"choices":[],"usage":{{"completion_tokens":{len(flags)}}}}}'.encode(), 99, False)
+        t.end_ns = 100
+        return records.build(_job(), t, http_status=200, error_kind=None, error_message=None, start_time=0,
+                             worker="w")["stamp_clock"]
+
+    assert clock([True, True, True]) == "kernel"
+    assert clock([False, False]) == "user"  # CTXLOAD_KERNEL_STAMPS=0, TLS, a non-Linux host
+    assert clock([False, True, True]) == "mixed"  # e.g. the first token came with the headers
+    assert clock([True, True], finish_flag=False) == "kernel"  # only the kept token events count
+    t = records.Timing(sent_ns=0)
+    t.feed(b'data: {"choices":[{"text":" a"}]}', 10, False)  # feed's default: a user-space stamp
+    assert t.stamp_clock() == "user"
+    assert records.Timing(sent_ns=0).stamp_clock() is None
+
+
 def test_goodput_counts_requests_meeting_every_slo():
     from loadgen.controller import meets
 
