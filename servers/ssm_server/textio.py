@@ -17,12 +17,19 @@ class HFText:
 
         self.tok = AutoTokenizer.from_pretrained(path)
         self.eos_token_id = self.tok.eos_token_id
+        # the Rust tokenizer behind a fast one: transformers' decode first walks every id in
+        # Python (to_py_obj), which costs more than the decode itself on the per-token path
+        self._fast = getattr(self.tok, "backend_tokenizer", None)
+        self._cleanup = bool(getattr(self.tok, "clean_up_tokenization_spaces", False))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+        if self._fast is None:
+            return self.tok.decode(ids, skip_special_tokens=True)
+        text = self._fast.decode(ids, skip_special_tokens=True)
+        return self.tok.clean_up_tokenization(text) if self._cleanup else text
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if getattr(self.tok, "chat_template", None):
@@ -81,8 +88,14 @@ class Detokenizer:
     """Turns a growing list of ids into text deltas without re-decoding everything.
 
     Like vLLM's: decode a short window before the new ids and emit only what is new, holding
-    back a trailing replacement character (an incomplete UTF-8 sequence).
+    back a trailing replacement character (an incomplete UTF-8 sequence) — for at most
+    ``HOLD`` ids: no UTF-8 character is longer than 4 bytes, so past that the replacement
+    character is final (ids that are not text, as a random-weight model samples them) and the
+    window moves on. Without that bound the window, and the cost of each token, would grow
+    with the output.
     """
+
+    HOLD = 4
 
     def __init__(self, text):
         self.text = text
@@ -95,7 +108,7 @@ class Detokenizer:
         self.ids.append(token_id)
         before = self._before
         after = self.text.decode(self.ids[self.prefix:])
-        if after.endswith("\ufffd") or len(after) <= len(before):
+        if (after.endswith("\ufffd") or len(after) <= len(before)) and len(self.ids) - self.read < self.HOLD:
             return ""
         delta = after[len(before):]
         prefix = max(self.read - 4, self.prefix) if self.read - self.prefix > 8 else self.prefix
