@@ -1,8 +1,10 @@
 """ssm-server's own overhead per output token on CPU, over a bare model step, same run.
 
-usage: python benchmarks/bench_ssm_server_cpu.py [PRESET] [TOKENS]
+usage: python benchmarks/bench_ssm_server_cpu.py [PRESET] [TOKENS] [ROUNDS]
 Reference: the backend's decode step called directly (batch 1, the tiny model). Served: the
-median gap between streamed tokens of one request to the real server on loopback.
+median gap between streamed tokens of one request to the real server on loopback. The two
+alternate for ROUNDS rounds (default 3) against one running server, and each column keeps its
+fastest round's median: on a shared 2-core machine a single pair is mostly noise.
 """
 
 from __future__ import annotations
@@ -34,29 +36,34 @@ def bare_step_s(model_dir: str, n: int) -> float:
     return statistics.median(gaps)
 
 
-def served_itl_s(model_dir: str, n: int) -> float:
-    port = free_port()
-    cmd = [sys.executable, "-m", "servers.ssm_server", "--model", model_dir, "--port", str(port)]
-    with ManagedServer("bench-cpu", cmd, port, startup_timeout_s=120) as srv:
-        body = json.dumps({"prompt": list(range(1, 65)), "max_tokens": n, "ignore_eos": True,
-                           "stream": True, "temperature": 0}).encode()
-        stamps = []
-        for _ in range(2):  # first run warms up
-            stamps = []
-            req = urllib.request.Request(srv.url + "/v1/completions", body, {"Content-Type": "application/json"})
-            with urllib.request.urlopen(req) as r:
-                for line in r:
-                    if line.startswith(b"data: {") and b'"finish_reason":null' in line:
-                        stamps.append(time.perf_counter())
-        return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+def served_itl_s(url: str, n: int) -> float:
+    body = json.dumps({"prompt": list(range(1, 65)), "max_tokens": n, "ignore_eos": True,
+                       "stream": True, "temperature": 0}).encode()
+    stamps = []
+    req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as r:
+        for line in r:
+            if line.startswith(b"data: {") and b'"finish_reason":null' in line:
+                stamps.append(time.perf_counter())
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
 
 
 def main():
     preset = sys.argv[1] if len(sys.argv) > 1 else "tiny-mamba2"
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 200
+    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
     d = str(build_tiny(preset))
-    bare = bare_step_s(d, n)
-    served = served_itl_s(d, n)
+    port = free_port()
+    cmd = [sys.executable, "-m", "servers.ssm_server", "--model", d, "--port", str(port)]
+    bares, serveds = [], []
+    with ManagedServer("bench-cpu", cmd, port, startup_timeout_s=120) as srv:
+        served_itl_s(srv.url, 20)  # warm-up
+        for r in range(rounds):
+            bares.append(bare_step_s(d, n))
+            serveds.append(served_itl_s(srv.url, n))
+            print(f"round {r + 1}/{rounds}: bare {bares[-1] * 1e3:.2f} ms, served {serveds[-1] * 1e3:.2f} ms",
+                  file=sys.stderr, flush=True)
+    bare, served = min(bares), min(serveds)
     print(f"| model | bare step (median) | served ITL (median) | overhead per token | ratio |")
     print(f"|---|---|---|---|---|")
     print(f"| {preset} | {bare * 1e3:.2f} ms | {served * 1e3:.2f} ms | {(served - bare) * 1e3:.2f} ms "
