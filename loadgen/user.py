@@ -11,7 +11,9 @@ per-gap values are in the record.
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 import socket
 import struct
@@ -19,6 +21,7 @@ import sys
 import time
 
 import gevent
+import gevent.event
 from locust import constant, task
 from locust.contrib.fasthttp import FastHttpUser
 
@@ -69,13 +72,22 @@ def _enable_kernel_stamps(sock) -> bool:
         return False
 
 
-def read_events(raw, timing: records.Timing, chat: bool) -> str | None:
+class StreamClosed(ConnectionError):
+    """The server closed the connection before the end of the stream; carries what came."""
+
+    def __init__(self, body: bytes, marks: list):
+        super().__init__("the server closed the connection before the end of the stream")
+        self.body, self.marks = body, marks
+
+
+def read_events(raw, timing: records.Timing) -> tuple[bytes, list[tuple[int, int, bool]]]:
     """Read the SSE body off the socket, stamping each read with when its bytes arrived.
 
     While the stream runs, each read only feeds the response's parser (which de-chunks into its
     body buffer) and notes (stamp, bytes so far, kernel?): nothing else competes with the other
-    streams' wake-ups.  Lines are split and parsed after the end; each event gets the stamp of
-    the read that completed it.
+    streams' wake-ups.  Returns the body and the marks; ``_parse`` splits and parses the lines
+    after the end, and gives each event the stamp of the read that completed it.  A stream the
+    server cut short raises ``StreamClosed``, which carries what came.
 
     The stamp is the kernel's: with ``SO_TIMESTAMPNS`` on the socket, each ``recvmsg`` carries
     the arrival time (CLOCK_REALTIME) of the last segment it copied, converted here to the
@@ -113,12 +125,11 @@ def read_events(raw, timing: records.Timing, chat: bool) -> str | None:
         now = time.perf_counter_ns()
         if not data:
             raw.release()
-            _parse(bytes(buf), marks, timing, chat)
-            raise ConnectionError("the server closed the connection before the end of the stream")
+            raise StreamClosed(bytes(buf), marks)
         raw.feed(data)
         marks.append((now, len(buf), False))
     timing.end_ns = marks[-1][0]  # the last bytes' arrival, before any parsing
-    return _parse(bytes(buf), marks, timing, chat)
+    return bytes(buf), marks
 
 
 def _read_stamped(sock, raw, buf: bytearray, marks: list, sent_ns: int) -> bool:
@@ -191,6 +202,35 @@ def _response_id(line: bytes) -> str:
 
 def stream_once(session, job: dict, prompt: str, timeout_s: float) -> dict:
     """Send one streamed request through a FastHttpSession and build its record."""
+    sent = send(session, job, prompt, timeout_s)
+    rec = sent.record()
+    if sent.cancelled:
+        rec["_cancelled"] = True
+    return rec
+
+
+class Sent:
+    """One request's outcome as read off the wire (the timed part), before any parsing:
+    ``record()`` parses the body and builds the record."""
+
+    __slots__ = ("job", "timing", "chat", "body", "marks", "status", "kind", "message", "start_time",
+                 "cancelled", "failed_ns")
+
+    def record(self) -> dict:
+        t = self.timing
+        if self.body is not None:
+            stream_err = _parse(self.body, self.marks, t, self.chat)
+            if stream_err and self.kind is None:
+                self.message, self.kind = stream_err[:500], records.classify_http(500, stream_err)
+        if t.end_ns is None and t.token_ns:
+            t.end_ns = self.failed_ns
+        return records.build(self.job, t, http_status=self.status, error_kind=self.kind,
+                             error_message=self.message, start_time=self.start_time, worker=WORKER)
+
+
+def send(session, job: dict, prompt: str, timeout_s: float, turn=None) -> Sent:
+    """Send one streamed request through a FastHttpSession and read its stream to the end;
+    ``turn``, when given, is waited for first (``SpareTime.turn``), before the clock starts."""
     chat = job["api"] == "chat"
     path = "/v1/chat/completions" if chat else "/v1/completions"
     data = request_body(job, prompt)
@@ -198,10 +238,16 @@ def stream_once(session, job: dict, prompt: str, timeout_s: float) -> dict:
                "Accept-Encoding": "identity"}
     if job.get("api_key_env") and os.environ.get(job["api_key_env"]):
         headers["Authorization"] = f"Bearer {os.environ[job['api_key_env']]}"
-    start_time = time.time()
-    timing = records.Timing(sent_ns=time.perf_counter_ns())
+    out = Sent()
+    out.job, out.chat, out.body, out.marks, out.cancelled = job, chat, None, None, False
+    out.start_time = time.time()
+    timing = out.timing = records.Timing(sent_ns=time.perf_counter_ns())
     status = kind = message = None
     try:
+        if turn is not None:
+            turn()
+            out.start_time = time.time()
+            timing = out.timing = records.Timing(sent_ns=time.perf_counter_ns())
         with gevent.Timeout(timeout_s, TimeoutError(f"no end of stream after {timeout_s:g} s")):
             resp = session.request("POST", job["url"] + path, data=data, headers=headers, stream=True,
                                    name=f"{job['target']} {job['stage']}")
@@ -213,24 +259,75 @@ def stream_once(session, job: dict, prompt: str, timeout_s: float) -> dict:
                 message = _error_message(resp)
                 kind = records.classify_http(status or 0, message)
             else:
-                stream_err = read_events(resp._response, timing, chat)
-                if stream_err:
-                    message, kind = stream_err[:500], records.classify_http(500, stream_err)
+                out.body, out.marks = read_events(resp._response, timing)
     except gevent.GreenletExit:
         kind, message = "cancelled", "the load generator stopped the request"
-        raise_after = True
+        out.cancelled = True
+    except StreamClosed as e:  # parse what came: a crash mid-stream still has its tokens
+        out.body, out.marks = e.body, e.marks
+        kind, message = records.classify_exception(e), f"ConnectionError: {e}"[:500]
     except BaseException as e:  # noqa: BLE001 - every failure becomes data on the record
         kind, message = records.classify_exception(e), f"{type(e).__name__}: {e}"[:500]
-        raise_after = False
-    else:
-        raise_after = False
-    if timing.end_ns is None and timing.token_ns:
-        timing.end_ns = time.perf_counter_ns()
-    rec = records.build(job, timing, http_status=status, error_kind=kind, error_message=message,
-                        start_time=start_time, worker=WORKER)
-    if raise_after:
-        rec["_cancelled"] = True
-    return rec
+    out.failed_ns = time.perf_counter_ns()
+    out.status, out.kind, out.message = status, kind, message
+    return out
+
+
+class SpareTime:
+    """The event loop's spare time, handed out one piece at a time: what a user does besides
+    reading its stream — starting a request (about 0.5 ms of CPU: the HTTP client, headers) and,
+    after the stream, parsing it, building the record, writing it and firing Locust's events
+    (about 1 ms) — waits until no I/O is pending, one piece per turn of the loop; starts go
+    before records, so a record's work never delays a request.
+
+    Streams of a closed-loop stage start and end together.  Done in their own greenlets right
+    away, a few hundred starts or ends run back to back and hold every other stream's reads for
+    as long: long enough for several events to wait in one socket, where the kernel merges
+    their segments and with them their receive stamps.  One at a time, each when nothing is
+    waiting to be read, they give way to the reads instead.
+    """
+
+    def __init__(self):
+        self.starts: collections.deque = collections.deque()
+        self.records: collections.deque = collections.deque()
+        self.wake = gevent.event.Event()
+        self.greenlet = None
+
+    def _put(self, queue: collections.deque, item) -> None:
+        queue.append(item)
+        self.wake.set()
+        if self.greenlet is None or self.greenlet.dead:
+            self.greenlet = gevent.spawn(self._loop)
+
+    def turn(self) -> None:
+        """Wait for a turn (then run, in the caller's greenlet, until it next blocks)."""
+        ev = gevent.event.Event()
+        self._put(self.starts, ev)
+        ev.wait()
+
+    def later(self, fn) -> None:
+        """Run ``fn`` in a turn of its own; the caller goes on at once."""
+        self._put(self.records, fn)
+
+    def _loop(self) -> None:
+        starts, recs = self.starts, self.records
+        while True:
+            if not starts and not recs:
+                self.wake.clear()
+                self.wake.wait()
+                continue
+            gevent.idle()
+            if starts:
+                starts.popleft().set()
+                continue
+            try:
+                recs.popleft()()
+            except Exception:  # noqa: BLE001 - one failing record must not stop the others
+                logging.getLogger(__name__).exception("finishing a stream's record failed")
+
+
+SPARE = SpareTime()
+"""This process's one (users of a process share one event loop)."""
 
 
 def fire_events(env, rec: dict) -> None:
@@ -277,9 +374,15 @@ class StreamingUser(FastHttpUser):
         if job is None:
             return
         prompt = source.prompt(job)
-        rec = stream_once(self.client, job, prompt, job["timeout_s"])
-        cancelled = rec.pop("_cancelled", False)
-        source.finish(job, rec)
-        fire_events(self.environment, rec)
-        if cancelled:
+        sent = send(self.client, job, prompt, job["timeout_s"], turn=SPARE.turn)
+        env = self.environment
+
+        def after() -> None:
+            rec = sent.record()
+            source.finish(job, rec)
+            fire_events(env, rec)
+
+        if sent.cancelled:  # the run is stopping: no stream left to time
+            after()
             raise gevent.GreenletExit()
+        SPARE.later(after)  # the next request need not wait for this one's record

@@ -86,3 +86,43 @@ def test_user_space_stamps_when_kernel_stamps_are_off(server):
     print("user-space stamps, gap errors (ms):", [[round(e, 3) for e in r] for r in errs])
     assert all(r["stamp_clock"] == "user" for r in recs)
     assert max(abs(e) for r in errs for e in r) > 5.0, errs
+
+
+def test_a_closed_loop_stage_measures_every_gap_within_1ms(tiny_models, tmp_path):
+    """``ctxload run``, one process, 60 streams closed loop: every stream starts and ends with
+    the others, the moments when a client's own work (starting requests, building records, a
+    full garbage collection) holds the reads.  The client's gap must equal the server's logged
+    gap within 1 ms for at least 99% of gaps (the issue's p99 target, at a lower load than the
+    benchmark's 200 streams so a shared CI box holds it)."""
+    import yaml
+
+    port, log = free_port(), tmp_path / "sends.jsonl"
+    cmd = [sys.executable, "-m", "loadgen.synthetic_server", "--ttft-ms", "50", "--itl-ms", "20",
+           "--port", str(port), "--send-log", str(log)]
+    with ManagedServer("syn-60", cmd, port, log_path=tmp_path / "s.log", startup_timeout_s=60) as srv:
+        scen = {"name": "ks", "targets": [{"name": "syn", "url": srv.url, "model": "synthetic",
+                                           "engine": "synthetic", "family": "ssm",
+                                           "tokenizer": str(tiny_models["transformer"])}],
+                "output": {"max_tokens": 24}, "metrics": {"scrape_interval_s": 1},
+                "load": {"kind": "concurrency_sweep", "prompt_tokens": 64, "users": [60], "requests": 180}}
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(scen))
+        p = subprocess.run([sys.executable, "-m", "ctxload", "run", str(tmp_path / "s.yaml"), "--runs-dir",
+                            str(tmp_path / "runs"), "--run-id", "r"], capture_output=True, text=True, cwd=REPO,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+    recs = [json.loads(l) for l in (tmp_path / "runs" / "r" / "requests.jsonl").read_text().splitlines()]
+    assert len(recs) == 180
+    sends = {s["id"]: s["send_ns"] for s in map(json.loads, log.read_text().splitlines())}
+    errs = []
+    for r in recs:
+        assert r["status"] == "ok", r["error_message"]
+        s = sends[r["response_id"]]
+        errs += [abs(g * 1e3 - (b - a) / 1e6) for g, a, b in zip(r["itl_s"], s, s[1:])]
+    assert len(errs) == 180 * 23
+    errs.sort()
+    p99 = errs[int(0.99 * len(errs))]
+    clocks = {c: sum(r["stamp_clock"] == c for r in recs) for c in ("kernel", "mixed", "user")}
+    print(f"60 streams: gap error p50 {errs[len(errs) // 2]:.3f} ms, p99 {p99:.3f} ms, max {errs[-1]:.1f} ms; "
+          f"stamp_clock {clocks}")
+    assert p99 <= 1.0, (p99, errs[-20:])
+    assert clocks["user"] == 0
