@@ -10,6 +10,9 @@ within 1 ms.  GuideLLM reports only a per-request mean ITL, so its ITL column is
 
     .venv/bin/python benchmarks/bench_loadgen_fidelity.py [--levels 1,50,200] [--tools ctxload,vllm,guidellm]
 
+``--tools`` also takes ``ctxload-user``: ctxload with ``CTXLOAD_KERNEL_STAMPS=0`` (user-space
+stamps after each read instead of the kernel's receive times), for comparison.
+
 The "vs set" columns include the server's own lateness (it shares the CPU), the same for every
 tool.  The "vs sent" columns take it out: loadgen's synthetic server logs when it really wrote
 each event (``--send-log``; ``perf_counter_ns``, CLOCK_MONOTONIC) and names each stream in its
@@ -112,7 +115,7 @@ def summarize(ttfts_s, itls_s, events: int, duration_s: float, a) -> dict:
 
 # ---- the tools ------------------------------------------------------------------------------
 
-def run_ctxload(url: str, levels: list[int], a, work: Path) -> dict[int, dict]:
+def run_ctxload(url: str, levels: list[int], a, work: Path, kernel_stamps: bool = True) -> dict[int, dict]:
     import yaml
 
     scen = {"name": "fidelity", "targets": [{"name": "syn", "url": url, "model": "synthetic", "engine": "synthetic",
@@ -126,14 +129,20 @@ def run_ctxload(url: str, levels: list[int], a, work: Path) -> dict[int, dict]:
         scen["load"]["users"], scen["load"]["requests"] = [n], requests(n, a)
         path = work / f"ctxload-{n}.yaml"
         path.write_text(yaml.safe_dump(scen))
+        run_id = f"c{n}-{'k' if kernel_stamps else 'u'}"
         subprocess.run([sys.executable, "-m", "ctxload", "run", str(path), "--runs-dir", str(work / "runs"),
-                        "--run-id", f"c{n}"], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-        recs = [json.loads(l) for l in (work / "runs" / f"c{n}" / "requests.jsonl").read_text().splitlines()]
+                        "--run-id", run_id], check=True, cwd=REPO, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "CTXLOAD_KERNEL_STAMPS": "1" if kernel_stamps else "0"})
+        recs = [json.loads(l) for l in (work / "runs" / run_id / "requests.jsonl").read_text().splitlines()]
         ok = [r for r in recs if r["status"] == "ok"]
         span = max(r["start_time"] + r["e2e_s"] for r in ok) - min(r["start_time"] for r in ok)
         out[n] = summarize([r["ttft_s"] for r in ok], [g for r in ok for g in r["itl_s"]],
                            sum(len(r["itl_s"]) + 1 for r in ok), span, a)
         out[n]["errors"] = len(recs) - len(ok)
+        clocks: dict[str, int] = {}
+        for r in ok:
+            clocks[str(r.get("stamp_clock"))] = clocks.get(str(r.get("stamp_clock")), 0) + 1
+        out[n]["stamp_clock"] = clocks  # which clock stamped the records' token events
         sends = read_sends(a)
         out[n].update(own_error([(r["ttft_s"], r["itl_s"], sends.get(r.get("response_id"))) for r in ok]))
     return out
@@ -214,8 +223,14 @@ def guidellm_stats(report: dict, a) -> dict:
     return out
 
 
-TOOLS = {"ctxload": run_ctxload, "vllm": run_vllm, "guidellm": run_guidellm}
-LABELS = {"ctxload": "ctxload loadgen (Locust, 1 process)", "vllm": "vllm bench serve",
+def run_ctxload_user(url: str, levels: list[int], a, work: Path) -> dict[int, dict]:
+    """ctxload with ``CTXLOAD_KERNEL_STAMPS=0``: user-space stamps, for comparison."""
+    return run_ctxload(url, levels, a, work, kernel_stamps=False)
+
+
+TOOLS = {"ctxload": run_ctxload, "ctxload-user": run_ctxload_user, "vllm": run_vllm, "guidellm": run_guidellm}
+LABELS = {"ctxload": "ctxload loadgen (Locust, 1 process)",
+          "ctxload-user": "ctxload loadgen, CTXLOAD_KERNEL_STAMPS=0", "vllm": "vllm bench serve",
           "guidellm": "GuideLLM (ITL = per-request mean)"}
 
 
@@ -243,6 +258,11 @@ def table(results: dict[str, dict[int, dict]], a) -> str:
     lines += ["", "| tool | max events/s, p99 ITL error ≤ 1 ms vs set | … vs sent (own error) |",
               "| --- | ---: | ---: |"]
     lines += [f"| {LABELS[t]} | {w(v)} | {w(best_own.get(t))} |" for t, v in best.items()]
+    clocks = [f"{LABELS[t]}: " + "; ".join(f"{n} streams " + ", ".join(f"{k} {c}" for k, c in s["stamp_clock"].items())
+                                           for n, s in levels.items())
+              for t, levels in results.items() if not isinstance(levels, str) and t.startswith("ctxload")]
+    if clocks:
+        lines += ["", "Records' `stamp_clock` (requests): " + " | ".join(clocks)]
     head = (f"Set TTFT {a.ttft_ms:g} ms, ITL {a.itl_ms:g} ms, {a.output_tokens} output tokens, "
             f"{PROMPT_TOKENS}-token prompts, {a.rounds} requests per stream; errors in ms (absolute). "
             "\"vs set\": against the set values; \"own\": against the server's logged send times of the same "
