@@ -27,12 +27,27 @@ def test_synthetic_schedule(tmp_path):
 
         with concurrent.futures.ThreadPoolExecutor(8) as ex:
             res = list(ex.map(one, range(8)))
+        # the client's view: never earlier than the schedule; later by what 8 client threads on
+        # a busy 2-core machine add (seen up to 0.6 s under load), so only loosely bounded above
         for ttft, gaps, n in res:
             assert n == 20
-            assert 0.075 < ttft < 0.25
+            assert 0.075 < ttft < 1.0
             assert abs(statistics.median(gaps) - 0.020) < 0.006
+        assert statistics.median(r[0] for r in res) < 0.3
         import json
+        import re
         import urllib.request
+
+        # the server's own view is exact: 8 first tokens at 80 ms, 8 × 19 gaps at 20 ms
+        text = urllib.request.urlopen(srv.url + "/metrics").read().decode()
+
+        def total(name):
+            return sum(float(v) for v in re.findall(rf"^ssm:{name}\{{[^}}]*\}} (\S+)$", text, re.M))
+
+        assert total("time_to_first_token_seconds_count") == 8
+        assert 0.079 < total("time_to_first_token_seconds_sum") / 8 < 0.12
+        assert total("inter_token_latency_seconds_count") == 8 * 19
+        assert 0.019 < total("inter_token_latency_seconds_sum") / (8 * 19) < 0.03
         req = urllib.request.Request(srv.url + "/tokenize", json.dumps({"prompt": "one two three"}).encode(),
                                      {"Content-Type": "application/json"})
         assert json.loads(urllib.request.urlopen(req).read())["count"] == 3
