@@ -38,7 +38,7 @@ from loadgen.controller import Controller, Stage
 from loadgen.exporter import ClientMetrics
 from loadgen.records import RecordWriter
 from loadgen.scrape import ScraperProcess
-from loadgen.user import StreamingUser
+from loadgen.user import SPARE, StreamingUser
 
 
 def _now_iso() -> str:
@@ -184,6 +184,7 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
                                               port=master_port, spawn_local=not external_workers, wait_s=0)
         else:
             runner = env.create_local_runner()
+        stack.callback(SPARE.drain)  # after the users stop (LIFO): their queued records, then the writer closes
         stack.callback(runner.quit)
         if web_port is not None:  # up while the master waits for its workers
             # Locust's UI parses sys.argv with its own parser (ui_extra_args_dict) on every page:

@@ -309,6 +309,15 @@ class SpareTime:
         """Run ``fn`` in a turn of its own; the caller goes on at once."""
         self._put(self.records, fn)
 
+    def drain(self) -> None:
+        """Run every queued record now, in the caller's greenlet: the run is stopping (Ctrl-C,
+        the end, a worker told to stop), and a finished request must not be lost."""
+        while self.records:
+            try:
+                self.records.popleft()()
+            except Exception:  # noqa: BLE001
+                logging.getLogger(__name__).exception("finishing a stream's record failed")
+
     def _loop(self) -> None:
         starts, recs = self.starts, self.records
         while True:
@@ -319,6 +328,8 @@ class SpareTime:
             gevent.idle()
             if starts:
                 starts.popleft().set()
+                continue
+            if not recs:  # drained meanwhile (the run is stopping)
                 continue
             try:
                 recs.popleft()()

@@ -9,7 +9,7 @@ import gc
 import sys
 
 from loadgen.distributed import WorkerSource
-from loadgen.user import StreamingUser
+from loadgen.user import SPARE, StreamingUser
 
 
 def main(argv=None) -> int:
@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     env = Environment(user_classes=[StreamingUser])
     runner = env.create_worker_runner(a.master_host, a.master_port)
     env.ctxload = WorkerSource(runner)
+    # a stop from the master: the records still queued go out before the worker reports stopped
+    env.events.test_stop.add_listener(lambda **_: SPARE.drain())
     gc.collect()
     gc.freeze()
     runner.greenlet.join()

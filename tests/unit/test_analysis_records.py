@@ -101,7 +101,8 @@ def test_any_garbage_line_is_named_and_the_rest_is_read(tmp_path, inserts):
         lines.insert(min(pos, len(lines)), junk)
     d = tmp_path / "mixed"
     d.mkdir(exist_ok=True)
-    (d / "requests.jsonl").write_text("\n".join(lines) + "\n")
+    # lone surrogates become bytes that are not UTF-8: garbage a crashed writer can leave too
+    (d / "requests.jsonl").write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogatepass"))
     run = load_run(d)
     assert len(run.requests) + len(run.problems) == len(lines)
     assert len(run.requests) >= len(good)

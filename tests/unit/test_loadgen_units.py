@@ -227,3 +227,22 @@ def test_stage_opens_its_series_at_zero_before_any_request():
                  'ctxload:client_requests_total{stage="prompt=1024",status="ok",target="t"} 0.0',
                  'ctxload:client_errors_total{kind="timeout",stage="prompt=1024",target="t"} 0.0'):
         assert line in text, line
+
+
+def test_queued_records_are_drained_in_order_when_the_run_stops():
+    """Records wait for the loop's spare time; a stop (Ctrl-C, the end, a worker's stop) runs
+    what is still queued, in order, and one failing record does not stop the rest. In a child
+    process: importing Locust monkey-patches the interpreter."""
+    import subprocess
+
+    code = ("from loadgen.user import SpareTime\n"
+            "s, out = SpareTime(), []\n"
+            "for i in range(5):\n"
+            "    s.later(lambda i=i: out.append(i) if i != 2 else 1 / 0)\n"
+            "s.drain()\n"
+            "assert out == [0, 1, 3, 4] and not s.records, out\n"
+            "print('drained')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert p.returncode == 0 and "drained" in p.stdout, p.stdout + p.stderr
+    assert "ZeroDivisionError" in p.stderr  # the failing record is logged, not swallowed
