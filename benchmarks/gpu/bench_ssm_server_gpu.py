@@ -115,32 +115,16 @@ def state_update_kernels():
     ``ssu_step`` (each block size; the pick) against mamba_ssm's ``selective_state_update`` with
     ``state_batch_indices``, same inputs: time per call, state bytes moved per second, and the
     largest difference of outputs and updated states between the two."""
-    import torch
-    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    from servers.ssm_server.mamba_check import SSUCase
+    from servers.ssm_server.mamba_kernels import SSU_BLOCKS, graph_time_us, pick_ssu_block
 
-    from servers.ssm_server.mamba_kernels import SSU_BLOCKS, graph_time_us, pick_ssu_block, ssu_step
-
-    H, P, N, G, slots = 48, 64, 128, 1, 64
-    dev, bf = "cuda", torch.bfloat16
-    torch.manual_seed(0)
+    slots, G = 64, 1
+    H, P, N = SSUCase.H, SSUCase.P, SSUCase.N
     out = {}
     for bsz in (1, 64):
-        pool = torch.randn((slots, H, P, N), dtype=bf, device=dev)
-        x = torch.randn((bsz, H, P), dtype=bf, device=dev)
-        dt = torch.randn((bsz, H), dtype=bf, device=dev)
-        Bm, Cm = torch.randn((2, bsz, G, N), dtype=bf, device=dev)
-        A = -torch.rand(H, device=dev) * 4
-        D, dtb = torch.rand((2, H), device=dev)
-        idx = torch.randperm(slots, device=dev)[:bsz]
-
-        def mamba(st):
-            return selective_state_update(st, x, dt[:, :, None].expand(bsz, H, P), A[:, None, None].expand(H, P, N),
-                                          Bm, Cm, D[:, None].expand(H, P), z=None,
-                                          dt_bias=dtb[:, None].expand(H, P), dt_softplus=True, state_batch_indices=idx)
-
-        def ours(st, bp):
-            return ssu_step(st, x, dt, A, Bm, Cm, D, dtb, idx, bp)
-
+        c = SSUCase(bsz, slots, G)
+        pool, mamba, ours = c.pool, c.mamba_ssm, c.ours
+        bf, dev = pool.dtype, pool.device
         s1, s2 = pool.clone(), pool.clone()
         y1, y2 = mamba(s1), ours(s2, 16)
         diff = max((y1.float() - y2.float()).abs().max().item(), (s1.float() - s2.float()).abs().max().item())
@@ -160,6 +144,24 @@ def state_update_kernels():
     return out
 
 
+def piped_step_s(launch, collect, n: int, g, first_tokens, warm: int = 20, reps: int = 200) -> float:
+    """Seconds per pipelined decode step of n rows (slots 0..n-1): launch N+1, then collect N —
+    the engine's pattern, so this is the device step alone once the host keeps up."""
+    slots, params, banned = list(range(n)), [g] * n, [[]] * n
+    h = launch(slots, first_tokens, params, banned)
+    for _ in range(warm):
+        h2 = launch(slots, [-1] * n, params, banned)
+        collect(h)
+        h = h2
+    t = time.perf_counter()
+    for _ in range(reps):
+        h2 = launch(slots, [-1] * n, params, banned)
+        collect(h)
+        h = h2
+    collect(h)
+    return (time.perf_counter() - t) / reps
+
+
 def decode_step_mamba_ssu(b, g):
     """The same backend's pipelined decode step with mamba_ssm's state update (CTXLOAD_SSU=mamba):
     the reference for what our kernel buys. Returns {batch: ms}."""
@@ -174,19 +176,7 @@ def decode_step_mamba_ssu(b, g):
         os.environ.pop("CTXLOAD_SSU", None)
     res = {}
     for n in (1, 64):
-        slots, params = list(range(n)), [g] * n
-        h = dec.launch(slots, [5] * n, params, [[]] * n)
-        for _ in range(20):
-            h2 = dec.launch(slots, [-1] * n, params, [[]] * n)
-            dec.collect(h)
-            h = h2
-        t = time.perf_counter()
-        for _ in range(200):
-            h2 = dec.launch(slots, [-1] * n, params, [[]] * n)
-            dec.collect(h)
-            h = h2
-        dec.collect(h)
-        res[n] = (time.perf_counter() - t) / 200 * 1e3
+        res[n] = piped_step_s(dec.launch, dec.collect, n, g, [5] * n) * 1e3
         emit(what="backend_decode_step_mamba_ssu", batch=n, piped_ms=round(res[n], 3), tok_s=round(n / res[n] * 1e3))
     del dec
     torch.cuda.empty_cache()
@@ -242,15 +232,7 @@ def correctness():
         for _ in range(200):
             toks = b.decode_sample(slots, toks, params, [[]] * n, [None] * n)
         dt = (time.perf_counter() - t) / 200
-        # pipelined: launch N+1, then collect N (the engine's pattern): the device step alone
-        h = b.decode_launch(slots, toks, params, [[]] * n)
-        t = time.perf_counter()
-        for _ in range(200):
-            h2 = b.decode_launch(slots, [-1] * n, params, [[]] * n)
-            b.decode_collect(h)
-            h = h2
-        b.decode_collect(h)
-        dp = (time.perf_counter() - t) / 200
+        dp = piped_step_s(b.decode_launch, b.decode_collect, n, g, toks, warm=0)
         r[f"backend_step_b{n}_ms"] = dt * 1e3
         r[f"backend_piped_b{n}_ms"] = dp * 1e3
         emit(what="backend_decode_step", batch=n, sync_ms=round(dt * 1e3, 3), piped_ms=round(dp * 1e3, 3),

@@ -84,3 +84,39 @@ def check_native(b, prompt: int = 5000, steps: int = 6, chunks=(1024, 1000, 4096
     res["batched_graph_decode"] = d_batch
     res["worst_over_scale"] = max(v for k, v in res.items() if isinstance(v, float) and k != "logit_scale") / scale
     return res
+
+
+class SSUCase:
+    """Random inputs of one Mamba2-780m-shaped decode state update (48 heads × 64 × 128, bf16)
+    on a pool of ``slots``, rows ``idx`` (default: ``bsz`` distinct random slots): for checking
+    ``mamba_kernels.ssu_step`` and timing it against mamba_ssm's kernel."""
+
+    H, P, N = 48, 64, 128
+
+    def __init__(self, bsz: int, slots: int, groups: int, idx=None, seed: int = 0, device: str = "cuda"):
+        torch.manual_seed(seed)
+        bf, H, P, N = torch.bfloat16, self.H, self.P, self.N
+        self.pool = torch.randn((slots, H, P, N), dtype=bf, device=device)
+        self.x = torch.randn((bsz, H, P), dtype=bf, device=device)
+        self.dt = torch.randn((bsz, H), dtype=bf, device=device)
+        self.B, self.C = torch.randn((2, bsz, groups, N), dtype=bf, device=device)
+        self.A = -torch.rand(H, device=device) * 4
+        self.D, self.dt_bias = torch.rand((2, H), device=device)
+        self.idx = (torch.randperm(slots, device=device)[:bsz] if idx is None
+                    else torch.tensor(idx, device=device))
+
+    def ours(self, state: torch.Tensor, block_p: int) -> torch.Tensor:
+        from servers.ssm_server.mamba_kernels import ssu_step
+
+        return ssu_step(state, self.x, self.dt, self.A, self.B, self.C, self.D, self.dt_bias, self.idx, block_p)
+
+    def mamba_ssm(self, state: torch.Tensor) -> torch.Tensor:
+        """mamba_ssm's ``selective_state_update`` on the same inputs (tied head dims as stride-0)."""
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+        bsz, H, P, N = self.x.shape[0], self.H, self.P, self.N
+        return selective_state_update(state, self.x, self.dt[:, :, None].expand(bsz, H, P),
+                                      self.A[:, None, None].expand(H, P, N), self.B, self.C,
+                                      self.D[:, None].expand(H, P), z=None,
+                                      dt_bias=self.dt_bias[:, None].expand(H, P), dt_softplus=True,
+                                      state_batch_indices=self.idx)

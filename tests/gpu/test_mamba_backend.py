@@ -61,33 +61,23 @@ def test_state_update_kernel_matches_reference_and_mamba_ssm(block_p):
     """Our Mamba2 state update (ssu_step) against a float32 PyTorch reference and against
     mamba_ssm's selective_state_update on the same pool, slot indices and padding rows."""
     import torch
-    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
-    from servers.ssm_server.mamba_kernels import ssu_ref, ssu_step
+    from servers.ssm_server.mamba_check import SSUCase
+    from servers.ssm_server.mamba_kernels import ssu_ref
 
-    torch.manual_seed(1)
-    H, P, N, G, slots, bsz = 48, 64, 128, 2, 10, 6
-    bf, dev = torch.bfloat16, "cuda"
-    pool = torch.randn((slots, H, P, N), dtype=bf, device=dev)
-    x = torch.randn((bsz, H, P), dtype=bf, device=dev)
-    dt = torch.randn((bsz, H), dtype=bf, device=dev)
-    Bm, Cm = torch.randn((2, bsz, G, N), dtype=bf, device=dev)
-    A = -torch.rand(H, device=dev) * 4
-    D, dtb = torch.rand((2, H), device=dev)
-    idx = torch.tensor([7, 0, -1, 3, 9, -1], device=dev)
+    c = SSUCase(bsz=6, slots=10, groups=2, idx=[7, 0, -1, 3, 9, -1], seed=1)
+    pool, idx, slots = c.pool, c.idx, c.pool.shape[0]
     real = idx >= 0
     ours, ref, theirs = pool.clone(), pool.clone(), pool.clone()
-    y = ssu_step(ours, x, dt, A, Bm, Cm, D, dtb, idx, block_p)
-    y_ref = ssu_ref(ref, x[real], dt[real], A, Bm[real], Cm[real], D, dtb, idx[real])
-    y_mamba = selective_state_update(theirs, x, dt[:, :, None].expand(bsz, H, P), A[:, None, None].expand(H, P, N),
-                                     Bm, Cm, D[:, None].expand(H, P), z=None, dt_bias=dtb[:, None].expand(H, P),
-                                     dt_softplus=True, state_batch_indices=idx)
+    y = c.ours(ours, block_p)
+    y_ref = ssu_ref(ref, c.x[real], c.dt[real], c.A, c.B[real], c.C[real], c.D, c.dt_bias, idx[real])
+    y_mamba = c.mamba_ssm(theirs)
     torch.testing.assert_close(y[real], y_ref, atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(ours, ref, atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(y, y_mamba, atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(ours, theirs, atol=3e-2, rtol=2e-2)
     assert (y[~real] == 0).all()
-    untouched = torch.ones(slots, dtype=torch.bool, device=dev)
+    untouched = torch.ones(slots, dtype=torch.bool, device=idx.device)
     untouched[idx[real]] = False
     assert torch.equal(ours[untouched], pool[untouched])  # padding rows touched no slot
 
