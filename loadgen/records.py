@@ -87,8 +87,7 @@ class Timing:
         while len(self.token_ns) > max(int(n), 1) and self.empty and self.empty[-1]:
             self.token_ns.pop()
             self.empty.pop()
-            if len(self.kernel) > len(self.token_ns):
-                self.kernel.pop()
+            self.kernel.pop()
         return None
 
     def stamp_clock(self) -> str | None:
@@ -96,7 +95,7 @@ class Timing:
         none is, ``mixed`` otherwise; None without token events."""
         if not self.token_ns:
             return None
-        k = sum(self.kernel[:len(self.token_ns)])
+        k = sum(self.kernel)
         return "kernel" if k == len(self.token_ns) else "user" if k == 0 else "mixed"
 
 

@@ -62,8 +62,7 @@ class NativeDecoder:
         # the last sampled token of every slot (+1 scratch entry that padding rows write)
         self.scratch = backend.num_slots
         self.last_tok = torch.zeros((backend.num_slots + 1,), dtype=torch.long, device=dev)
-        # per-layer constants in the shapes selective_state_update wants (stride-0 head_dim:
-        # its tied-head_dim fast path)
+        # per-layer constants in the shapes the chosen state-update kernel wants
         H, P, N = backend.nheads, backend.headdim, backend.d_state
         # the state update: our own kernel (block of head-dim rows per program picked per batch
         # size by timing) unless CTXLOAD_SSU=mamba asks for mamba_ssm's selective_state_update
@@ -135,8 +134,7 @@ class NativeDecoder:
         self.d_long[3, :size].fill_(-1)
         self.d_float[:, :size].fill_(0.0)
 
-    def _capture(self, size: int, greedy_only: bool):
-        self.block(size)
+    def _capture(self, size: int, greedy_only: bool):  # only from _run, which picked the block
         self._neutral_inputs(size)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

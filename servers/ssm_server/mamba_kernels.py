@@ -7,6 +7,7 @@ mamba_ssm is used as pure Python over its Triton kernels: the CUDA extension
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 
@@ -33,13 +34,9 @@ def import_mamba_ssm() -> str | None:
     return None
 
 
-_CONV_KERNEL = None
-
-
+@functools.cache
 def _conv_kernel():
-    global _CONV_KERNEL
-    if _CONV_KERNEL is not None:
-        return _CONV_KERNEL
+    """Compiled on first use (Triton is imported only where a kernel runs)."""
     import triton
     import triton.language as tl
 
@@ -69,7 +66,6 @@ def _conv_kernel():
         out = acc / (1.0 + tl.exp(-acc))
         tl.store(out_ptr + b * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
-    _CONV_KERNEL = conv_step
     return conv_step
 
 
@@ -100,13 +96,9 @@ def conv_ref(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias, i
     return torch.nn.functional.silu(acc).to(x.dtype)
 
 
-_SSU_KERNEL = None
-
-
+@functools.cache
 def _ssu_kernel():
-    global _SSU_KERNEL
-    if _SSU_KERNEL is not None:
-        return _SSU_KERNEL
+    """Compiled on first use, as ``_conv_kernel``."""
     import triton
     import triton.language as tl
 
@@ -145,7 +137,6 @@ def _ssu_kernel():
         y = tl.sum(state * Cv[None, :], axis=1) + x * tl.load(D_ptr + h).to(tl.float32)
         tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=mp)
 
-    _SSU_KERNEL = ssu
     return ssu
 
 
