@@ -103,6 +103,10 @@ def read_events(raw, timing: records.Timing) -> tuple[bytes, list[tuple[int, int
     marks = [(time.perf_counter_ns(), len(buf), False)]
     sock = raw._sock
     kernel = sock is not None and kernel_stamps_wanted() and _enable_kernel_stamps(sock)
+    # CLOCK_REALTIME − perf_counter_ns, once per stream: reads that share a kernel stamp (a
+    # merged segment) then share one perf stamp too, instead of differing by the jitter of
+    # sampling two clocks
+    offset = time.time_ns() - time.perf_counter_ns()
     while not raw.message_complete:
         sock = raw._sock
         if sock is None:
@@ -110,7 +114,7 @@ def read_events(raw, timing: records.Timing) -> tuple[bytes, list[tuple[int, int
         try:
             if kernel:
                 try:
-                    more = _read_stamped(sock, raw, buf, marks, timing.sent_ns)
+                    more = _read_stamped(sock, raw, buf, marks, timing.sent_ns, offset)
                 except NotImplementedError:  # a TLS socket: no recvmsg; nothing was read
                     kernel = False
                     continue
@@ -132,10 +136,11 @@ def read_events(raw, timing: records.Timing) -> tuple[bytes, list[tuple[int, int
     return bytes(buf), marks
 
 
-def _read_stamped(sock, raw, buf: bytearray, marks: list, sent_ns: int) -> bool:
+def _read_stamped(sock, raw, buf: bytearray, marks: list, sent_ns: int, offset: int) -> bool:
     """Wait for bytes, then read what is waiting, one ``recvmsg`` per event end, each marked
-    with its kernel stamp (or the user-space one where that is missing or implausible).
-    Returns False at the end of the stream (the peer closed)."""
+    with its kernel stamp (CLOCK_REALTIME − ``offset``, never before the previous mark) or the
+    user-space one where that is missing or implausible. Returns False at the end of the stream
+    (the peer closed)."""
     peek = sock.recvmsg(65536, 0, socket.MSG_PEEK)[0]  # blocks (cooperatively) until data
     n = len(peek)
     if not n:
@@ -164,9 +169,10 @@ def _read_stamped(sock, raw, buf: bytearray, marks: list, sent_ns: int) -> bool:
                 _, kind, val = anc[0]
                 if kind == SO_TIMESTAMPNS and len(val) >= 16:
                     sec, nsec = _TIMESPEC.unpack_from(val)
-                    k = sec * 1_000_000_000 + nsec - (time.time_ns() - perf())
+                    k = sec * 1_000_000_000 + nsec - offset
                     if sent_ns <= k <= now:
-                        marks.append((k, len(buf), True))
+                        # a kernel stamp can precede the user-space stamp of an earlier read
+                        marks.append((max(k, marks[-1][0]), len(buf), True))
                         continue
             marks.append((now, len(buf), False))
     return True

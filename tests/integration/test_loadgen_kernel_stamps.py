@@ -77,6 +77,22 @@ def test_a_held_loop_does_not_move_kernel_stamps(server):
     assert max(abs(e) for r in errs for e in r) <= 1.0, errs
 
 
+def test_events_read_together_keep_monotonic_stamps(server):
+    """A hold longer than two gaps: several events wait in the socket, their segments merged
+    under one arrival time. Each event is still read on its own, so the reads share that stamp:
+    gaps of exactly 0, never negative (one realtime→perf offset per stream, marks monotonic)."""
+    srv, _ = server
+    p = subprocess.run([sys.executable, str(CLIENT), srv.url, "--requests", "4", "--max-tokens", str(TOKENS),
+                        "--block-at-ms", str(HOLD_AT_MS), "--block-ms", str(3 * ITL_MS)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = [json.loads(l) for l in p.stdout.splitlines()]
+    gaps = [g for r in recs for g in r["itl_s"]]
+    assert all(r["status"] == "ok" and len(r["itl_s"]) == TOKENS - 1 for r in recs), recs
+    assert min(gaps) >= 0, [r["itl_s"] for r in recs]
+    assert all(r["tpot_s"] >= 0 for r in recs)
+
+
 def test_user_space_stamps_when_kernel_stamps_are_off(server):
     """The escape hatch, and the proof that the test above can fail: with
     ``CTXLOAD_KERNEL_STAMPS=0`` the same held loop stamps the waiting event late."""
