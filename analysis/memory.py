@@ -18,13 +18,18 @@ import bisect
 
 from analysis.records import RunData, Scrape, TimeIndex
 from analysis.scaling import Fit, fit_poly
+from servers.sizes import kv_bytes_per_token, state_bytes_per_sequence  # noqa: F401 - used and re-exported
 
 SERVER_MEMORY = "ssm:device_memory_allocated_bytes"
+SERVER_PEAK = "ssm:device_memory_peak_allocated_bytes"  # since the server started
 GPU_MEMORY = "DCGM_FI_DEV_FB_USED"  # MiB
 GPU_TOTAL_MEMORY_FREE = "DCGM_FI_DEV_FB_FREE"  # MiB
 ENERGY = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"  # mJ, a counter
 POWER = "DCGM_FI_DEV_POWER_USAGE"  # W
 STATE_BYTES = "ssm:state_bytes_per_sequence"
+PROCESS_MEMORY = "ctxload:gpu_process_memory_used_bytes"  # the GPU exporter's, per pid
+VLLM_KV_USAGE = "vllm:kv_cache_usage_perc"  # 0..1 of its KV blocks in use
+VLLM_CACHE_INFO = "vllm:cache_config_info"  # labels: num_gpu_blocks, block_size, …
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "fp8": 1,
                "float8": 1, "auto": 2}
 PAPER_BUDGET_BYTES = 24 * 10**9  # RTX 4090, the paper's budget
@@ -36,8 +41,9 @@ def sample_value(s: Scrape, name: str, agg=max) -> float | None:
 
 
 def memory_of(s: Scrape) -> tuple[float, str] | None:
-    """Device memory of one scrape in bytes, and where it came from. A zero reading is no
-    reading: on a CPU the server's device gauges stay at 0."""
+    """Device memory of one scrape in bytes, and where it came from, for scrapes that hold one
+    reading (a server's own gauge, or a device-wide exporter). A zero reading is no reading:
+    on a CPU the server's device gauges stay at 0."""
     v = sample_value(s, SERVER_MEMORY)
     if v:
         return v, "server"
@@ -47,12 +53,100 @@ def memory_of(s: Scrape) -> tuple[float, str] | None:
     return None
 
 
-def _stage_lengths(run: RunData) -> dict[tuple[str, str], tuple[int, float, float]]:
-    """(prompt length, first send, last end) of each target × stage of the context sweep."""
-    by: dict[tuple[str, str], list] = {}
+# Where a target's memory comes from, best first (DESIGN.md, "Measuring fairly"):
+SOURCES = ("server", "vllm", "gpu process", "gpu")
+SOURCE_TEXT = {
+    "server": "the server's own gauges (ssm:device_memory_peak_allocated_bytes, else _allocated_)",
+    "vllm": "vLLM's gauges: weights (config) + KV cache in use (vllm:kv_cache_usage_perc of its blocks)",
+    "gpu process": "the GPU exporter's memory of the server's own processes",
+    "gpu": "the GPU exporter's device-wide memory, while the target ran alone",
+}
+
+
+@dataclass
+class Reading:
+    time: float
+    target: str
+    source: str
+    bytes: float
+    stage_index: int | None
+    stage: str | None
+
+
+def _vllm_bytes(run: RunData, target: str, s: Scrape) -> float | None:
+    """Weights + KV cache in use of a vLLM server, from one scrape of its ``/metrics``."""
+    usage = sample_value(s, VLLM_KV_USAGE)
+    info = next((lab for n, lab, _ in s.samples if n == VLLM_CACHE_INFO), None)
+    if usage is None or not info:
+        return None
+    weights = _weight_bytes(run, target)
+    per_token = kv_bytes_per_token_of(run, target)
+    try:
+        blocks, block_size = int(float(info["num_gpu_blocks"])), int(float(info["block_size"]))
+    except (KeyError, ValueError):
+        return None
+    if weights is None or not per_token:
+        return None
+    return weights + usage * blocks * block_size * per_token
+
+
+def readings(run: RunData) -> list[Reading]:
+    """Every memory reading that belongs to one target, with the stage it was taken in.
+
+    A server's scrape belongs to that server's target; a GPU exporter's per-process memory to
+    the target whose process group holds the process; a device-wide reading only to the
+    target that was alone on the device then (runs that do not record who was up: to the only
+    target with requests in flight)."""
+    targets = set(run.targets())
+    out: list[Reading] = []
+    index = None
+    for s in run.scrapes:
+        if not s.ok:
+            continue
+        own_stage = lambda t: (s.stage_index, s.stage) if s.stage_target == t else (None, None)  # noqa: E731
+        if s.target in targets and s.source != "gpu":
+            # the peak since start: a sweep's lengths grow, so at a stage's end it is the most
+            # that stage (or a shorter one) needed; the current reading where there is no peak
+            v = sample_value(s, SERVER_PEAK) or sample_value(s, SERVER_MEMORY)
+            src = "server"
+            if not v:
+                v, src = _vllm_bytes(run, s.target, s), "vllm"
+            if v:
+                out.append(Reading(s.time, s.target, src, v, *own_stage(s.target)))
+            continue
+        if s.source != "gpu":
+            continue
+        if s.pids:
+            per_pid: dict[int, float] = {}
+            for n, lab, v in s.samples:
+                if n == PROCESS_MEMORY and str(lab.get("pid", "")).isdigit():
+                    per_pid[int(lab["pid"])] = per_pid.get(int(lab["pid"]), 0.0) + v
+            for t, pids in s.pids.items():
+                held = sum(per_pid.get(p, 0.0) for p in pids)
+                if t in targets and held:
+                    out.append(Reading(s.time, t, "gpu process", held, *own_stage(t)))
+        v = sample_value(s, GPU_MEMORY, sum)
+        if not v:
+            continue
+        if s.resident is not None:
+            if len(s.resident) == 1 and s.resident[0] in targets:
+                out.append(Reading(s.time, s.resident[0], "gpu", v * 2**20, *own_stage(s.resident[0])))
+            continue
+        index = index or TimeIndex(run.requests)
+        owners = {r.target for r in index.overlapping(s.time - 0.5, s.time) if r.target in targets}
+        if len(owners) == 1:
+            out.append(Reading(s.time, owners.pop(), "gpu", v * 2**20, None, s.stage))
+    return out
+
+
+def _stage_lengths(run: RunData) -> dict[tuple[str, object], tuple[int, float, float]]:
+    """(prompt length, first send, last end) of each target × stage of the context sweep, keyed
+    by the stage's index and by its label."""
+    by: dict[tuple[str, object], list] = {}
     for r in run.requests:
         if r.prompt_length is not None and run.in_sweep(r):
             by.setdefault((r.target, r.stage), []).append(r)
+            by.setdefault((r.target, r.stage_index), []).append(r)
     out = {}
     for k, rs in by.items():
         starts = [r.start_time for r in rs if r.start_time is not None]
@@ -63,28 +157,23 @@ def _stage_lengths(run: RunData) -> dict[tuple[str, str], tuple[int, float, floa
 
 
 STAGE_SLACK_S = 2.0
-"""A scrape labelled with a stage counts for a target only within this many seconds of the
-target's own requests of that stage (the label is the run's current stage, whichever
-target is running it)."""
+"""Runs that do not record the stage's target: a scrape labelled with a stage counts for a
+target only within this many seconds of the target's own requests of that stage."""
 
 
-def _attribute(run: RunData, s: Scrape, stage_len, index: TimeIndex) -> tuple[str | None, int | None]:
-    """(target, prompt length) a scrape belongs to, or None where it cannot be placed."""
-    targets = run.targets()
-    target = s.target if s.target in targets else None
-    if target and s.stage:
-        st = stage_len.get((target, s.stage))  # None: not a context-sweep stage of this target
-        if st and st[1] - STAGE_SLACK_S <= s.time <= st[2] + STAGE_SLACK_S:
-            return target, st[0]
-        return target, None
-    active = [r for r in index.overlapping(s.time - 0.5, s.time) if run.in_sweep(r)
-              and (target is None or r.target == target) and r.prompt_length is not None]
-    if not active:
-        return target, None
-    owners = {r.target for r in active}
-    if target is None and len(owners) != 1:
-        return None, None  # a shared GPU while several targets ran: cannot split it
-    return (target or owners.pop()), max(r.prompt_length for r in active)
+def _length(run: RunData, rd: Reading, stage_len, index: TimeIndex) -> int | None:
+    """The prompt length a reading was taken at, or None (between stages, another target's)."""
+    if rd.stage_index is not None:
+        st = stage_len.get((rd.target, rd.stage_index))
+        return st[0] if st else None
+    if rd.stage:
+        st = stage_len.get((rd.target, rd.stage))
+        if st and st[1] - STAGE_SLACK_S <= rd.time <= st[2] + STAGE_SLACK_S:
+            return st[0]
+        return None
+    active = [r for r in index.overlapping(rd.time - 0.5, rd.time) if run.in_sweep(r)
+              and r.target == rd.target and r.prompt_length is not None]
+    return max(r.prompt_length for r in active) if active else None
 
 
 @dataclass
@@ -98,41 +187,60 @@ class MemoryCurve:
     """Smallest reading of the run (weights and runtime before context): what the
     context does not pay for."""
     fit: Fit | None
+    budget_bytes: float | None = None
+    """The target's own memory budget (its ``serve.memory_budget``), when it had one."""
 
 
 def memory_curves(run: RunData) -> list[MemoryCurve]:
+    """Peak memory per prompt length of each target, from that target's best source."""
     stage_len = _stage_lengths(run)
-    per: dict[str, dict[int, float]] = {}
-    base: dict[str, float] = {}
-    src: dict[str, str] = {}
     index = TimeIndex(run.requests)
-    for s in run.scrapes:
-        if not s.ok:
-            continue
-        m = memory_of(s)
-        if m is None:
-            continue
-        target, n = _attribute(run, s, stage_len, index)
-        if target is None:
-            continue
-        base[target] = min(base.get(target, m[0]), m[0])
-        src.setdefault(target, m[1])
-        if n is not None:
-            per.setdefault(target, {})
-            per[target][n] = max(per[target].get(n, 0.0), m[0])
+    by: dict[str, dict[str, list[Reading]]] = {}
+    for rd in readings(run):
+        by.setdefault(rd.target, {}).setdefault(rd.source, []).append(rd)
     out = []
     for t in run.targets():
-        if t not in per and t not in base:
+        have = by.get(t)
+        if not have:
             continue
-        d = per.get(t, {})
-        ns = sorted(d)
-        out.append(MemoryCurve(t, run.family_of(t), src.get(t, "?"), ns, [d[n] for n in ns],
-                               base.get(t), fit_poly(ns, [d[n] for n in ns], 1)))
+        src = next(x for x in SOURCES if x in have)
+        per: dict[int, float] = {}
+        for rd in have[src]:
+            n = _length(run, rd, stage_len, index)
+            if n is not None:
+                per[n] = max(per.get(n, 0.0), rd.bytes)
+        ns = sorted(per)
+        out.append(MemoryCurve(t, run.family_of(t), src, ns, [per[n] for n in ns],
+                               min(rd.bytes for rd in have[src]), fit_poly(ns, [per[n] for n in ns], 1),
+                               budget_of(run, t)))
     return out
 
 
+def budget_of(run: RunData, target: str) -> float | None:
+    """A target's own memory budget in bytes: what it was served with (env.json), else its
+    scenario's ``serve.memory_budget``; None when it had none."""
+    v = run.target_info(target).get("memory_budget_bytes")
+    if isinstance(v, (int, float)) and v > 0:
+        return float(v)
+    for t in run.scenario.get("targets") or []:
+        if isinstance(t, dict) and t.get("name") == target and isinstance(t.get("serve"), dict):
+            b = t["serve"].get("memory_budget")
+            if b:
+                from servers.sizes import parse_bytes
+
+                try:
+                    return float(parse_bytes(b))
+                except ValueError:
+                    return None
+    return None
+
+
 def budget_bytes(run: RunData) -> tuple[float, str]:
-    """The memory budget: the scenario's, else the first GPU's total, else the paper's 24 GB."""
+    """The run's memory budget: the targets' own when they share one, else the scenario's,
+    else the first GPU's total, else the paper's 24 GB."""
+    own = {budget_of(run, t) for t in run.targets()} - {None}
+    if len(own) == 1:
+        return float(own.pop()), "the targets' memory_budget"
     sc = run.scenario
     for holder in (sc, sc.get("analysis") or {}):
         if isinstance(holder, dict):
@@ -161,42 +269,16 @@ def _preset_of(run: RunData, target: str):
         return None
 
 
-def kv_bytes_per_token(cfg: dict[str, Any], model_type: str, dtype_bytes: int) -> int | None:
-    """2 × attention layers × KV heads × head dim × dtype bytes; None without attention."""
-    if model_type in ("mamba", "mamba2"):
+def _weight_bytes(run: RunData, target: str) -> float | None:
+    p = _preset_of(run, target)
+    return float(p.weight_bytes()) if p is not None else None
+
+
+def kv_bytes_per_token_of(run: RunData, target: str) -> int | None:
+    p = _preset_of(run, target)
+    if p is None:
         return None
-    layers = int(cfg.get("num_hidden_layers", 0))
-    if model_type == "zamba2":
-        lt = cfg.get("layers_block_type") or []
-        layers = sum(1 for x in lt if x == "hybrid") or layers
-    heads = int(cfg.get("num_attention_heads", 0))
-    kv = int(cfg.get("num_key_value_heads", heads) or heads)
-    hd = cfg.get("head_dim") or (int(cfg.get("hidden_size", 0)) // heads if heads else 0)
-    return 2 * layers * kv * int(hd) * dtype_bytes if layers and kv and hd else None
-
-
-def state_bytes_per_sequence(cfg: dict[str, Any], model_type: str, dtype_bytes: int) -> int | None:
-    """Conv state + SSM state of every Mamba layer, per sequence (constant in length)."""
-    layers = int(cfg.get("num_hidden_layers", 0))
-    h = int(cfg.get("hidden_size", 0))
-    if model_type == "mamba":
-        inner = int(cfg.get("expand", 2)) * h
-        return layers * inner * (int(cfg.get("state_size", 16)) + int(cfg.get("conv_kernel", 4))) * dtype_bytes
-    if model_type == "mamba2":
-        nh, hd, n = int(cfg.get("num_heads", 0)), int(cfg.get("head_dim", 64)), int(cfg.get("state_size", 128))
-        inner = nh * hd
-        conv_dim = inner + 2 * int(cfg.get("n_groups", 1)) * n
-        return layers * (nh * hd * n + conv_dim * int(cfg.get("conv_kernel", 4))) * dtype_bytes
-    if model_type in ("falcon_h1", "zamba2"):
-        if model_type == "falcon_h1":
-            nh, hd = int(cfg.get("mamba_n_heads", 0)), int(cfg.get("mamba_d_head", 64))
-            n, g = int(cfg.get("mamba_d_state", 128)), int(cfg.get("mamba_n_groups", 1))
-        else:
-            nh, hd = int(cfg.get("n_mamba_heads", 0)), int(cfg.get("mamba_headdim", 64))
-            n, g = int(cfg.get("mamba_d_state", 64)), int(cfg.get("mamba_ngroups", 1))
-        conv_dim = nh * hd + 2 * g * n
-        return layers * (nh * hd * n + conv_dim * int(cfg.get("mamba_d_conv", 4))) * dtype_bytes
-    return None
+    return kv_bytes_per_token(dict(p.config), p.model_type, DTYPE_BYTES.get(p.dtype, 2))
 
 
 @dataclass

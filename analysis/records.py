@@ -74,6 +74,14 @@ class Scrape:
     stage: str | None
     ok: bool
     samples: list[tuple[str, dict[str, str], float]]
+    stage_target: str | None = None
+    """The target whose stage was running (scrapes since 2026-12: the runner says so)."""
+    stage_index: int | None = None
+    """That stage's index: the requests of the stage carry the same one."""
+    resident: list[str] | None = None
+    """Targets whose servers were up at the time; None in older runs (not known)."""
+    pids: dict[str, list[int]] | None = None
+    """GPU exporter scrapes: each resident server's processes, to match per-process memory."""
 
 
 @dataclass
@@ -206,9 +214,15 @@ def parse_scrape(obj: dict[str, Any]) -> Scrape:
         except (TypeError, ValueError):
             raise ValueError(f"sample {s['name']} has value {v!r}") from None
         samples.append((str(s["name"]), dict(s.get("labels") or {}), v))
+    resident = obj.get("resident")
+    pids = obj.get("pids")
     return Scrape(time=float(obj["time"]), target=str(obj["target"]),
                   source=str(obj.get("source") or "server"), stage=obj.get("stage"),
-                  ok=bool(obj.get("ok", True)), samples=samples)
+                  ok=bool(obj.get("ok", True)), samples=samples,
+                  stage_target=obj.get("stage_target"), stage_index=_int(obj.get("stage_index")),
+                  resident=[str(x) for x in resident] if isinstance(resident, list) else None,
+                  pids={str(k): [int(p) for p in v] for k, v in pids.items() if isinstance(v, list)}
+                  if isinstance(pids, dict) else None)
 
 
 def read_jsonl(path: Path, parse, problems: list[str]) -> list:

@@ -27,6 +27,7 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -37,8 +38,9 @@ from loadgen import exporter, shapes, targets
 from loadgen.controller import Controller, Stage
 from loadgen.exporter import ClientMetrics
 from loadgen.records import RecordWriter
-from loadgen.scrape import ScraperProcess
+from loadgen.scrape import Scraper, ScraperProcess
 from loadgen.user import SPARE, StreamingUser
+from servers.process import ServerFailed
 
 
 def _now_iso() -> str:
@@ -158,7 +160,10 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
     greenlets = []
     with contextlib.ExitStack() as stack:
         stack.callback(writer.close)
-        live = targets.start_all(scenario, stack, run_dir, say)
+        live = targets.prepare(scenario, say)
+        if scenario.keep_targets_resident:
+            for lt in live:
+                targets.start(lt, stack, run_dir, say)
         write_env(run_dir / "env.json", run_id, started, live)
         exporter_port = exporter.port_override()
         if exporter_port is None:
@@ -167,11 +172,11 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
             port = metrics.serve(exporter_port)
             stack.callback(metrics.close)
             say(f"client metrics on http://{exporter.bind_host()}:{port}/metrics")
-        sources = [(t.name, "server", t.url + "/metrics") for t in live]
-        sources += [(name, "gpu" if "gpu" in name else "server", url)
-                    for name, url in scenario.metrics.extra_urls.items()]
+        sources = [(name, "gpu" if "gpu" in name else "server", url)
+                   for name, url in scenario.metrics.extra_urls.items()]
         stage_file = Path(tempfile.mkdtemp(prefix="ctxload-")) / "stage"
         scraper = ScraperProcess(run_dir / "metrics.jsonl", sources, scenario.metrics.scrape_interval_s, stage_file)
+        scraper.set_stage(None, resident=_resident(live))
         stack.callback(shutil.rmtree, stage_file.parent, True)
         stack.callback(scraper.close)
         env = Environment(user_classes=[StreamingUser])
@@ -203,8 +208,27 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
         gc.freeze()  # setup's objects leave the collector's view: fewer, shorter pauses mid-stream
         stage_index = 0
         for lt in live:
-            stage_index = _run_target(scenario, lt, runner, controller, metrics, scraper, prog, say,
-                                      stage_index, run_dir, run_deadline)
+            if run_deadline and time.monotonic() > run_deadline:
+                say(f"{lt.name}: not run: the run's max_duration_s is spent")
+                break
+            with contextlib.ExitStack() as own:  # stops the target after its stages (unless resident)
+                try:
+                    targets.start(lt, own, run_dir, say)
+                except ServerFailed as e:
+                    lt.error = str(e).splitlines()[0]
+                    say(f"{lt.name}: not run: {e}")
+                    continue
+                finally:
+                    write_env(run_dir / "env.json", run_id, started, live)
+                    scraper.set_stage(None, resident=_resident(live))
+                ctx = _Ctx(scenario, runner, controller, metrics, scraper, prog, say, run_dir, run_deadline,
+                           live)
+                stage_index = _run_target(ctx, lt, stage_index)
+                # the scraper leaves a target alone before it stops
+                scraper.set_stage(None, resident={k: v for k, v in _resident(live).items()
+                                                  if k != lt.name or scenario.keep_targets_resident})
+            scraper.set_stage(None, resident=_resident(live))
+            write_env(run_dir / "env.json", run_id, started, live)
         controller.stopping = True
         scraper.close(final=True)
         write_env(run_dir / "env.json", run_id, started, live, finished=_now_iso())
@@ -243,15 +267,54 @@ def _run_stage(runner, controller, stage: Stage, users: int, timeout_s: float) -
     controller.close()
 
 
-def _run_target(scenario, lt, runner, controller, metrics, scraper, prog, say, stage_index, run_dir,
-                run_deadline) -> int:
+@dataclass
+class _Ctx:
+    """What every stage of the run needs."""
+
+    scenario: sc.Scenario
+    runner: object
+    controller: Controller
+    metrics: ClientMetrics
+    scraper: ScraperProcess
+    prog: _Progress
+    say: object
+    run_dir: Path
+    run_deadline: float | None
+    live: list
+
+    def set_stage(self, lt: targets.LiveTarget, label: str, index: int) -> None:
+        self.scraper.set_stage(label, target=lt.name, index=index, resident=_resident(self.live))
+
+    def scrape_now(self, lt: targets.LiveTarget, label: str, index: int) -> None:
+        """One scrape of every source as a stage ends, while nothing is in flight: a stage
+        shorter than the scrape interval still has its readings."""
+        state = {"stage": label, "stage_target": lt.name, "stage_index": index, "resident": _resident(self.live)}
+        extra = [(n, "gpu" if "gpu" in n else "server", u) for n, u in self.scenario.metrics.extra_urls.items()]
+        one = Scraper(self.run_dir / "metrics.jsonl", extra, stage=lambda: state)
+        try:
+            one.once()
+        finally:
+            one.close()
+
+
+def _resident(live: list[targets.LiveTarget]) -> dict:
+    """The targets up now, with the URL to scrape and the server's process group."""
+    return {lt.name: {"url": lt.url, "pid": lt.pid} for lt in live if lt.url and lt.running}
+
+
+def _run_target(ctx: _Ctx, lt: targets.LiveTarget, stage_index: int) -> int:
+    scenario, runner, controller, metrics, prog, say = (ctx.scenario, ctx.runner, ctx.controller, ctx.metrics,
+                                                        ctx.prog, ctx.say)
+    run_dir, run_deadline = ctx.run_dir, ctx.run_deadline
     base = _job_base(scenario, lt)
     load = scenario.load
     search = shapes.Search() if isinstance(load, sc.MaxContext) else None
     gen = shapes.bisect(load, search) if search else shapes.stages(load)
     if isinstance(load, (sc.ContextSweep, sc.ConcurrencySweep, sc.Poisson)) and load.warmup_requests:
         spec = shapes.StageSpec("warmup", 1, _first_length(load), requests=load.warmup_requests)
+        ctx.set_stage(lt, spec.label, stage_index)
         _run_stage(runner, controller, Stage(spec, stage_index, base), 1, scenario.request_timeout_s)
+        ctx.scrape_now(lt, spec.label, stage_index)
         stage_index += 1
     res = None
     stop_reason = None
@@ -267,12 +330,13 @@ def _run_target(scenario, lt, runner, controller, metrics, scraper, prog, say, s
             if lt.max_model_len and spec.prompt_tokens and spec.prompt_tokens + scenario.output.max_tokens > lt.max_model_len \
                     and not isinstance(load, sc.MaxContext):
                 say(f"{lt.name}: {spec.label} exceeds the server's max_model_len {lt.max_model_len}; sent anyway")
-            scraper.set_stage(spec.label)
+            ctx.set_stage(lt, spec.label, stage_index)
             metrics.stage(lt.name, spec.label, spec.users, spec.prompt_tokens)
             say(f"{lt.name} stage {stage_index} {spec.label}: {spec.users} users")
             prog.stage(f"{lt.name} {spec.label}", spec.requests if spec.duration_s is None else None)
             stage = Stage(spec, stage_index, base)
             _run_stage(runner, controller, stage, spec.users, scenario.request_timeout_s)
+            ctx.scrape_now(lt, spec.label, stage_index)
             stage_index += 1
             res = stage.result(scenario.slos)
             say(_summary(lt.name, spec.label, res))

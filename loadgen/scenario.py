@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
+                      model_validator)
 
 SCHEMA_VERSION = 1
 
@@ -36,6 +37,25 @@ class Serve(_Model):
     args: list[str] = Field(default_factory=list)
     """Extra command-line arguments for the server."""
     startup_timeout_s: PositiveFloat = 600.0
+    memory_budget: str | None = None
+    """Device memory the server may use, e.g. ``24GiB`` (default: the scenario's
+    ``memory_budget``). ssm-server gets ``--gpu-memory-budget``; vLLM's launch profile turns it
+    into its memory share of the card and a ``max_num_seqs`` whose state fits."""
+
+    def memory_budget_bytes(self) -> int | None:
+        from servers.sizes import parse_bytes
+
+        return parse_bytes(self.memory_budget) if self.memory_budget is not None else None
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _size(cls, v):
+        if v is None:
+            return None
+        from servers.sizes import parse_bytes
+
+        parse_bytes(v)  # a readable error naming the field
+        return str(v)
 
     @model_validator(mode="after")
     def _one_model(self) -> "Serve":
@@ -256,6 +276,18 @@ class Scenario(_Model):
     metrics: Metrics = Field(default_factory=Metrics)
     request_timeout_s: PositiveFloat = 600.0
     """A request not finished after this long is recorded as a timeout."""
+    memory_budget: str | None = None
+    """Device memory each served target may use (``24GiB``), unless its ``serve`` says
+    otherwise; the report draws each target's own budget."""
+    keep_targets_resident: bool = False
+    """Start every served target first and keep them all up for the whole run. By default
+    targets run one at a time: start, warm up, run its stages, stop, then the next, so that a
+    shared device's memory, power and energy belong to the target that ran."""
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _size(cls, v):
+        return Serve._size(v)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Scenario":
@@ -263,6 +295,9 @@ class Scenario(_Model):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"target names must be unique; repeated: {', '.join(dup)}")
+        for t in self.targets:
+            if t.serve is not None and t.serve.memory_budget is None:
+                t.serve.memory_budget = self.memory_budget
         return self
 
     def resolved_yaml(self) -> str:

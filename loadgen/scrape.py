@@ -1,4 +1,10 @@
-"""Scrape every target's ``/metrics`` on an interval into ``metrics.jsonl``, tagged with the stage.
+"""Scrape every running target's ``/metrics`` on an interval into ``metrics.jsonl``.
+
+Each scrape is tied to the stage running at its time (``stage``, ``stage_target``,
+``stage_index``: the same index the requests of that stage carry) and says which targets were
+up (``resident``), so the analysis can tell a target's own readings from a shared device's.
+A scrape of a GPU exporter also carries ``pids``: the processes of each running server's
+process group, which match the exporter's per-process memory to a target.
 
 With these scrapes a run directory is complete without a Prometheus server.  A failed scrape
 is a record too (``ok: false`` with the error), so a gap in the data explains itself.
@@ -29,8 +35,17 @@ def scrape(url: str, timeout: float = 5.0) -> list[dict]:
         return parse(r.read().decode("utf-8", errors="replace"))
 
 
+def _state(stage) -> dict:
+    """What the runner says is running: ``{"stage", "stage_target", "stage_index",
+    "resident": {target: {"url", "pid"}}}``; a bare label (or None) from older callers."""
+    st = stage()
+    return st if isinstance(st, dict) else {"stage": st}
+
+
 class Scraper:
-    """``sources``: (target name, source kind, metrics URL).  ``stage()`` gives the current label."""
+    """``sources``: (target name, source kind, metrics URL) scraped always (exporters, and the
+    targets of callers that pass no state); ``stage()`` gives the runner's state (:func:`_state`),
+    whose ``resident`` targets are scraped too."""
 
     def __init__(self, path, sources: list[tuple[str, str, str]], stage=lambda: None):
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -38,23 +53,27 @@ class Scraper:
         self.stage = stage
 
     def once(self) -> None:
-        for target, source, url in self.sources:
+        st = _state(self.stage)
+        resident = st.get("resident")
+        sources = list(self.sources)
+        known = {name for name, _, _ in sources}
+        for name, info in (resident or {}).items():
+            if name not in known and info.get("url"):
+                sources.append((name, "server", info["url"].rstrip("/") + "/metrics"))
+        for target, source, url in sources:
             rec = {"schema_version": SCHEMA_VERSION, "time": time.time(), "target": target,
-                   "source": source, "url": url, "stage": self.stage(), "ok": True, "error": None,
+                   "source": source, "url": url, "stage": st.get("stage"), "ok": True, "error": None,
                    "samples": []}
+            if resident is not None:
+                rec.update(stage_target=st.get("stage_target"), stage_index=st.get("stage_index"),
+                           resident=sorted(resident))
+                if source == "gpu":
+                    rec["pids"] = {n: group_pids(i["pid"]) for n, i in resident.items() if i.get("pid")}
             try:
                 rec["samples"] = scrape(url)
             except Exception as e:  # noqa: BLE001 - a failed scrape is recorded, not raised
                 rec["ok"], rec["error"] = False, f"{type(e).__name__}: {e}"[:300]
             os.write(self.fd, (json.dumps(rec, separators=(",", ":")) + "\n").encode())
-
-    def loop(self, interval_s: float) -> None:
-        import gevent
-
-        while True:
-            t0 = time.monotonic()
-            self.once()
-            gevent.sleep(max(0.0, interval_s - (time.monotonic() - t0)))
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -62,10 +81,31 @@ class Scraper:
             self.fd = -1
 
 
+def group_pids(pgid: int) -> list[int]:
+    """Processes of the process group ``pgid`` (a server and what it started), from /proc."""
+    out = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for d in names:
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(int(d))
+    return out
+
+
 class ScraperProcess:
     """The scraper in its own process: parsing a large ``/metrics`` page takes milliseconds of
     CPU, which inside the load generator's event loop would delay the stamps of every stream.
-    The current stage label is passed through a small file the runner rewrites."""
+    The runner's state (:func:`_state`) is passed through a small JSON file it rewrites."""
 
     def __init__(self, path, sources: list[tuple[str, str, str]], interval_s: float, stage_file):
         import subprocess
@@ -79,10 +119,14 @@ class ScraperProcess:
             args += ["--source", f"{name}|{kind}|{url}"]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
 
-    def set_stage(self, label: str | None) -> None:
+    def set_stage(self, label: str | None, *, target: str | None = None, index: int | None = None,
+                  resident: dict | None = None) -> None:
+        """The stage now running (``label`` of ``target``'s stage ``index``) and the targets up:
+        ``{name: {"url", "pid"}}``."""
+        state = {"stage": label, "stage_target": target, "stage_index": index, "resident": resident or {}}
         tmp = f"{self.stage_file}.tmp"
         with open(tmp, "w") as f:
-            f.write(label or "")
+            json.dump(state, f)
         os.replace(tmp, self.stage_file)
 
     def close(self, final: bool = True) -> None:
@@ -116,8 +160,8 @@ def _main(argv=None) -> int:
     def stage():
         try:
             with open(a.stage_file) as f:
-                return f.read().strip() or None
-        except OSError:
+                return json.load(f)
+        except (OSError, ValueError):
             return None
 
     sources = [tuple(s.split("|", 2)) for s in a.source]

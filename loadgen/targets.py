@@ -1,40 +1,63 @@
 """Targets at run time: start the ones a scenario asks to serve, describe them all for env.json.
 
 A ``serve:`` target is started on a free loopback port through servers.process.ManagedServer
-(ssm-server, or vLLM through its launch profiles when servers.vllm_launch exists) and stopped
-when the run ends, also on an error or Ctrl-C.
+(ssm-server, or vLLM through its launch profiles, servers.vllm_launch) and stopped when its
+stages are done — or, with ``keep_targets_resident``, when the run ends — also on an error or
+Ctrl-C. A target started alone has the device to itself: its memory, power and energy are its
+own (DESIGN.md, "Measuring fairly").
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from loadgen import scenario as sc
+from loadgen.scrape import group_pids
 
 
 @dataclass
 class LiveTarget:
     spec: sc.Target
-    url: str
+    url: str | None
     model_dir: Path | None = None
     launch_args: list[str] | None = None
     preset: str | None = None
     server: object | None = None
     max_model_len: int | None = None
+    started_at: float | None = None
+    stopped_at: float | None = None
+    startup_s: float | None = None
+    error: str | None = None
+    """Why its server could not be started (the run goes on with the next target)."""
 
     @property
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def served(self) -> bool:
+        return self.spec.serve is not None
+
+    @property
+    def running(self) -> bool:
+        """Up now: a URL target always counts as running (nothing tells us otherwise)."""
+        return not self.served or (self.server is not None and self.server.alive())
+
     def alive(self) -> bool:
         return self.server is None or self.server.alive()
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id, which is also its process group (its engine's children)."""
+        proc = getattr(self.server, "proc", None)
+        return proc.pid if proc is not None else None
 
     def tokenizer(self) -> dict:
         path = self.spec.tokenizer or (str(self.model_dir) if self.model_dir else None)
@@ -43,9 +66,13 @@ class LiveTarget:
         return {"kind": "remote", "url": self.url, "model": self.spec.model}
 
     def describe(self) -> dict:
+        serve = self.spec.serve
         return {"name": self.name, "url": self.url, "model": self.spec.model, "family": self.spec.family,
                 "engine": self.spec.engine, "preset": self.preset, "launch_args": self.launch_args,
-                "max_model_len": self.max_model_len}
+                "max_model_len": self.max_model_len,
+                "memory_budget_bytes": serve.memory_budget_bytes() if serve else None,
+                "started_at": self.started_at, "stopped_at": self.stopped_at, "startup_s": self.startup_s,
+                "error": self.error}
 
 
 def models_cache() -> Path:
@@ -63,28 +90,21 @@ def _model_dir(serve: sc.Serve, log) -> tuple[Path | str, str | None]:
 
 
 def command(target: sc.Target, model: Path | str, port: int) -> list[str]:
+    """The server's command line; the model name it serves is the one the target sends."""
     serve = target.serve
+    budget = serve.memory_budget_bytes()
     if serve.engine == "ssm-server":
         cmd = [sys.executable, "-m", "servers.ssm_server", "--model", str(model), "--host", "127.0.0.1",
                "--port", str(port), "--served-model-name", target.model]
         if serve.preset and not _is_tiny(serve.preset):
             cmd.append("--random-weights")
+        if budget and "--gpu-memory-budget" not in serve.args:
+            cmd += ["--gpu-memory-budget", str(budget)]
         return cmd + list(serve.args)
-    if importlib.util.find_spec("servers.vllm_launch") is not None:
-        from servers import vllm_launch
+    from servers import vllm_launch
 
-        cmd = list(vllm_launch.command(serve.preset or str(model), port, python=_vllm_python()))
-        if "--served-model-name" not in cmd:
-            cmd += ["--served-model-name", target.model]
-        return cmd + list(serve.args)
-    python = _vllm_python() or sys.executable
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--served-model-name", target.model, "--host", "127.0.0.1", "--port", str(port)]
-    if serve.preset and _is_tiny(serve.preset):
-        cmd += ["--max-model-len", "2048", "--kv-cache-memory-bytes", str(128 << 20), "--enforce-eager"]
-    elif serve.preset:
-        cmd += ["--load-format", "dummy"]
-    return cmd + list(serve.args)
+    return vllm_launch.command(model, port, python=_vllm_python(), extra=serve.args,
+                               served_name=target.model, memory_budget_bytes=budget)
 
 
 def _vllm_python() -> str | None:
@@ -115,10 +135,9 @@ def max_model_len(url: str, model: str) -> int | None:
     return None
 
 
-def start_all(scenario: sc.Scenario, stack: contextlib.ExitStack, run_dir: Path, log) -> list[LiveTarget]:
-    """Start what must be served (entered on ``stack``) and return every target, live."""
-    from servers.process import ManagedServer, free_port
-
+def prepare(scenario: sc.Scenario, log) -> list[LiveTarget]:
+    """Every target, not yet started: model directories are built (they are the slow, safe
+    part), and URL targets are live as given."""
     live = []
     for t in scenario.targets:
         if t.serve is None:
@@ -129,15 +148,52 @@ def start_all(scenario: sc.Scenario, stack: contextlib.ExitStack, run_dir: Path,
             from servers import modeldir
 
             t.family = modeldir.info(model).family
-        port = free_port()
-        cmd = command(t, model, port)
-        log(f"starting {t.name}: {t.serve.engine} on 127.0.0.1:{port}")
-        srv = ManagedServer(t.name, cmd, port, log_path=run_dir / "servers" / f"{t.name}.log",
-                            startup_timeout_s=t.serve.startup_timeout_s)
-        stack.enter_context(srv)
-        lt = LiveTarget(t, srv.url, model_dir=Path(model) if Path(model).exists() else None,
-                        launch_args=cmd[1:], preset=preset, server=srv)
-        live.append(lt)
-    for lt in live:
-        lt.max_model_len = max_model_len(lt.url, lt.spec.model)
+        live.append(LiveTarget(t, None, model_dir=Path(model) if Path(model).exists() else None,
+                               preset=preset, launch_args=[str(model)]))
     return live
+
+
+def start(lt: LiveTarget, stack: contextlib.ExitStack, run_dir: Path, log) -> None:
+    """Start ``lt``'s server (a no-op for a URL target) and wait until it is healthy; its
+    stop is entered on ``stack`` (and may be called earlier through :func:`stop`)."""
+    if lt.served and lt.server is None:
+        from servers.process import ManagedServer, free_port
+
+        port = free_port()
+        model = lt.model_dir or lt.launch_args[0]
+        cmd = command(lt.spec, model, port)
+        log(f"starting {lt.name}: {lt.spec.serve.engine} on 127.0.0.1:{port}")
+        srv = ManagedServer(lt.name, cmd, port, log_path=run_dir / "servers" / f"{lt.name}.log",
+                            startup_timeout_s=lt.spec.serve.startup_timeout_s)
+        t0 = time.time()
+        lt.launch_args, lt.server, lt.started_at = cmd[1:], srv, t0
+        srv.start()
+        stack.callback(stop, lt, log)
+        last = [0.0]
+
+        def waiting(elapsed: float) -> None:
+            if elapsed - last[0] >= 30:
+                last[0] = elapsed
+                log(f"  {lt.name}: starting, {elapsed:.0f} s")
+
+        srv.wait_healthy(on_wait=waiting)
+        lt.url, lt.startup_s = srv.url, round(time.time() - t0, 1)
+        log(f"{lt.name} ready after {lt.startup_s:.0f} s")
+    if lt.max_model_len is None:
+        lt.max_model_len = max_model_len(lt.url, lt.spec.model)
+
+
+def stop(lt: LiveTarget, log=None) -> None:
+    """Stop ``lt``'s server and wait until every process of its group is gone, so that the
+    device memory it held is free before the next target starts."""
+    srv = lt.server
+    if srv is None or getattr(srv, "proc", None) is None:
+        return
+    pgid = srv.proc.pid
+    srv.stop()
+    lt.stopped_at = time.time()
+    deadline = time.monotonic() + 30
+    while group_pids(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if log:
+        log(f"stopped {lt.name}")

@@ -18,7 +18,9 @@ from servers import presets
 from servers.tokenizer import save_tokenizer
 
 META_FILE = "ctxload.json"
-SCHEMA_VERSION = 1
+#: 2: config.json names its ``architectures`` (vLLM resolves a config without them as an
+#: embedding model); a directory built under 1 is rebuilt.
+SCHEMA_VERSION = 2
 
 # The token ids every preset's tokenizer gives its specials (see servers.tokenizer).
 _SPECIAL_IDS = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -66,6 +68,7 @@ def build(preset_name: str, out_dir: str | Path, *, weights: bool = True, seed: 
     for k, v in _SPECIAL_IDS.items():
         setattr(cfg, k, v)
     cfg.dtype = dtype  # what loaders read when told dtype "auto"
+    cfg.architectures = [causal_lm_class(preset.model_type)]
     if weights:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
@@ -82,6 +85,17 @@ def build(preset_name: str, out_dir: str | Path, *, weights: bool = True, seed: 
     if log:
         log(f"built {preset.name} ({preset.family}) into {out} in {meta['built_s']} s")
     return out
+
+
+def causal_lm_class(model_type: str) -> str:
+    """The class that generates text for ``model_type`` (``Mamba2ForCausalLM``…): what vLLM
+    reads from config.json's ``architectures`` to serve ``/v1/completions``."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    except KeyError:
+        raise ValueError(f"no causal-LM class for model_type {model_type!r}") from None
 
 
 def info(path: str | Path) -> ModelInfo:

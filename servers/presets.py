@@ -12,6 +12,7 @@ vLLM load without a hub.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
@@ -56,6 +57,27 @@ class Preset:
         from transformers import AutoConfig
 
         return AutoConfig.for_model(self.model_type, **dict(self.config))
+
+    def parameters(self) -> int:
+        """Parameter count, from the model built on the meta device (no memory, ~0.1 s)."""
+        return _parameters(self.name)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights in the preset's dtype."""
+        return self.parameters() * _DTYPE_BYTES.get(self.dtype, 2)
+
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@functools.cache
+def _parameters(name: str) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(PRESETS[name].hf_config())
+    return sum(p.numel() for p in model.parameters())
 
 
 def _p(*args, **kw) -> Preset:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import sys
 from dataclasses import dataclass, replace
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from servers import presets
+from servers.sizes import parse_bytes, state_bytes_per_sequence  # noqa: F401 - parse_bytes re-exported
 
 #: Default port of an OpenAI-compatible server (vLLM's).
 DEFAULT_PORT = 8000
@@ -142,15 +142,25 @@ def vllm_args(model: Model, profile: Profile, *, port: int = DEFAULT_PORT,
 def command(preset_or_model_dir: str | os.PathLike, port: int, host: str = "127.0.0.1",
             python: str | None = None, extra: Sequence[str] = (), *, cpu: bool | None = None,
             weights: str = "auto", cache_dir: str | os.PathLike | None = None,
-            **overrides) -> list[str]:
+            served_name: str | None = None, memory_budget_bytes: int | None = None,
+            card_bytes: int | None = None, **overrides) -> list[str]:
     """The whole command line that serves a preset (or model directory) with vLLM.
 
     ``python`` is the interpreter that has vLLM (default: ``$CTXLOAD_VLLM_PYTHON``, else this
-    one); ``extra`` is appended as is (later vLLM arguments win); ``overrides`` replace
-    :class:`Profile` fields (``max_model_len=4096``).
+    one); ``extra`` is appended as is (later vLLM arguments win); ``served_name`` is the model
+    name clients send (default: the preset's); ``memory_budget_bytes`` sizes the profile to a
+    budget (:func:`fit_budget`) on a card of ``card_bytes`` (default: the first GPU's, read
+    through NVML); ``overrides`` replace :class:`Profile` fields (``max_model_len=4096``).
     """
     model = resolve(preset_or_model_dir, weights=weights, cache_dir=cache_dir)
-    profile = replace(_profile(model.family, model.tiny, cpu), **overrides)
+    if served_name:
+        model = replace(model, served_name=served_name)
+    profile = _profile(model.family, model.tiny, cpu)
+    if memory_budget_bytes:
+        if not profile.cpu and card_bytes is None:
+            card_bytes = gpu_total_bytes()
+        profile = fit_budget(profile, model, memory_budget_bytes, card_bytes)
+    profile = replace(profile, **overrides)
     python = python or os.environ.get("CTXLOAD_VLLM_PYTHON") or sys.executable
     # The module, not `vllm serve`: the CLI entry needs vLLM's package metadata, which a
     # source or copied install (the CPU venv) may lack; both take the same arguments.
@@ -160,18 +170,57 @@ def command(preset_or_model_dir: str | os.PathLike, port: int, host: str = "127.
 
 # ---- memory budgets ------------------------------------------------------------------------
 
-_SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+#: What vLLM holds on a GPU besides the weights and its cache: the CUDA context, the
+#: activations of one step of ``max_num_batched_tokens`` and the CUDA graphs.
+GPU_RUNTIME_BYTES = 3 << 30
+#: The share of the cache that sequence states may fill when ``max_num_seqs`` is sized.
+STATE_HEADROOM = 0.8
 
 
-def parse_bytes(text: str) -> int:
-    """``24GiB`` → 25769803776; ``512MB`` → 512e6; a bare number is bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (e.g. 24GiB, 512MiB, 8GB)")
-    unit = (m.group(2) or "B").upper().rstrip("B") or ""
-    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-             "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40}[unit]
-    return int(float(m.group(1)) * scale)
+def fit_budget(profile: Profile, model: Model, budget_bytes: int, card_bytes: int | None) -> Profile:
+    """Size ``profile`` to ``budget_bytes`` of device memory (of a card of ``card_bytes``).
+
+    On a GPU the budget becomes vLLM's share of the card (``--gpu-memory-utilization``), and
+    for SSMs and hybrids ``max_num_seqs`` is capped so that every sequence's recurrent state
+    fits in the cache left after the weights (vLLM refuses to start otherwise: "max_num_seqs
+    exceeds available Mamba cache blocks"). On a CPU the budget less the weights sizes the
+    KV cache in bytes.
+    """
+    weights = _weight_bytes(model)
+    if weights is not None and budget_bytes <= weights:
+        raise ValueError(f"memory budget {budget_bytes / 2**30:.2f} GiB does not hold the weights "
+                         f"({weights / 2**30:.2f} GiB)")
+    if profile.cpu:
+        kv = budget_bytes - (weights or 0)
+        return replace(profile, kv_cache_memory_bytes=max(16 << 20, min(kv, profile.kv_cache_memory_bytes)))
+    out = replace(profile, gpu_memory_utilization=budget_fraction(budget_bytes, card_bytes))
+    per_seq = vllm_state_bytes(model)
+    if per_seq:
+        cache = budget_bytes - (weights or 0) - GPU_RUNTIME_BYTES
+        seqs = int(max(cache, 0) * STATE_HEADROOM // per_seq)
+        if seqs < 1:
+            raise ValueError(f"memory budget {budget_bytes / 2**30:.2f} GiB leaves no room for one "
+                             f"sequence's state ({per_seq / 2**20:.0f} MiB) after the weights")
+        out = replace(out, max_num_seqs=min(profile.max_num_seqs, seqs))
+    return out
+
+
+def _preset_of(model: Model):
+    return presets.PRESETS.get(model.preset or "")
+
+
+def _weight_bytes(model: Model) -> int | None:
+    p = _preset_of(model)
+    return p.weight_bytes() if p is not None else None
+
+
+def vllm_state_bytes(model: Model) -> int | None:
+    """Bytes of recurrent state vLLM keeps per sequence (every Mamba layer's conv and SSM
+    state), None for a Transformer."""
+    p = _preset_of(model)
+    if p is None or p.family == "transformer":
+        return None
+    return state_bytes_per_sequence(dict(p.config), p.model_type, 2 if p.dtype != "float32" else 4)
 
 
 def budget_fraction(budget_bytes: int, total_bytes: int) -> float:
@@ -181,10 +230,19 @@ def budget_fraction(budget_bytes: int, total_bytes: int) -> float:
     return round(min(budget_bytes / total_bytes, 0.95), 3)
 
 
-def _gpu_total_bytes() -> int:
-    import torch  # present wherever vLLM is
+def gpu_total_bytes(index: int = 0) -> int:
+    """Memory of the GPU vLLM will run on (the first visible one), through NVML."""
+    try:
+        import pynvml
 
-    return int(torch.cuda.mem_get_info()[1])
+        pynvml.nvmlInit()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+        if visible.isdigit():
+            index = int(visible)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).total)
+    except Exception as e:  # noqa: BLE001 - no NVML, no driver, no GPU: say so plainly
+        raise ValueError(f"a memory budget needs the GPU's size, and NVML could not tell it ({e}); "
+                         "give --gpu-memory-utilization instead") from None
 
 
 # ---- ctxload serve vllm --------------------------------------------------------------------
@@ -228,7 +286,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.gpu_memory_budget:
             budget = parse_bytes(args.gpu_memory_budget)
-            overrides["gpu_memory_utilization"] = budget_fraction(budget, _gpu_total_bytes())
+            overrides["memory_budget_bytes"] = budget
         elif args.gpu_memory_utilization is not None:
             if not 0 < args.gpu_memory_utilization <= 1:
                 raise ValueError("--gpu-memory-utilization must be in (0, 1]")

@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """``24GiB`` → 25769803776; ``500MB``, ``1e9`` and plain integers work too."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a memory size: {text!r} (use e.g. 24GiB, 500MB or 1000000)")
-    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value <= 0:
-        raise ValueError(f"memory size must be positive: {text!r}")
-    return int(value)
+from servers.sizes import parse_bytes  # noqa: F401 - re-exported: the CLI and tests use it here
 
 
 @dataclass
