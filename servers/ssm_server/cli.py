@@ -73,6 +73,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return cfg
 
 
+def engine_backend_name(backend) -> str:
+    """``mamba_ssm`` (the native backend) or ``hf`` (transformers): ``--backend``'s names."""
+    return "mamba_ssm" if type(backend).__name__ == "MambaBackend" else "hf"
+
+
 def build_server(cfg: ServerConfig):
     """The ``Server`` (routes) over the engine the config asks for."""
     from pathlib import Path
@@ -96,6 +101,7 @@ def build_server(cfg: ServerConfig):
         engine = SyntheticEngine(text, metrics, ttft_s=cfg.ttft_ms / 1e3, itl_s=cfg.itl_ms / 1e3,
                                  max_num_seqs=cfg.max_num_seqs, max_queue=cfg.max_queue,
                                  max_model_len=max_len, model_name=name)
+        metrics.set_engine_info("synthetic", "cpu", "none", False)
     else:
         from servers.ssm_server.backend_mamba import select_backend
         from servers.ssm_server.engine import Engine
@@ -106,6 +112,8 @@ def build_server(cfg: ServerConfig):
         engine = Engine(backend, text, metrics, max_queue=cfg.max_queue,
                         prefill_chunk_size=cfg.prefill_chunk_size, model_name=name)
         max_len = backend.max_model_len
+        metrics.set_engine_info(engine_backend_name(backend), str(backend.device),
+                                str(backend.dtype).removeprefix("torch."), backend.graphs is not None)
         log.info("backend %s", type(backend).__name__)
         log.info("model %s (%s) on %s: %d state slots, %d B state per sequence, %d B KV per token, "
                  "graphs=%s", name, backend.model_type, backend.device, backend.num_slots,

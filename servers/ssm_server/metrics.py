@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 # Seconds: sub-millisecond steps up to 30 minutes (a 1M-token TTFT is not 10 s).
@@ -72,6 +72,14 @@ class ServerMetrics:
             self.success.labels(model_name, reason)
         for reason in ("cancelled", "rejected", "oom", "error"):
             self.failure.labels(model_name, reason)
+
+    def set_engine_info(self, backend: str, device: str, dtype: str, cuda_graphs: bool) -> None:
+        """``ssm:engine_info{model_name, backend, device, dtype, cuda_graphs} 1``: which backend
+        serves (``mamba_ssm`` native, ``hf`` transformers, ``synthetic``), so a report can tell
+        a serving engine from the eager research path."""
+        g = Gauge("ssm:engine_info", "The backend serving this model (always 1)",
+                  ["model_name", "backend", "device", "dtype", "cuda_graphs"], registry=self.registry)
+        g.labels(self.model_name, backend, device, dtype, "true" if cuda_graphs else "false").set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
