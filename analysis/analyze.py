@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from analysis import claims as claims_mod
+from analysis import engines as engines_mod
 from analysis import memory, scaling, stats
 from analysis.records import RunData
-from analysis.claims import _fmt_n
+from analysis.units import gb, sig, tokens
 
 
 @dataclass
@@ -24,6 +25,10 @@ class Analysis:
     sizes: list[memory.StateSizes]
     energy: list[memory.Energy]
     claims: list[claims_mod.Claim]
+    engines: dict[str, engines_mod.Engine] = field(default_factory=dict)
+    """Each target's engine and engine class (:mod:`analysis.engines`)."""
+    notes: list[str] = field(default_factory=list)
+    """Shown at the top of the report: eager research paths, CPU-only runs, unknown engines."""
     verdict: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
 
@@ -34,11 +39,13 @@ def analyze(run: RunData) -> Analysis:
     mem = memory.memory_curves(run)
     limits = scaling.context_limits(run)
     energy = memory.energy_per_request(run)
+    engines = engines_mod.identify(run)
     a = Analysis(run=run, slos=slos, stages=stats.all_stage_stats(run, slos), fits=fits,
                  ttft_pairs=scaling.family_pairs(run, "ttft", fits),
                  tpot_pairs=scaling.family_pairs(run, "tpot", fits), limits=limits, memory=mem,
                  budget=memory.budget_bytes(run), sizes=memory.state_sizes(run), energy=energy,
-                 claims=claims_mod.claims_table(run, limits, mem, energy))
+                 claims=claims_mod.claims_table(run, limits, mem, energy, engines), engines=engines,
+                 notes=engines_mod.notes(engines, on_gpu=bool(run.env.get("gpus"))))
     a.missing = list(run.missing) + _missing_figures(a)
     a.verdict = verdict(a)
     return a
@@ -75,9 +82,11 @@ def hardware(run: RunData) -> str:
     return "unknown hardware (no env.json)"
 
 
-def fastest_by_length(run: RunData, metric: str = "ttft") -> list[tuple[int, str]]:
-    """(prompt length, fastest target) at every length where at least two targets were served."""
-    curves = {t: dict(zip(*scaling.curve(run, t, metric))) for t in run.targets()}
+def fastest_by_length(run: RunData, metric: str = "ttft", targets: list[str] | None = None) -> list[tuple[int, str]]:
+    """(prompt length, fastest target) at every length where at least two of ``targets``
+    (default: all) were served."""
+    targets = run.targets() if targets is None else targets
+    curves = {t: dict(zip(*scaling.curve(run, t, metric))) for t in targets}
     lengths = sorted({n for c in curves.values() for n in c})
     out = []
     for n in lengths:
@@ -97,39 +106,60 @@ def _ranges(pairs: list[tuple[int, str]]) -> list[tuple[int, int, str]]:
     return [tuple(x) for x in out]
 
 
+def _classes(a: Analysis) -> list[tuple[str, list[str]]]:
+    """Targets grouped by engine class (run order), the unknown ones left out."""
+    out: dict[str, list[str]] = {}
+    for t in a.run.targets():
+        k = a.engines[t].klass if t in a.engines else engines_mod.UNKNOWN
+        if k != engines_mod.UNKNOWN:
+            out.setdefault(k, []).append(t)
+    return list(out.items())
+
+
 def verdict(a: Analysis) -> list[str]:
     run = a.run
+    tag = lambda t: engines_mod.tag(t, a.engines)  # noqa: E731
     lines = [f"Hardware: {hardware(run)}; {len(run.targets())} target(s): "
-             + ", ".join(f"{t} ({run.family_of(t)})" for t in run.targets()) + "."]
+             + ", ".join(f"{tag(t)} ({run.family_of(t)})" for t in run.targets()) + "."]
     if not run.requests:
         return lines + ["No request was recorded: nothing to decide from."]
+    classes = _classes(a)
     for metric, what in (("ttft", "Fastest time to first token"), ("tpot", "Fastest decoding (TPOT)")):
-        rng = _ranges(fastest_by_length(run, metric))
-        if rng:
-            parts = [f"{t} ({run.family_of(t)}) for {_fmt_n(lo)}" + (f"–{_fmt_n(hi)}" if hi != lo else "")
-                     for lo, hi, t in rng]
-            lines.append(f"{what}: " + "; ".join(parts) + " tokens.")
+        for klass, members in classes:
+            rng = _ranges(fastest_by_length(run, metric, members))
+            if rng:
+                parts = [f"{t} ({run.family_of(t)}) for {tokens(lo)}" + (f"–{tokens(hi)}" if hi != lo else "")
+                         for lo, hi, t in rng]
+                among = f" ({klass})" if len(classes) > 1 or klass == engines_mod.EAGER else ""
+                lines.append(f"{what}{among}: " + "; ".join(parts) + " tokens.")
+    apart = 0
     for p in a.ttft_pairs:
+        if not engines_mod.comparable(p.a, p.b, a.engines)[0]:
+            apart += bool(p.crossover_data or p.crossover_fit)
+            continue
         if p.crossover_data or p.crossover_fit:
-            d = f"~{_fmt_n(round(p.crossover_data))} tokens measured" if p.crossover_data else "no crossing in the data"
-            f = f", ~{_fmt_n(round(p.crossover_fit))} from the fits" if p.crossover_fit else ""
+            d = f"~{tokens(round(p.crossover_data))} tokens measured" if p.crossover_data else "no crossing in the data"
+            f = f", ~{tokens(round(p.crossover_fit))} from the fits" if p.crossover_fit else ""
             lines.append(f"TTFT crossover {p.a} ({p.family_a}) / {p.b} ({p.family_b}): {d}{f}.")
+    if apart:
+        lines.append(f"{apart} TTFT crossover(s) between targets on different engine classes are not "
+                     "read as family differences (see the crossover table).")
     for c in a.limits:
         if c.max_ok is None:
             lines.append(f"{c.target}: no successful request"
                          + (f" (errors: {c.cause})." if c.cause else "."))
         elif c.reached:
-            lines.append(f"{c.target} context limit: served {_fmt_n(c.max_ok)}, failed from "
-                         f"{_fmt_n(c.first_failed)} ({c.cause}).")
+            lines.append(f"{c.target} context limit: served {tokens(c.max_ok)}, failed from "
+                         f"{tokens(c.first_failed)} ({c.cause}).")
         else:
-            lines.append(f"{c.target} served every length up to {_fmt_n(c.max_ok)} (limit not reached).")
+            lines.append(f"{c.target} served every length up to {tokens(c.max_ok)} (limit not reached).")
     for m in a.memory:
         if m.fit and m.fit.points >= 2:
             per_k = m.fit.coef[1] * 1024 / 2**20
             per_k = 0.0 if abs(per_k) < 0.005 else per_k
-            lines.append(f"{m.target} peak memory {m.peak_bytes[0] / 1e9:.3g} GB at {_fmt_n(m.lengths[0])} → "
-                         f"{m.peak_bytes[-1] / 1e9:.3g} GB at {_fmt_n(m.lengths[-1])} tokens "
-                         f"(fit: {per_k:.3g} MiB per 1K tokens; {m.source} metrics).")
+            lines.append(f"{m.target} peak memory {gb(m.peak_bytes[0])} at {tokens(m.lengths[0])} → "
+                         f"{gb(m.peak_bytes[-1])} at {tokens(m.lengths[-1])} tokens "
+                         f"(fit: {sig(per_k)} MiB per 1K tokens; {m.source} metrics).")
     held = sum(c.verdict == claims_mod.HOLDS for c in a.claims)
     differ = sum(c.verdict == claims_mod.DIFFERS for c in a.claims)
     lines.append(f"Paper claims: {held} hold, {differ} differ, "

@@ -6,14 +6,14 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from analysis import plots, render
+from analysis import engines as eng
+from analysis import plots, render, units
 from analysis.analyze import Analysis, analyze
-from analysis.claims import _fmt_n
 from analysis.records import load_run
 from analysis.tables import Table
 
-FIGURES = (("ttft", "p50", "TTFT p50 ms", 1e3), ("tpot", "p50", "TPOT p50 ms", 1e3),
-           ("itl", "p99", "ITL p99 ms", 1e3), ("e2e", "p50", "e2e p50 s", 1.0))
+FIGURES = (("ttft", "p50", "TTFT p50"), ("tpot", "p50", "TPOT p50"), ("itl", "p99", "ITL p99"),
+           ("e2e", "p50", "e2e p50"))
 
 
 def relative(base: float | None, other: float | None) -> float | None:
@@ -24,11 +24,7 @@ def relative(base: float | None, other: float | None) -> float | None:
 
 
 def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{x:+.1%}"
-
-
-def _v(x, scale=1.0) -> str:
-    return "—" if x is None else f"{x * scale:.4g}"
+    return units.percent(x, signed=True)
 
 
 def differences(runs: list[Analysis]) -> Table:
@@ -40,15 +36,18 @@ def differences(runs: list[Analysis]) -> Table:
             b = base_stages.get((s.target, s.stage))
             if b is None:
                 continue
-            row = [other.run.run_id, s.target, s.stage]
-            for tag, stat, _label, scale in FIGURES:
+            be, oe = base.engines.get(s.target), other.engines.get(s.target)
+            engine = (oe.label if oe else "?") if (be and oe and be.label == oe.label) else \
+                f"{be.label if be else '?'} → {oe.label if oe else '?'}"
+            row = [other.run.run_id, s.target, s.stage, engine]
+            for tag, stat, _label in FIGURES:
                 bv, ov = getattr(b.latency[tag], stat), getattr(s.latency[tag], stat)
-                row += [_v(bv, scale), _v(ov, scale), _pct(relative(bv, ov))]
-            row += [_v(b.output_token_throughput), _v(s.output_token_throughput),
+                row += [units.duration(bv), units.duration(ov), _pct(relative(bv, ov))]
+            row += [units.rate(b.output_token_throughput), units.rate(s.output_token_throughput),
                     _pct(relative(b.output_token_throughput, s.output_token_throughput))]
             rows.append(row)
-    headers = ["run", "target", "stage"]
-    for _t, _s, label, _sc in FIGURES:
+    headers = ["run", "target", "stage", "engine"]
+    for _t, _s, label in FIGURES:
         headers += [f"{label} base", f"{label} run", "Δ"]
     headers += ["output tok/s base", "output tok/s run", "Δ"]
     return Table("differences", f"Relative differences against {base.run.run_id}", headers, rows,
@@ -65,7 +64,8 @@ def limits_side_by_side(runs: list[Analysis]) -> Table:
         row = [t]
         for a in runs:
             c = next((x for x in a.limits if x.target == t), None)
-            row.append("—" if c is None else f"{_fmt_n(c.max_ok)} ({c.cause or 'not reached'})")
+            row.append("—" if c is None else f"{units.tokens(c.max_ok)} ({c.cause or 'not reached'}) "
+                       f"· {eng.tag(t, a.engines).split(' · ', 1)[-1]}")
         rows.append(row)
     return Table("limits", "Context limits per run (longest ok, cause)",
                  ["target"] + [a.run.run_id for a in runs], rows)
@@ -114,10 +114,15 @@ def write_compare(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
         f"<title>ctxload compare — {render._e(', '.join(a.run.run_id for a in runs))}</title>",
         f"<style>{render.CSS}</style></head><body data-plots=\"{n_plots}\">",
         f"<h1>ctxload compare</h1><p class=\"sub\">baseline {render._e(runs[0].run.run_id)}; "
-        f"{len(runs)} runs</p>", '<section class="verdict"><h2>Verdicts</h2>', verdicts, "</section>",
+        f"{len(runs)} runs</p>",
+        *([f'<section class="notes">' + "".join(f"<p>{render._e(a.run.run_id)}: {render._e(n)}</p>"
+                                                for a in runs for n in a.notes) + "</section>"]
+          if any(a.notes for a in runs) else []),
+        '<section class="verdict"><h2>Verdicts</h2>', verdicts, "</section>",
         *(render.table_html(t) for t in tables), "<h2>Plots side by side</h2>", *grid, "</body></html>"])
     (out_dir / "compare.html").write_text(page, encoding="utf-8")
     md = ["# ctxload compare", "", f"Baseline: {runs[0].run.run_id}", ""]
+    md += [f"> **{a.run.run_id}: {n}**\n" for a in runs for n in a.notes]
     md += [render.table_md(t) for t in tables]
     (out_dir / "compare.md").write_text("\n".join(md), encoding="utf-8")
     with open(out_dir / "compare.csv", "w", newline="") as f:

@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from analysis import scaling  # noqa: E402
+from analysis import engines as eng  # noqa: E402
+from analysis import scaling, units  # noqa: E402
 
 FAMILY_COLOURS = {"transformer": "#1f77b4", "ssm": "#d62728", "hybrid": "#2ca02c", "unknown": "#7f7f7f"}
 MARKERS = ("o", "s", "^", "D", "v", "P")
@@ -24,17 +25,26 @@ def colour(family: str) -> str:
     return FAMILY_COLOURS.get(family, FAMILY_COLOURS["unknown"])
 
 
-def _style(run, target):
-    """Family colour; marker and line style tell targets of one family apart."""
+def _style(a, target):
+    """Family colour; marker and line style tell targets of one family apart; the legend
+    names the engine (``qwen2.5-0.5b · vLLM (transformer)``) and marks an eager path."""
+    run = a.run
     fam = run.family_of(target)
     same = [t for t in run.targets() if run.family_of(t) == fam]
     i = same.index(target) if target in same else 0
     return dict(color=colour(fam), marker=MARKERS[i % len(MARKERS)],
-                linestyle=LINESTYLES[i % len(LINESTYLES)], label=f"{target} ({fam})")
+                linestyle=LINESTYLES[i % len(LINESTYLES)], label=f"{eng.tag(target, a.engines)} ({fam})")
 
 
 def _tokens_fmt(x, _pos=None):
-    return f"{x / 1024:g}K" if x >= 1024 else f"{x:g}"
+    if x >= 1024:
+        return f"{units.sig(x / 1024)}K"
+    return units.sig(x)
+
+
+_TIME = FuncFormatter(lambda x, _p: units.duration(x) if x > 0 else "0")
+"""Time axes hold seconds and read 50 ms, 1.5 s."""
+_NUMBER = FuncFormatter(lambda x, _p: units.sig(x))
 
 
 def doubling(lengths) -> bool:
@@ -43,11 +53,10 @@ def doubling(lengths) -> bool:
     return len(v) >= 3 and v[-1] / v[0] >= 4
 
 
-def _plain(ax, axis="y"):
-    """Plain numbers (0.5, 20, 300) on a log axis instead of powers of ten."""
-    f = FuncFormatter(lambda x, _p: f"{x:g}")
+def _plain(ax, axis="y", fmt=_NUMBER):
+    """Plain numbers (0.5, 20, 300 — or 50 ms, 1.5 s) instead of powers of ten."""
     target = ax.yaxis if axis == "y" else ax.xaxis
-    target.set_major_formatter(f)
+    target.set_major_formatter(fmt)
     target.set_minor_formatter(FuncFormatter(lambda x, _p: ""))
 
 
@@ -60,13 +69,13 @@ def _new(title, xlabel, ylabel):
     return fig, ax
 
 
-def _length_axis(ax, lengths, y_positive=True, ys=()):
+def _length_axis(ax, lengths, y_positive=True, ys=(), yfmt=_NUMBER):
     if doubling(lengths):
         ax.set_xscale("log", base=2)
         ys = [y for y in ys if y > 0]
         if y_positive and ys and max(ys) / min(ys) >= 10:
             ax.set_yscale("log")
-            _plain(ax, "y")
+    _plain(ax, "y", yfmt)
     ax.xaxis.set_major_formatter(FuncFormatter(_tokens_fmt))
 
 
@@ -74,27 +83,26 @@ def latency_vs_prompt(a, metric: str):
     run = a.run
     title = {"ttft": "Time to first token vs prompt length",
              "tpot": "Time per output token vs prompt length"}[metric]
-    fig, ax = _new(title, "prompt length (tokens)", f"{metric.upper()} (ms)")
+    fig, ax = _new(title, "prompt length (tokens)", f"{metric.upper()} (p50)")
     all_n, all_y = [], []
     for t in run.targets():
         n, y = scaling.curve(run, t, metric)
         if not n:
             continue
-        st = _style(run, t)
-        ax.plot(n, np.asarray(y) * 1e3, **st)
+        st = _style(a, t)
+        ax.plot(n, y, **st)
         _n90, y90 = scaling.curve(run, t, metric, q=90)
-        ax.fill_between(n, np.asarray(y) * 1e3, np.asarray(y90) * 1e3, color=st["color"], alpha=0.12,
-                        linewidth=0)
+        ax.fill_between(n, y, y90, color=st["color"], alpha=0.12, linewidth=0)
         fit = a.fits.get((t, metric))
         if fit and len(n) >= 2:
             xs = np.geomspace(min(n), max(n), 50)
-            ax.plot(xs, fit(xs) * 1e3, color=st["color"], alpha=0.35, linewidth=1)
+            ax.plot(xs, fit(xs), color=st["color"], alpha=0.35, linewidth=1)
         all_n += n
-        all_y += [v * 1e3 for v in y]
+        all_y += list(y)
     if not all_n:
         plt.close(fig)
         return None
-    _length_axis(ax, all_n, ys=all_y)
+    _length_axis(ax, all_n, ys=all_y, yfmt=_TIME)
     ax.legend(fontsize=8)
     ax.text(0.99, 0.01, "band: p50–p90; faint lines: fitted " + ("a+b·n+c·n²" if metric == "ttft" else "a+b·n"),
             transform=ax.transAxes, ha="right", va="bottom", fontsize=7, alpha=0.7)
@@ -104,28 +112,37 @@ def latency_vs_prompt(a, metric: str):
 def memory_vs_prompt(a):
     if not any(m.lengths for m in a.memory):
         return None
-    run = a.run
     fig, ax = _new("Peak device memory vs prompt length", "prompt length (tokens)", "device memory (GB)")
     all_n, all_y = [], []
     for m in a.memory:
         if not m.lengths:
             continue
-        ax.plot(m.lengths, np.asarray(m.peak_bytes) / 1e9, **_style(run, m.target))
+        ax.plot(m.lengths, np.asarray(m.peak_bytes) / 1e9, **_style(a, m.target))
         all_n += m.lengths
         all_y += [v / 1e9 for v in m.peak_bytes]
-    budget, why = a.budget
-    ax.axhline(budget / 1e9, color="black", linestyle="--", linewidth=1)
-    ax.text(0.01, budget / 1e9, f" budget {budget / 1e9:.3g} GB ({why})", va="bottom", fontsize=7,
-            transform=ax.get_yaxis_transform())
-    _length_axis(ax, all_n, ys=all_y + [budget / 1e9])
+    lines = budget_lines(a)
+    for budget, label in lines:
+        ax.axhline(budget / 1e9, color="black", linestyle="--", linewidth=1)
+        ax.text(0.01, budget / 1e9, f" {label}", va="bottom", fontsize=7, transform=ax.get_yaxis_transform())
+    _length_axis(ax, all_n, ys=all_y + [b / 1e9 for b, _l in lines])
     ax.legend(fontsize=8)
     return fig
+
+
+def budget_lines(a) -> list[tuple[float, str]]:
+    """The dashed budget lines of the memory plot: (bytes, label) each.
+
+    The hook for per-target budgets: today one line, the run's budget
+    (``memory.budget_bytes(run)``); a line per distinct target budget can be returned here
+    (e.g. from ``memory.budget_of(run, target)``) and the plot draws each.
+    """
+    budget, why = a.budget
+    return [(budget, f"budget {units.gb(budget)} ({why})")]
 
 
 def throughput_vs_concurrency(a):
     """Output tokens/s against concurrent users; a run with one concurrency level only
     (a context sweep) gets throughput against prompt length instead, which it can show."""
-    run = a.run
     levels = {s.concurrency for s in a.stages if s.concurrency is not None}
     if len(levels) <= 1:
         return _throughput_vs_prompt(a, levels.pop() if levels else None)
@@ -141,11 +158,12 @@ def throughput_vs_concurrency(a):
                    "output tokens per second")
     for t, d in pts.items():
         cs = sorted(d)
-        ax.plot(cs, [d[c][1] for c in cs], **_style(run, t))
+        ax.plot(cs, [d[c][1] for c in cs], **_style(a, t))
     allc = sorted({c for d in pts.values() for c in d})
     if allc[-1] / allc[0] >= 4:
         ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _p: f"{x:g}"))
+    _plain(ax, "x")
+    ax.yaxis.set_major_formatter(_NUMBER)
     ax.legend(fontsize=8)
     ax.text(0.99, 0.01, "each target at its shortest prompt per concurrency", transform=ax.transAxes,
             ha="right", va="bottom", fontsize=7, alpha=0.7)
@@ -153,7 +171,6 @@ def throughput_vs_concurrency(a):
 
 
 def _throughput_vs_prompt(a, level):
-    run = a.run
     by: dict[str, list[tuple[int, float]]] = {}
     for s in a.stages:
         if s.prompt_tokens is not None and s.output_token_throughput is not None:
@@ -166,7 +183,7 @@ def _throughput_vs_prompt(a, level):
     ns = []
     for t, pts in by.items():
         pts.sort()
-        ax.plot([n for n, _ in pts], [v for _, v in pts], **_style(run, t))
+        ax.plot([n for n, _ in pts], [v for _, v in pts], **_style(a, t))
         ns += [n for n, _ in pts]
     _length_axis(ax, ns, y_positive=False)
     ax.legend(fontsize=8)
@@ -175,23 +192,23 @@ def _throughput_vs_prompt(a, level):
 
 def itl_distribution(a):
     run = a.run
-    fig, ax = _new("Inter-token latency distribution (all stages)", "inter-token latency (ms)",
+    fig, ax = _new("Inter-token latency distribution (all stages)", "inter-token latency",
                    "fraction of gaps ≤ x")
     any_ = False
     for t in run.targets():
-        v = np.sort([g * 1e3 for r in run.requests if r.target == t and r.ok for g in r.itl_s])
+        v = np.sort([g for r in run.requests if r.target == t and r.ok for g in r.itl_s])
         v = v[v > 0]
         if v.size == 0:
             continue
         any_ = True
-        st = _style(run, t)
+        st = _style(a, t)
         st.pop("marker")
         ax.step(v, np.arange(1, v.size + 1) / v.size, where="post", **st)
     if not any_:
         plt.close(fig)
         return None
     ax.set_xscale("log")
-    _plain(ax, "x")
+    _plain(ax, "x", _TIME)
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8)
     return fig

@@ -14,6 +14,7 @@ color:#222;padding:0 1em}
 h1{margin-bottom:.2em} .sub{color:#666;margin-top:0}
 section.verdict{background:#f4f8ff;border-left:5px solid #1f77b4;padding:.6em 1.2em}
 section.verdict li{margin:.25em 0}
+section.notes{background:#fff6e5;border-left:5px solid #e69500;padding:.4em 1.2em;margin:1em 0}
 table{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}
 th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f0f0f0} tr:nth-child(even) td{background:#fafafa}
@@ -63,12 +64,14 @@ def plot_html(stem: str, caption: str, path: str | None) -> str:
 
 def html_page(title: str, subtitle: str, verdict: list[str], legend: dict[str, str],
               plots: list[tuple[str, str, str | None]], tables: list[Table],
-              caveats: list[str]) -> str:
+              caveats: list[str], notes: list[str] = ()) -> str:
     n_plots = sum(p is not None for _s, _c, p in plots)
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{_e(title)}</title><style>{CSS}</style></head>",
         f'<body data-plots="{n_plots}">', f"<h1>{_e(title)}</h1>", f'<p class="sub">{_e(subtitle)}</p>',
+        *([f'<section class="notes" data-notes="{len(notes)}">'
+           + "".join(f"<p>{_e(n)}</p>" for n in notes) + "</section>"] if notes else []),
         '<section class="verdict"><h2>Verdict</h2><ul>'
         + "".join(f"<li>{_e(v)}</li>" for v in verdict) + "</ul></section>",
         '<p class="legend">Colours:' + "".join(
@@ -103,8 +106,11 @@ def table_md(t: Table) -> str:
 
 
 def markdown(title: str, subtitle: str, verdict: list[str], plots, tables: list[Table],
-             caveats: list[str]) -> str:
-    out = [f"# {title}", "", subtitle, "", "## Verdict", ""]
+             caveats: list[str], notes: list[str] = ()) -> str:
+    out = [f"# {title}", "", subtitle, ""]
+    for n in notes:
+        out += [f"> **{n}**", ""]
+    out += ["## Verdict", ""]
     out += [f"- {v}" for v in verdict] + ["", "## Plots", ""]
     for stem, caption, path in plots:
         out.append(f"![{caption}]({stem}.png)" if path else f"- {caption}: no data in this run")

@@ -19,8 +19,14 @@ def write_summary(a: Analysis, out_dir: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [s.row() for s in a.stages]
-    headers = list(rows[0]) if rows else ["target", "family", "stage"]
+    rows = []
+    for s in a.stages:
+        row = s.row()
+        e = a.engines.get(s.target)
+        row = {"target": row.pop("target"), "engine": e.label if e else "",
+               "engine_class": e.klass if e else "", **row}
+        rows.append(row)
+    headers = list(rows[0]) if rows else ["target", "engine", "engine_class", "family", "stage"]
     with open(out_dir / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=headers)
         w.writeheader()
@@ -47,9 +53,9 @@ def build(a: Analysis, out_dir: Path) -> Path:
            f"{run.env.get('started_at', '?')} · {state}")
     legend = {f: plots.colour(f) for f in ("transformer", "ssm", "hybrid")}
     cav = caveats(a)
-    page = render.html_page(title, sub, a.verdict, legend, plot_list, tabs, cav)
+    page = render.html_page(title, sub, a.verdict, legend, plot_list, tabs, cav, a.notes)
     (out_dir / "report.html").write_text(page, encoding="utf-8")
-    (out_dir / "report.md").write_text(render.markdown(title, sub, a.verdict, plot_list, tabs, cav),
+    (out_dir / "report.md").write_text(render.markdown(title, sub, a.verdict, plot_list, tabs, cav, a.notes),
                                        encoding="utf-8")
     write_summary(a, out_dir)
     return out_dir / "report.html"

@@ -31,9 +31,18 @@ class Fit:
         n = np.asarray(n, dtype=float)
         return sum(c * n**i for i, c in enumerate(self.coef))
 
-    def formula(self, unit: str = "s") -> str:
-        names = ["", "·n", "·n²"]
-        return " + ".join(f"{c:.4g}{names[i]}" for i, c in enumerate(self.coef)) + f" {unit}"
+    def formula(self, show=None) -> str:
+        """The fit in display units with n in thousands of tokens, k = n / 1,024:
+        ``24.8 ms + 26.1 ms·k + 0.12 ms·k²`` (``show`` formats a value; default: a time)."""
+        from analysis.units import duration
+
+        show = show or duration
+        names = ["", "·k", "·k²"]
+        terms = [(c * 1024**i, names[i]) for i, c in enumerate(self.coef)]
+        out = show(terms[0][0]) + terms[0][1]
+        for c, name in terms[1:]:
+            out += (" − " if c < 0 else " + ") + show(abs(c)) + name
+        return out
 
 
 def fit_poly(n: Sequence[float], y: Sequence[float], degree: int) -> Fit | None:
@@ -94,9 +103,9 @@ def crossover_from_fits(fa: Fit, fb: Fit, n_max: float | None = None,
 # ---- curves per target -------------------------------------------------------------------
 
 
-def curve(run: RunData, target: str, field: str, q: float = 50) -> tuple[list[int], list[float]]:
-    """The ``q``-th percentile (default: the median) of ``field`` (``ttft``/``tpot``/``e2e``)
-    per prompt length, ok requests of the context sweep only."""
+def points(run: RunData, target: str, field: str) -> dict[int, list[float]]:
+    """Every value of ``field`` (``ttft``/``tpot``/``e2e``) per prompt length: ok requests of
+    the context sweep only. What :func:`curve` summarises, and how many requests it had."""
     from analysis.stats import tpot
 
     by_n: dict[int, list[float]] = {}
@@ -106,6 +115,13 @@ def curve(run: RunData, target: str, field: str, q: float = 50) -> tuple[list[in
         v = {"ttft": r.ttft_s, "tpot": tpot(r), "e2e": r.e2e_s}[field]
         if v is not None:
             by_n.setdefault(r.prompt_length, []).append(v)
+    return by_n
+
+
+def curve(run: RunData, target: str, field: str, q: float = 50) -> tuple[list[int], list[float]]:
+    """The ``q``-th percentile (default: the median) of ``field`` per prompt length
+    (:func:`points`)."""
+    by_n = points(run, target, field)
     ns = sorted(by_n)
     return ns, [float(np.percentile(by_n[n], q)) for n in ns]
 

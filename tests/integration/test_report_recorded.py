@@ -52,10 +52,13 @@ def test_gpu_figures_are_measured(analysis):
         assert 0 <= line.r2 <= fit.r2 + 1e-12 <= 1 + 1e-12
 
 
-def test_claims_are_all_decided(analysis):
-    verdicts = [c.verdict for c in analysis.claims]
-    assert claims.UNMEASURED not in verdicts
-    assert set(verdicts) <= {claims.HOLDS, claims.DIFFERS}
+def test_claims_wait_for_the_engine_of_mamba2(analysis):
+    # the run predates ssm:engine_info and ran --backend auto: whether mamba2-780m was served by
+    # the native backend or by transformers is unknown, so nothing is decided against it
+    assert all(c.verdict == claims.UNMEASURED for c in analysis.claims)
+    assert any("engine backend of mamba2-780m is unknown" in c.why for c in analysis.claims)
+    # every claim still shows the figures it would have used
+    assert all(c.figures for c in analysis.claims)
 
 
 def test_report_files(tmp_path):
