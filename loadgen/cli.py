@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("scenario", help="a scenario YAML file (or the name of one in scenarios/)")
+    parser.add_argument("scenario", nargs="?", help="a scenario YAML file (or the name of one in scenarios/)")
+    parser.add_argument("--resume", metavar="RUN_DIR", default=None,
+                        help="go on with a run directory (after a crash, Ctrl-C or a time limit): targets it "
+                             "completed are skipped, stages run in full are not run again")
     parser.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
     parser.add_argument("--run-id", default=None, help="name of the run directory (default: time-name)")
     parser.add_argument("--target-url", action="append", default=[], metavar="NAME=URL",
@@ -30,7 +34,16 @@ def main(args) -> int:
     from loadgen import scenario as sc
 
     try:
-        scenario = sc.load(args.scenario)
+        if args.resume:
+            if args.scenario or args.run_id:
+                raise sc.ScenarioError("--resume: give the run directory alone (it holds its scenario)")
+            if not (Path(args.resume) / "scenario.yaml").exists():
+                raise sc.ScenarioError(f"--resume: {args.resume} is not a run directory (no scenario.yaml)")
+            scenario = sc.load(Path(args.resume) / "scenario.yaml")
+        elif not args.scenario:
+            raise sc.ScenarioError("give a scenario (a YAML file, or the name of one in scenarios/), or --resume RUN_DIR")
+        else:
+            scenario = sc.load(args.scenario)
         urls = {}
         for item in args.target_url:
             name, sep, url = item.partition("=")
@@ -55,7 +68,7 @@ def main(args) -> int:
         runner.run(scenario, runs_dir=args.runs_dir, run_id=args.run_id, processes=args.processes,
                    target_urls=urls, master_bind_host=args.master_bind_host, master_port=args.master_port,
                    external_workers=args.external_workers,
-                   web_port=args.web_port if args.web_ui else None)
+                   web_port=args.web_port if args.web_ui else None, resume=args.resume)
     except (sc.ScenarioError, FileExistsError, RuntimeError, OSError) as e:
         print(f"ctxload run: {e}", file=sys.stderr)
         return 2

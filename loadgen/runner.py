@@ -27,7 +27,7 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -78,13 +78,16 @@ def _gpus() -> list[dict]:
     return []
 
 
-def write_env(path: Path, run_id: str, started: str, live: list, finished: str | None = None) -> None:
+def write_env(path: Path, run_id: str, started: str, live: list, finished: str | None = None,
+              earlier: list | None = None) -> None:
     env = {"schema_version": 1, "run_id": run_id, "ctxload_version": _packages().get("ctxload"),
            "started_at": started, "finished_at": finished,
            "host": {"hostname": socket.gethostname(), "platform": platform.platform(),
                     "cpu_count": os.cpu_count(), "memory_bytes": _memory_bytes()},
            "python": sys.version.split()[0], "packages": _packages(), "gpus": _gpus(),
            "targets": [t.describe() for t in live]}
+    if earlier:
+        env["earlier"] = earlier  # the sessions this run was resumed from, oldest first
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(env, indent=2))
     tmp.replace(path)
@@ -135,24 +138,37 @@ def _slo_missed(scenario: sc.Scenario, res: shapes.StageResult) -> str | None:
 
 def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, processes: int = 1,
         target_urls: dict[str, str] | None = None, master_bind_host: str = "127.0.0.1",
-        master_port: int | None = None, external_workers: int = 0, web_port: int | None = None) -> Path:
+        master_port: int | None = None, external_workers: int = 0, web_port: int | None = None,
+        resume: str | os.PathLike | None = None) -> Path:
     """Run the scenario; return the run directory.
 
     ``processes > 1`` spawns that many local Locust workers; ``external_workers = N`` instead
     waits for N workers started elsewhere to connect to ``master_bind_host:master_port``.
-    ``web_port`` serves Locust's web UI there (on ``master_bind_host``)."""
-    scenario = sc.coerce(scenario_or_path)
+    ``web_port`` serves Locust's web UI there (on ``master_bind_host``).
+    ``resume``: a run directory to go on with (its own scenario; ``scenario_or_path`` unused):
+    targets it completed are skipped, and the stages a target already ran in full are not run
+    again (after its warm-up)."""
+    say = progress or (lambda *_: None)
+    started = _now_iso()
+    past = Resumed.read(Path(resume)) if resume else Resumed()
+    if resume:
+        run_dir = Path(resume)
+        run_id = run_dir.name
+        scenario = sc.load(run_dir / "scenario.yaml")
+        say(f"run {run_id}: resuming {scenario.name} in {run_dir} ({len(past.completed)} target(s) done)")
+    else:
+        scenario = sc.coerce(scenario_or_path)
+        run_id = run_id or new_run_id(scenario.name)
+        run_dir = Path(runs_dir) / run_id
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise FileExistsError(f"run directory {run_dir} already exists and is not empty "
+                                  f"(`ctxload run --resume {run_dir}` goes on with it)")
+        run_dir.mkdir(parents=True, exist_ok=True)
     if target_urls:
         scenario = override_urls(scenario, target_urls)
-    say = progress or (lambda *_: None)
-    run_id = run_id or new_run_id(scenario.name)
-    run_dir = Path(runs_dir) / run_id
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"run directory {run_dir} already exists and is not empty")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "scenario.yaml").write_text(scenario.resolved_yaml())
-    started = _now_iso()
-    say(f"run {run_id}: {scenario.name} → {run_dir}")
+    if not resume:
+        (run_dir / "scenario.yaml").write_text(scenario.resolved_yaml())
+        say(f"run {run_id}: {scenario.name} → {run_dir}")
     writer = RecordWriter(run_dir / "requests.jsonl")
     metrics = ClientMetrics()
     controller = Controller(writer, on_record=metrics.record)
@@ -161,10 +177,15 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
     with contextlib.ExitStack() as stack:
         stack.callback(writer.close)
         live = targets.prepare(scenario, say)
+        for lt in live:
+            if lt.name in past.completed:
+                lt.completed, lt.before = True, past.targets.get(lt.name)
         if scenario.keep_targets_resident:
             for lt in live:
+                if lt.completed:
+                    continue
                 targets.start(lt, stack, run_dir, say)
-        write_env(run_dir / "env.json", run_id, started, live)
+        write_env(run_dir / "env.json", run_id, started, live, earlier=past.earlier)
         exporter_port = exporter.port_override()
         if exporter_port is None:
             exporter_port = scenario.metrics.exporter_port
@@ -206,8 +227,11 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
         run_deadline = (time.monotonic() + scenario.stop.max_duration_s) if scenario.stop.max_duration_s else None
         gc.collect()
         gc.freeze()  # setup's objects leave the collector's view: fewer, shorter pauses mid-stream
-        stage_index = 0
+        stage_index = past.next_stage_index
         for lt in live:
+            if lt.completed:
+                say(f"{lt.name}: completed earlier in this run; skipped")
+                continue
             if run_deadline and time.monotonic() > run_deadline:
                 say(f"{lt.name}: not run: the run's max_duration_s is spent")
                 break
@@ -219,19 +243,19 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
                     say(f"{lt.name}: not run: {e}")
                     continue
                 finally:
-                    write_env(run_dir / "env.json", run_id, started, live)
+                    write_env(run_dir / "env.json", run_id, started, live, earlier=past.earlier)
                     scraper.set_stage(None, resident=_resident(live))
                 ctx = _Ctx(scenario, runner, controller, metrics, scraper, prog, say, run_dir, run_deadline,
-                           live)
-                stage_index = _run_target(ctx, lt, stage_index)
+                           live, past.stages_done.get(lt.name, set()))
+                stage_index, lt.completed = _run_target(ctx, lt, stage_index)
                 # the scraper leaves a target alone before it stops
                 scraper.set_stage(None, resident={k: v for k, v in _resident(live).items()
                                                   if k != lt.name or scenario.keep_targets_resident})
             scraper.set_stage(None, resident=_resident(live))
-            write_env(run_dir / "env.json", run_id, started, live)
+            write_env(run_dir / "env.json", run_id, started, live, earlier=past.earlier)
         controller.stopping = True
         scraper.close(final=True)
-        write_env(run_dir / "env.json", run_id, started, live, finished=_now_iso())
+        write_env(run_dir / "env.json", run_id, started, live, finished=_now_iso(), earlier=past.earlier)
         say(f"done: {controller.total} requests, {controller.errors} errors; run directory {run_dir}")
     return run_dir
 
@@ -281,6 +305,8 @@ class _Ctx:
     run_dir: Path
     run_deadline: float | None
     live: list
+    done: set = field(default_factory=set)
+    """Stage labels this target ran in full earlier in a resumed run: not run again."""
 
     def set_stage(self, lt: targets.LiveTarget, label: str, index: int) -> None:
         self.scraper.set_stage(label, target=lt.name, index=index, resident=_resident(self.live))
@@ -297,38 +323,97 @@ class _Ctx:
             one.close()
 
 
+@dataclass
+class Resumed:
+    """What an earlier session of a run left: targets completed, stages run in full."""
+
+    completed: set = field(default_factory=set)
+    targets: dict = field(default_factory=dict)
+    stages_done: dict = field(default_factory=dict)
+    next_stage_index: int = 0
+    earlier: list = field(default_factory=list)
+
+    @classmethod
+    def read(cls, run_dir: Path) -> "Resumed":
+        if not (run_dir / "scenario.yaml").exists():
+            raise FileExistsError(f"--resume {run_dir}: not a run directory (no scenario.yaml)")
+        out = cls()
+        env = {}
+        with contextlib.suppress(OSError, ValueError):
+            env = json.loads((run_dir / "env.json").read_text())
+        for t in env.get("targets") or []:
+            out.targets[t.get("name")] = t
+            if t.get("completed"):
+                out.completed.add(t.get("name"))
+        out.earlier = list(env.get("earlier") or []) + ([{k: v for k, v in env.items()
+                                                          if k not in ("targets", "earlier")}] if env else [])
+        counts: dict = {}
+        with contextlib.suppress(OSError):
+            for line in (run_dir / "requests.jsonl").read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    r = json.loads(line)
+                    out.next_stage_index = max(out.next_stage_index, int(r.get("stage_index") or 0) + 1)
+                    key = (r["target"], r["stage"])
+                    counts[key] = counts.get(key, 0) + 1
+        scenario = sc.load(run_dir / "scenario.yaml")
+        planned = scenario.load.requests if not scenario.load.duration_s else 1
+        for (t, label), n in counts.items():
+            if label != "warmup" and n >= (planned or 1):
+                out.stages_done.setdefault(t, set()).add(label)
+        return out
+
+
 def _resident(live: list[targets.LiveTarget]) -> dict:
     """The targets up now, with the URL to scrape and the server's process group."""
     return {lt.name: {"url": lt.url, "pid": lt.pid} for lt in live if lt.url and lt.running}
 
 
-def _run_target(ctx: _Ctx, lt: targets.LiveTarget, stage_index: int) -> int:
-    scenario, runner, controller, metrics, prog, say = (ctx.scenario, ctx.runner, ctx.controller, ctx.metrics,
-                                                        ctx.prog, ctx.say)
-    run_dir, run_deadline = ctx.run_dir, ctx.run_deadline
-    base = _job_base(scenario, lt)
-    load = scenario.load
-    search = shapes.Search() if isinstance(load, sc.MaxContext) else None
-    gen = shapes.bisect(load, search) if search else shapes.stages(load)
-    if isinstance(load, (sc.ContextSweep, sc.ConcurrencySweep, sc.Poisson)) and load.warmup_requests:
-        spec = shapes.StageSpec("warmup", 1, _first_length(load), requests=load.warmup_requests)
+def _run_target(ctx: _Ctx, lt: targets.LiveTarget, stage_index: int) -> tuple[int, bool]:
+    """Warm the target up, then run each load of the scenario on it in turn."""
+    base = _job_base(ctx.scenario, lt)
+    loads = ctx.scenario.loads()
+    first = loads[0]
+    if isinstance(first, (sc.ContextSweep, sc.ConcurrencySweep, sc.Poisson)) and first.warmup_requests:
+        spec = shapes.StageSpec("warmup", 1, _first_length(first), requests=first.warmup_requests)
         ctx.set_stage(lt, spec.label, stage_index)
-        _run_stage(runner, controller, Stage(spec, stage_index, base), 1, scenario.request_timeout_s)
+        _run_stage(ctx.runner, ctx.controller, Stage(spec, stage_index, base), 1, ctx.scenario.request_timeout_s)
         ctx.scrape_now(lt, spec.label, stage_index)
         stage_index += 1
+    for load in loads:
+        stage_index, stop_reason = _run_load(ctx, lt, load, base, stage_index)
+        if run_deadline_passed(ctx) or not lt.alive():
+            return stage_index, False
+    return stage_index, True
+
+
+def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict, stage_index: int) -> tuple[int, str | None]:
+    scenario, runner, controller, metrics, prog, say = (ctx.scenario, ctx.runner, ctx.controller, ctx.metrics,
+                                                        ctx.prog, ctx.say)
+    cap = lt.spec.max_prompt_tokens
+    search = shapes.Search() if isinstance(load, sc.MaxContext) else None
+    if search is not None:
+        # the server's own limit, when it declares one, is probed first: two probes then
+        # settle the search instead of a bisection over long prompts
+        hint = lt.max_model_len - scenario.output.max_tokens if lt.max_model_len else None
+        gen = shapes.bisect(load, search, hint=hint, cap=cap)
+    else:
+        gen = shapes.stages(load)
     res = None
     stop_reason = None
     try:
         spec = next(gen)
         while True:
-            if run_deadline and time.monotonic() > run_deadline:
+            if run_deadline_passed(ctx):
                 stop_reason = "the run's max_duration_s is spent"
                 break
             if not lt.alive():
                 stop_reason = "its server has exited"
                 break
+            if search is None and ((cap and spec.prompt_tokens and spec.prompt_tokens > cap) or spec.label in ctx.done):
+                spec = gen.send(None)  # past the target's max_prompt_tokens, or run in full before
+                continue
             if lt.max_model_len and spec.prompt_tokens and spec.prompt_tokens + scenario.output.max_tokens > lt.max_model_len \
-                    and not isinstance(load, sc.MaxContext):
+                    and search is None:
                 say(f"{lt.name}: {spec.label} exceeds the server's max_model_len {lt.max_model_len}; sent anyway")
             ctx.set_stage(lt, spec.label, stage_index)
             metrics.stage(lt.name, spec.label, spec.users, spec.prompt_tokens)
@@ -343,10 +428,10 @@ def _run_target(ctx: _Ctx, lt: targets.LiveTarget, stage_index: int) -> int:
             if res.crashed and not lt.alive():
                 stop_reason = "its server crashed (connection lost)"
                 break
-            if res.error_rate > scenario.stop.max_error_rate:
+            if search is None and res.error_rate > scenario.stop.max_error_rate:
                 stop_reason = f"error rate {res.error_rate:.0%} > max_error_rate {scenario.stop.max_error_rate:g}"
                 break
-            missed = _slo_missed(scenario, res) if scenario.stop.on_slo_violation else None
+            missed = _slo_missed(scenario, res) if scenario.stop.on_slo_violation and search is None else None
             if missed:
                 stop_reason = f"SLO missed: {missed}"
                 break
@@ -359,13 +444,18 @@ def _run_target(ctx: _Ctx, lt: targets.LiveTarget, stage_index: int) -> int:
         out = {"schema_version": 1, "target": lt.name, "max_ok_tokens": search.max_ok,
                "min_fail_tokens": search.min_fail, "failure_kind": search.failure_kind,
                "crashed": search.crashed, "converged": search.converged, "tolerance": load.tolerance,
+               "max_tried_tokens": search.max_tried, "server_max_model_len": lt.max_model_len,
                "probes": search.probes, "stopped": stop_reason}
-        with open(run_dir / "max_context.jsonl", "a") as f:
+        with open(ctx.run_dir / "max_context.jsonl", "a") as f:
             f.write(json.dumps(out) + "\n")
         crash = " — connection lost (crash); not hit again" if search.crashed else ""
         say(f"{lt.name}: max context {search.max_ok} tokens (first failure {search.min_fail}: "
             f"{search.failure_kind}){crash}")
-    return stage_index
+    return stage_index, stop_reason
+
+
+def run_deadline_passed(ctx: _Ctx) -> bool:
+    return bool(ctx.run_deadline and time.monotonic() > ctx.run_deadline)
 
 
 def _first_length(load) -> int:

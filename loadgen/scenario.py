@@ -89,6 +89,10 @@ class Target(_Model):
     tokenizer: str | None = None
     """Local tokenizer directory for prompt synthesis; default: the served model directory,
     else the target's ``/tokenize``."""
+    max_prompt_tokens: PositiveInt | None = None
+    """Longest prompt sent to this target: longer stages of the load are skipped for it, and a
+    max-context search stops there (e.g. a Transformer's sweep ends at 256K while the SSMs
+    go on to 1M)."""
 
     @model_validator(mode="after")
     def _url_or_serve(self) -> "Target":
@@ -271,6 +275,9 @@ class Scenario(_Model):
     prompt: PromptSource = Field(default_factory=SyntheticPrompt)
     output: Output = Field(default_factory=Output)
     load: Load
+    then: list[Load] = Field(default_factory=list)
+    """More load shapes run on each target after ``load``, in order, while its server is up
+    (e.g. a max-context search after a context sweep)."""
     slos: Slos = Field(default_factory=Slos)
     stop: Stop = Field(default_factory=Stop)
     metrics: Metrics = Field(default_factory=Metrics)
@@ -299,6 +306,10 @@ class Scenario(_Model):
             if t.serve is not None and t.serve.memory_budget is None:
                 t.serve.memory_budget = self.memory_budget
         return self
+
+    def loads(self) -> list:
+        """The load shapes in the order they run on each target."""
+        return [self.load, *self.then]
 
     def resolved_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -169,6 +169,7 @@ def _main(argv=None) -> int:
     stop = {"final": False}
     signal.signal(signal.SIGUSR1, lambda *_: stop.update(final=True))
     signal.signal(signal.SIGTERM, lambda *_: stop.update(final=True))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group: the runner stops us
     parent = os.getppid()
     while not stop["final"]:
         if os.getppid() != parent:  # the load generator is gone (even kill -9): stop too

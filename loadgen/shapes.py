@@ -76,7 +76,7 @@ def stages(load, max_context_len: int | None = None) -> Shape:
 
 
 def _probe(n: int, load: "sc.MaxContext") -> StageSpec:
-    return StageSpec(f"prompt={n}", 1, n, requests=load.requests_per_probe)
+    return StageSpec(f"probe={n}", 1, n, requests=load.requests_per_probe)
 
 
 class Search:
@@ -89,32 +89,52 @@ class Search:
         self.crashed = False
         self.probes: list[dict] = []
         self.converged = False
+        self.max_tried: int | None = None
 
 
-def bisect(load: "sc.MaxContext", search: Search | None = None) -> Shape:
+def bisect(load: "sc.MaxContext", search: Search | None = None, *, hint: int | None = None,
+           cap: int | None = None) -> Shape:
     """Double from ``min_tokens`` until a failure (or ``max_tokens``), then bisect between the
     longest success and the shortest failure until they are within ``tolerance``.  A lost
-    connection (the server crashed) ends the search: the target is not hit again."""
+    connection (the server crashed) ends the search: the target is not hit again.
+
+    ``hint``: the longest prompt the server says it takes (its max_model_len less the output):
+    probed first, then one token more; when the first works and the second fails the search
+    is done in two probes, else it goes on as above with what they taught.  ``cap``: the
+    target's own ``max_prompt_tokens``, which lowers ``max_tokens``."""
     s = search or Search()
-    n = load.min_tokens
+    top = min(load.max_tokens, cap) if cap else load.max_tokens
+    if hint is not None and not load.min_tokens <= hint < top:
+        hint = None
+    queue = [hint, hint + 1] if hint is not None else []
+    n = queue.pop(0) if queue else load.min_tokens
     for _ in range(load.max_probes):
         res = yield _probe(n, load)
         ok = res.failure_kind is None
         s.probes.append({"prompt_tokens": n, "ok": ok, "failure_kind": res.failure_kind})
+        s.max_tried = max(s.max_tried or 0, n)
         if ok:
-            s.max_ok = n
+            s.max_ok = max(s.max_ok or 0, n)
         else:
-            s.min_fail, s.failure_kind = n, res.failure_kind
+            if s.min_fail is None or n < s.min_fail:
+                s.min_fail, s.failure_kind = n, res.failure_kind
             if res.crashed:
                 s.crashed = True
                 return
-        if s.max_ok is None:  # even the shortest failed
-            return
+        if queue and ok:  # the hint worked: try one more token
+            n = queue.pop(0)
+            continue
+        queue = []
+        if s.max_ok is None:
+            if n > load.min_tokens:  # the hint failed: start again from the shortest
+                n = load.min_tokens
+                continue
+            return  # even the shortest failed
         if s.min_fail is None:
-            if n >= load.max_tokens:
+            if n >= top:
                 s.converged = True
                 return
-            n = min(n * 2, load.max_tokens)
+            n = min(n * 2, top)
             continue
         if (s.min_fail - s.max_ok) <= max(1, load.tolerance * s.max_ok):
             s.converged = True

@@ -36,6 +36,10 @@ class LiveTarget:
     startup_s: float | None = None
     error: str | None = None
     """Why its server could not be started (the run goes on with the next target)."""
+    completed: bool = False
+    """Every load ran on it to the end (a resumed run skips it)."""
+    before: dict | None = None
+    """What env.json said of it in the session that completed it (a resumed run)."""
 
     @property
     def name(self) -> str:
@@ -66,13 +70,15 @@ class LiveTarget:
         return {"kind": "remote", "url": self.url, "model": self.spec.model}
 
     def describe(self) -> dict:
+        if self.before is not None:
+            return self.before
         serve = self.spec.serve
         return {"name": self.name, "url": self.url, "model": self.spec.model, "family": self.spec.family,
                 "engine": self.spec.engine, "preset": self.preset, "launch_args": self.launch_args,
                 "max_model_len": self.max_model_len,
                 "memory_budget_bytes": serve.memory_budget_bytes() if serve else None,
                 "started_at": self.started_at, "stopped_at": self.stopped_at, "startup_s": self.startup_s,
-                "error": self.error}
+                "error": self.error, "completed": self.completed}
 
 
 def models_cache() -> Path:
@@ -105,6 +111,15 @@ def command(target: sc.Target, model: Path | str, port: int) -> list[str]:
 
     return vllm_launch.command(model, port, python=_vllm_python(), extra=serve.args,
                                served_name=target.model, memory_budget_bytes=budget)
+
+
+def environment(target: sc.Target, model: Path | str) -> dict[str, str]:
+    """Environment variables the server needs beyond ours (vLLM's launch profile's)."""
+    if target.serve.engine != "vllm":
+        return {}
+    from servers import vllm_launch
+
+    return vllm_launch.environment(model)
 
 
 def _vllm_python() -> str | None:
@@ -164,7 +179,7 @@ def start(lt: LiveTarget, stack: contextlib.ExitStack, run_dir: Path, log) -> No
         cmd = command(lt.spec, model, port)
         log(f"starting {lt.name}: {lt.spec.serve.engine} on 127.0.0.1:{port}")
         srv = ManagedServer(lt.name, cmd, port, log_path=run_dir / "servers" / f"{lt.name}.log",
-                            startup_timeout_s=lt.spec.serve.startup_timeout_s)
+                            startup_timeout_s=lt.spec.serve.startup_timeout_s, env=environment(lt.spec, model))
         t0 = time.time()
         lt.launch_args, lt.server, lt.started_at = cmd[1:], srv, t0
         srv.start()

@@ -39,18 +39,22 @@ def kv_bytes_per_token(cfg: dict[str, Any], model_type: str, dtype_bytes: int) -
     return 2 * layers * kv * int(hd) * dtype_bytes if layers and kv and hd else None
 
 
-def state_bytes_per_sequence(cfg: dict[str, Any], model_type: str, dtype_bytes: int) -> int | None:
-    """Conv state + SSM state of every Mamba layer, per sequence (constant in length)."""
+def state_bytes_per_sequence(cfg: dict[str, Any], model_type: str, dtype_bytes: int,
+                             conv_window: int = 0) -> int | None:
+    """Conv state + SSM state of every Mamba layer, per sequence (constant in length).
+
+    The conv state holds ``kernel + conv_window`` inputs: transformers and ssm-server keep the
+    whole kernel (0), vLLM keeps kernel − 1 (−1)."""
     layers = int(cfg.get("num_hidden_layers", 0))
     h = int(cfg.get("hidden_size", 0))
     if model_type == "mamba":
         inner = int(cfg.get("expand", 2)) * h
-        return layers * inner * (int(cfg.get("state_size", 16)) + int(cfg.get("conv_kernel", 4))) * dtype_bytes
+        return layers * inner * (int(cfg.get("state_size", 16)) + int(cfg.get("conv_kernel", 4)) + conv_window) * dtype_bytes
     if model_type == "mamba2":
         nh, hd, n = int(cfg.get("num_heads", 0)), int(cfg.get("head_dim", 64)), int(cfg.get("state_size", 128))
         inner = nh * hd
         conv_dim = inner + 2 * int(cfg.get("n_groups", 1)) * n
-        return layers * (nh * hd * n + conv_dim * int(cfg.get("conv_kernel", 4))) * dtype_bytes
+        return layers * (nh * hd * n + conv_dim * (int(cfg.get("conv_kernel", 4)) + conv_window)) * dtype_bytes
     if model_type in ("falcon_h1", "zamba2"):
         if model_type == "falcon_h1":
             nh, hd = int(cfg.get("mamba_n_heads", 0)), int(cfg.get("mamba_d_head", 64))
@@ -59,5 +63,5 @@ def state_bytes_per_sequence(cfg: dict[str, Any], model_type: str, dtype_bytes: 
             nh, hd = int(cfg.get("n_mamba_heads", 0)), int(cfg.get("mamba_headdim", 64))
             n, g = int(cfg.get("mamba_d_state", 64)), int(cfg.get("mamba_ngroups", 1))
         conv_dim = nh * hd + 2 * g * n
-        return layers * (nh * hd * n + conv_dim * int(cfg.get("mamba_d_conv", 4))) * dtype_bytes
+        return layers * (nh * hd * n + conv_dim * (int(cfg.get("mamba_d_conv", 4)) + conv_window)) * dtype_bytes
     return None

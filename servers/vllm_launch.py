@@ -31,6 +31,7 @@ from typing import Sequence
 from servers import presets
 from servers.sizes import parse_bytes, state_bytes_per_sequence  # noqa: F401 - parse_bytes re-exported
 
+
 #: Default port of an OpenAI-compatible server (vLLM's).
 DEFAULT_PORT = 8000
 #: Where a preset's model directory is built when a preset name (not a directory) is given.
@@ -42,8 +43,10 @@ _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
 class Profile:
     """How one preset is served by vLLM."""
 
-    max_model_len: int
-    """Longest prompt + output accepted; vLLM refuses to start if the KV cache cannot hold one."""
+    max_model_len: int | str
+    """Longest prompt + output accepted; vLLM refuses to start if the KV cache cannot hold one.
+    ``auto``: the longest the KV cache holds under the memory share (vLLM fits it after
+    profiling, up to the model's position limit)."""
     gpu_memory_utilization: float = 0.90
     """Fraction of the GPU's memory vLLM may take (weights, activations, KV cache)."""
     enable_chunked_prefill: bool = True
@@ -60,9 +63,11 @@ class Profile:
     """KV cache size of the CPU profile."""
 
 
-# The paper measured up to 256K tokens; vLLM's KV-cache check (one whole sequence must fit)
-# then decides at start-up whether the card and memory budget can serve that much.
-_GPU_LEN = 262_144
+# On a GPU, a model with attention is served as long a context as its KV cache holds
+# (vLLM's ``auto``); an SSM's state does not grow with the context, so it gets a fixed
+# 1M tokens + 1K of output, past what its config declares (VLLM_ALLOW_LONG_MAX_MODEL_LEN).
+_GPU_LEN = "auto"
+_SSM_GPU_LEN = (1 << 20) + 1024
 
 
 def profile_for(preset_name: str, *, cpu: bool | None = None) -> Profile:
@@ -77,7 +82,27 @@ def _profile(family: str, tiny: bool, cpu: bool | None) -> Profile:
     if cpu:
         return Profile(max_model_len=2048, max_num_batched_tokens=2048, max_num_seqs=16,
                        enable_prefix_caching=not recurrent, cpu=True)
-    return Profile(max_model_len=_GPU_LEN, enable_prefix_caching=not recurrent)
+    return Profile(max_model_len=_SSM_GPU_LEN if family == "ssm" else _GPU_LEN, enable_prefix_caching=not recurrent)
+
+
+def environment(preset_or_model_dir: str | os.PathLike, *, cpu: bool | None = None) -> dict[str, str]:
+    """Environment variables vLLM needs for this model's profile: an SSM on a GPU is served
+    past the length its config declares (it has none), which vLLM allows only when asked."""
+    family, tiny = _family_and_tiny(preset_or_model_dir)
+    gpu = not (tiny if cpu is None else cpu)
+    return {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"} if gpu and family == "ssm" else {}
+
+
+def _family_and_tiny(preset_or_model_dir) -> tuple[str, bool]:
+    path = Path(preset_or_model_dir)
+    if (path / "config.json").exists():
+        from servers import modeldir
+
+        info = modeldir.info(path)
+        p = presets.PRESETS.get(info.preset or "")
+        return info.family, bool(p and p.tiny)
+    p = presets.get(str(preset_or_model_dir))
+    return p.family, p.tiny
 
 
 @dataclass(frozen=True)
@@ -196,8 +221,10 @@ def fit_budget(profile: Profile, model: Model, budget_bytes: int, card_bytes: in
     out = replace(profile, gpu_memory_utilization=budget_fraction(budget_bytes, card_bytes))
     per_seq = vllm_state_bytes(model)
     if per_seq:
+        # vLLM gives each sequence one block of every Mamba layer and, with CUDA graphs,
+        # refuses max_num_seqs above the blocks it has (one of which it keeps in reserve)
         cache = budget_bytes - (weights or 0) - GPU_RUNTIME_BYTES
-        seqs = int(max(cache, 0) * STATE_HEADROOM // per_seq)
+        seqs = int(max(cache, 0) * STATE_HEADROOM // per_seq) - 1
         if seqs < 1:
             raise ValueError(f"memory budget {budget_bytes / 2**30:.2f} GiB leaves no room for one "
                              f"sequence's state ({per_seq / 2**20:.0f} MiB) after the weights")
@@ -215,12 +242,13 @@ def _weight_bytes(model: Model) -> int | None:
 
 
 def vllm_state_bytes(model: Model) -> int | None:
-    """Bytes of recurrent state vLLM keeps per sequence (every Mamba layer's conv and SSM
-    state), None for a Transformer."""
+    """Bytes of recurrent state vLLM keeps per sequence: every Mamba layer's SSM state and its
+    conv window of kernel − 1 inputs (vLLM 0.26, mamba_utils.py), None for a Transformer."""
     p = _preset_of(model)
     if p is None or p.family == "transformer":
         return None
-    return state_bytes_per_sequence(dict(p.config), p.model_type, 2 if p.dtype != "float32" else 4)
+    return state_bytes_per_sequence(dict(p.config), p.model_type, 2 if p.dtype != "float32" else 4,
+                                    conv_window=-1)
 
 
 def budget_fraction(budget_bytes: int, total_bytes: int) -> float:
@@ -296,9 +324,11 @@ def main(args: argparse.Namespace) -> int:
     except (presets.UnknownPreset, ValueError, FileNotFoundError) as e:
         print(f"ctxload serve vllm: {e}", file=sys.stderr)
         return 2
+    env = environment(args.model, cpu=args.cpu)
     if args.dry_run:
-        print(shlex.join(cmd))
+        print(shlex.join([f"{k}={v}" for k, v in env.items()] + cmd))
         return 0
+    os.environ.update(env)
     print("+ " + shlex.join(cmd), file=sys.stderr, flush=True)
     if args.exec_:
         os.execv(cmd[0], cmd)

@@ -19,8 +19,9 @@ SMALL = ["--prompt-tokens", "32,64", "--requests", "2", "--max-tokens", "4"]
 
 
 def _ports(run_dir: Path) -> list[int]:
+    """Ports of the servers started so far (targets run one at a time: later ones have none yet)."""
     env = json.loads((run_dir / "env.json").read_text())
-    return [int(t["url"].rsplit(":", 1)[1]) for t in env["targets"]]
+    return [int(t["url"].rsplit(":", 1)[1]) for t in env["targets"] if t["url"]]
 
 
 def _listening(port: int) -> bool:

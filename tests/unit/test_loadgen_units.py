@@ -107,9 +107,9 @@ def test_error_in_stream_is_data_not_lost():
     assert (r["status"], r["error_kind"], r["ttft_s"]) == ("error", "oom", None)
 
 
-def _search(limit: int, load: sc.MaxContext, crash_above: int | None = None):
+def _search(limit: int, load: sc.MaxContext, crash_above: int | None = None, **kw):
     s = shapes.Search()
-    gen = shapes.bisect(load, s)
+    gen = shapes.bisect(load, s, **kw)
     spec = next(gen)
     try:
         while True:
@@ -142,6 +142,27 @@ def test_bisection_reports_a_limit_beyond_max_tokens_and_stops_on_crash():
     s = _search(1 << 30, sc.MaxContext(kind="max_context"), crash_above=5000)
     assert s.crashed and s.max_ok == 4096 and s.min_fail == 8192 and s.failure_kind == "connection"
     assert len(s.probes) == 4  # 1024, 2048, 4096, 8192: nothing after the crash
+
+
+def test_the_servers_declared_limit_settles_the_search_in_two_probes():
+    load = sc.MaxContext(kind="max_context", min_tokens=1024, max_tokens=1 << 22, tolerance=0.01)
+    s = _search(654_300, load, hint=654_300)  # vLLM's max_model_len less the output
+    assert [p["prompt_tokens"] for p in s.probes] == [654_300, 654_301]
+    assert s.converged and (s.max_ok, s.min_fail, s.failure_kind) == (654_300, 654_301, "rejected")
+    # the declared limit does not hold (an OOM below it): start again from the shortest
+    s = _search(100_000, load, hint=654_300)
+    assert s.probes[0] == {"prompt_tokens": 654_300, "ok": False, "failure_kind": "rejected"}
+    assert s.probes[1]["prompt_tokens"] == 1024
+    assert s.converged and s.max_ok <= 100_000 < s.min_fail <= 1.01 * s.max_ok + 1
+    # more than declared works too: keep doubling from there
+    s = _search(3_000_000, load, hint=654_300)
+    assert s.max_ok >= 654_301 and s.max_ok <= 3_000_000 < s.min_fail
+
+
+def test_a_targets_max_prompt_tokens_caps_the_search():
+    load = sc.MaxContext(kind="max_context", min_tokens=1024, max_tokens=1 << 22)
+    s = _search(1 << 30, load, cap=100_000, hint=200_000)  # a hint past the cap is ignored
+    assert s.max_ok == 100_000 and s.min_fail is None and s.converged and s.max_tried == 100_000
 
 
 def test_client_exporter_serves_contract_names_over_http():

@@ -31,7 +31,7 @@ def test_real_size_preset_is_served_with_dummy_weights_under_its_own_name(tmp_pa
     s = " ".join(cmd)
     for piece in ("--served-model-name falcon-h1-0.5b", "--load-format dummy", "--port 8123",
                   "--host 127.0.0.1", "--no-enable-prefix-caching", "--enable-chunked-prefill",
-                  "--gpu-memory-utilization 0.900", "--max-model-len 262144"):
+                  "--gpu-memory-utilization 0.900", "--max-model-len auto"):
         assert piece in s
     assert "--enforce-eager" not in cmd
 
@@ -53,6 +53,47 @@ def test_overrides_and_hub_weights(tmp_path):
     assert "--max-model-len 4096" in " ".join(cmd) and "--gpu-memory-utilization 0.300" in " ".join(cmd)
     with pytest.raises(ValueError, match="no hub checkpoint"):
         vl.command("tiny-llama", 1, weights="hub")
+
+
+H200 = 143771 << 20  # what NVML says of an H200
+
+
+def test_every_real_size_preset_under_a_24gib_budget_on_an_h200(tmp_path):
+    """The launch command of every real-size preset under `memory_budget: 24GiB`: the share of
+    the card, the length rule of its family, and a max_num_seqs whose state fits."""
+    for name, p in presets.PRESETS.items():
+        if p.tiny:
+            continue
+        cmd = vl.command(name, 1, python="PY", cache_dir=tmp_path, memory_budget_bytes=24 << 30,
+                         card_bytes=H200, served_name=f"{name}-vllm")
+        args = dict(zip(cmd[3::2], cmd[4::2]))
+        assert args["--served-model-name"] == f"{name}-vllm"
+        assert args["--gpu-memory-utilization"] == "0.171"  # 24 GiB of 140.4 GiB
+        assert args["--max-model-len"] == ("1049600" if p.family == "ssm" else "auto")
+        assert vl.environment(name) == ({"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"} if p.family == "ssm" else {})
+        assert int(args["--max-num-seqs"]) == 64, name  # 24 GiB holds 64 states of each
+
+
+def test_a_small_budget_caps_max_num_seqs_by_vllms_mamba_blocks(tmp_path):
+    # Mamba2-780m in vLLM: 48 layers × (48·64·128 SSM + (3072 + 2·128)·3 conv) × 2 bytes
+    per_seq = 48 * (48 * 64 * 128 + (3072 + 2 * 128) * 3) * 2
+    assert per_seq == 38_707_200 == vl.vllm_state_bytes(vl.resolve("mamba2-780m", cache_dir=tmp_path))
+    budget = 6 << 30
+    weights = presets.get("mamba2-780m").weight_bytes()
+    cmd = vl.command("mamba2-780m", 1, python="PY", cache_dir=tmp_path, memory_budget_bytes=budget, card_bytes=H200)
+    seqs = int(cmd[cmd.index("--max-num-seqs") + 1])
+    assert seqs == int((budget - weights - vl.GPU_RUNTIME_BYTES) * vl.STATE_HEADROOM // per_seq) - 1 == 30
+    with pytest.raises(ValueError, match="does not hold the weights"):
+        vl.command("llama-3.2-1b", 1, python="PY", cache_dir=tmp_path, memory_budget_bytes=1 << 30, card_bytes=H200)
+    with pytest.raises(ValueError, match="no room for one"):
+        vl.command("mamba2-780m", 1, python="PY", cache_dir=tmp_path, memory_budget_bytes=4 << 30, card_bytes=H200)
+
+
+def test_a_budget_on_cpu_sizes_the_kv_cache_in_bytes(tmp_path):
+    d = build_tiny("tiny-llama")
+    weights = presets.get("tiny-llama").weight_bytes()
+    cmd = vl.command(d, 1, python="PY", memory_budget_bytes=weights + (32 << 20))
+    assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == str(32 << 20)
 
 
 def test_memory_budget_becomes_a_fraction_of_the_card():
@@ -121,7 +162,8 @@ def test_every_profile_is_accepted_by_vllms_own_argument_parser():
         assert ns["prefix"] is (p.family == "transformer")
         assert ns["load_format"] == ("auto" if p.tiny else "dummy")
         assert ns["eager"] is p.tiny and ns["chunked"] is True
-        assert ns["max_model_len"] == (2048 if p.tiny else 262144)
+        # vLLM reads `auto` as -1: fit to the KV cache at start-up
+        assert ns["max_model_len"] == (2048 if p.tiny else (1 << 20) + 1024 if p.family == "ssm" else -1)
 
 
 @pytest.mark.vllm
