@@ -307,6 +307,9 @@ class _Ctx:
     live: list
     done: set = field(default_factory=set)
     """Stage labels this target ran in full earlier in a resumed run: not run again."""
+    known_ok: int = 0
+    """The longest prompt every request of a stage got through on this target so far: a
+    max-context search after a sweep starts above it."""
 
     def set_stage(self, lt: targets.LiveTarget, label: str, index: int) -> None:
         self.scraper.set_stage(label, target=lt.name, index=index, resident=_resident(self.live))
@@ -381,6 +384,8 @@ def _run_target(ctx: _Ctx, lt: targets.LiveTarget, stage_index: int) -> tuple[in
         stage_index += 1
     for load in loads:
         stage_index, stop_reason = _run_load(ctx, lt, load, base, stage_index)
+        if isinstance(load, sc.MaxContext):
+            ctx.known_ok = 0
         if run_deadline_passed(ctx) or not lt.alive():
             return stage_index, False
     return stage_index, True
@@ -395,8 +400,10 @@ def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict, stage_index: 
         # the server's own limit, when it declares one, is probed first: two probes then
         # settle the search instead of a bisection over long prompts
         hint = lt.max_model_len - scenario.output.max_tokens if lt.max_model_len else None
-        gen = shapes.bisect(load, search, hint=hint, cap=cap)
+        gen = shapes.bisect(load, search, hint=hint, cap=cap, known_ok=ctx.known_ok or None)
     else:
+        if isinstance(load, sc.ContextSweep) and lt.spec.prompt_tokens is not None:
+            load = load.model_copy(update={"prompt_tokens": lt.spec.prompt_tokens})
         gen = shapes.stages(load)
     res = None
     stop_reason = None
@@ -425,6 +432,8 @@ def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict, stage_index: 
             stage_index += 1
             res = stage.result(scenario.slos)
             say(_summary(lt.name, spec.label, res))
+            if search is None and spec.prompt_tokens and res.requests and res.ok == res.requests:
+                ctx.known_ok = max(ctx.known_ok, spec.prompt_tokens)
             if res.crashed and not lt.alive():
                 stop_reason = "its server crashed (connection lost)"
                 break
@@ -445,6 +454,7 @@ def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict, stage_index: 
                "min_fail_tokens": search.min_fail, "failure_kind": search.failure_kind,
                "crashed": search.crashed, "converged": search.converged, "tolerance": load.tolerance,
                "max_tried_tokens": search.max_tried, "server_max_model_len": lt.max_model_len,
+               "known_ok_tokens": search.known_ok,
                "probes": search.probes, "stopped": stop_reason}
         with open(ctx.run_dir / "max_context.jsonl", "a") as f:
             f.write(json.dumps(out) + "\n")

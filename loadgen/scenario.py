@@ -89,10 +89,12 @@ class Target(_Model):
     tokenizer: str | None = None
     """Local tokenizer directory for prompt synthesis; default: the served model directory,
     else the target's ``/tokenize``."""
+    prompt_tokens: Sweep | None = None
+    """This target's own prompt lengths in a ``context_sweep`` (default: the load's), e.g. a
+    Transformer's sweep ending at 256K while the SSMs go on to 1M."""
     max_prompt_tokens: PositiveInt | None = None
-    """Longest prompt sent to this target: longer stages of the load are skipped for it, and a
-    max-context search stops there (e.g. a Transformer's sweep ends at 256K while the SSMs
-    go on to 1M)."""
+    """Longest prompt ever sent to this target, by any load (a max-context search stops
+    there too): for a server too slow for long prompts."""
 
     @model_validator(mode="after")
     def _url_or_serve(self) -> "Target":
@@ -163,6 +165,7 @@ class Doubling(_Model):
 
 
 Sweep = Union[list[PositiveInt], Doubling]
+Target.model_rebuild()  # its ``prompt_tokens`` is a Sweep
 
 
 def sweep_values(s: Sweep) -> list[int]:

@@ -90,10 +90,11 @@ class Search:
         self.probes: list[dict] = []
         self.converged = False
         self.max_tried: int | None = None
+        self.known_ok: int | None = None
 
 
 def bisect(load: "sc.MaxContext", search: Search | None = None, *, hint: int | None = None,
-           cap: int | None = None) -> Shape:
+           cap: int | None = None, known_ok: int | None = None) -> Shape:
     """Double from ``min_tokens`` until a failure (or ``max_tokens``), then bisect between the
     longest success and the shortest failure until they are within ``tolerance``.  A lost
     connection (the server crashed) ends the search: the target is not hit again.
@@ -101,13 +102,22 @@ def bisect(load: "sc.MaxContext", search: Search | None = None, *, hint: int | N
     ``hint``: the longest prompt the server says it takes (its max_model_len less the output):
     probed first, then one token more; when the first works and the second fails the search
     is done in two probes, else it goes on as above with what they taught.  ``cap``: the
-    target's own ``max_prompt_tokens``, which lowers ``max_tokens``."""
+    target's own ``max_prompt_tokens``, which lowers ``max_tokens``.  ``known_ok``: the longest
+    prompt that already worked on this server (an earlier load of the run): the doubling
+    starts above it instead of at ``min_tokens``."""
     s = search or Search()
     top = min(load.max_tokens, cap) if cap else load.max_tokens
     if hint is not None and not load.min_tokens <= hint < top:
         hint = None
     queue = [hint, hint + 1] if hint is not None else []
-    n = queue.pop(0) if queue else load.min_tokens
+    n = load.min_tokens
+    if known_ok and known_ok >= load.min_tokens:
+        s.max_ok = s.known_ok = min(known_ok, top)
+        if s.max_ok >= top and not queue:
+            s.converged = True
+            return
+        n = min(s.max_ok * 2, top)
+    n = queue.pop(0) if queue else n
     for _ in range(load.max_probes):
         res = yield _probe(n, load)
         ok = res.failure_kind is None

@@ -110,8 +110,8 @@ def test_error_in_stream_is_data_not_lost():
 def _search(limit: int, load: sc.MaxContext, crash_above: int | None = None, **kw):
     s = shapes.Search()
     gen = shapes.bisect(load, s, **kw)
-    spec = next(gen)
     try:
+        spec = next(gen)
         while True:
             n = spec.prompt_tokens
             if crash_above and n > crash_above:
@@ -157,6 +157,19 @@ def test_the_servers_declared_limit_settles_the_search_in_two_probes():
     # more than declared works too: keep doubling from there
     s = _search(3_000_000, load, hint=654_300)
     assert s.max_ok >= 654_301 and s.max_ok <= 3_000_000 < s.min_fail
+
+
+def test_a_search_after_a_sweep_starts_above_what_the_sweep_got_through():
+    load = sc.MaxContext(kind="max_context", min_tokens=1024, max_tokens=1 << 22, tolerance=0.01)
+    s = _search(3_000_000, load, known_ok=1 << 20)
+    assert s.probes[0]["prompt_tokens"] == 1 << 21 and s.known_ok == 1 << 20
+    assert s.converged and s.max_ok <= 3_000_000 < s.min_fail
+    s = _search(1 << 30, load, known_ok=1 << 22)  # the sweep already reached max_tokens
+    assert s.probes == [] and s.converged and s.max_ok == 1 << 22
+    s = _search(900_000, load, known_ok=1 << 18, hint=1_000_000)  # the declared limit fails
+    assert s.probes[0] == {"prompt_tokens": 1_000_000, "ok": False, "failure_kind": "rejected"}
+    assert s.probes[1]["prompt_tokens"] > 1 << 18  # bisects from what the sweep got through
+    assert s.converged and s.max_ok <= 900_000 < s.min_fail
 
 
 def test_a_targets_max_prompt_tokens_caps_the_search():
