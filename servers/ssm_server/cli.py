@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", help="model name clients send (default: the preset or directory name)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto (cuda where a GPU is, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--max-num-seqs", type=int, default=64, help="state slots (concurrent sequences)")
     p.add_argument("--max-model-len", type=int, help="longest prompt + output, in tokens")
     p.add_argument("--prefill-chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
@@ -52,6 +52,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         gpu_memory_budget=parse_bytes(args.gpu_memory_budget) if args.gpu_memory_budget else None,
         max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs, backend=args.backend,
         ttft_ms=args.ttft_ms, itl_ms=args.itl_ms)
+    if cfg.device == "auto":
+        cfg.device = "cpu"
+        if cfg.engine != "synthetic":
+            import torch
+
+            cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.validate()
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be 1..65535, not {args.port}")
