@@ -146,11 +146,16 @@ def verdict(a: Analysis) -> list[str]:
                      "read as family differences (see the crossover table).")
     for c in a.limits:
         if c.max_ok is None:
+            info = a.run.target_info(c.target)
+            if info and not info.get("started_at") and not c.cause:
+                lines.append(f"{c.target}: not run" + (f" ({info['error']})." if info.get("error")
+                                                        else " (the run ended before it)."))
+                continue
             lines.append(f"{c.target}: no successful request"
                          + (f" (errors: {c.cause})." if c.cause else "."))
         elif c.reached:
             lines.append(f"{c.target} context limit: served {tokens(c.max_ok)}, failed from "
-                         f"{tokens(c.first_failed)} ({c.cause}).")
+                         f"{tokens(c.first_failed)} ({c.cause}" + (f": {c.why}" if c.why else "") + ").")
         else:
             lines.append(f"{c.target} served every length up to {tokens(c.max_ok)} (limit not reached).")
     for m in a.memory:

@@ -83,6 +83,12 @@ def _model_type(run: RunData, target: str) -> str | None:
         return None
 
 
+def _auto_device(run: RunData) -> bool:
+    """Whether ssm-server's default device was ``auto`` in this run (ctxload from 2026-12-02:
+    scrapes that name the running target came in with it)."""
+    return any(s.resident is not None for s in run.scrapes[:50])
+
+
 def _ssm_server(run: RunData, target: str, info: dict[str, str] | None, args: list[str] | None) -> Engine:
     e = "ssm-server"
     if info:
@@ -96,7 +102,8 @@ def _ssm_server(run: RunData, target: str, info: dict[str, str] | None, args: li
                       "no ssm:engine_info scrape and no launch arguments in env.json")
     if _arg(args, "--engine") == "synthetic":
         return Engine(e, "ssm-server (synthetic)", SYNTHETIC, "--engine synthetic in launch_args", "synthetic")
-    device = _arg(args, "--device") or "cpu"  # ssm-server's default device
+    # ssm-server's default device: auto (cuda where the run had a GPU; before 2026-12, cpu)
+    device = _arg(args, "--device") or ("cuda" if run.env.get("gpus") and _auto_device(run) else "cpu")
     graphs = "--no-cuda-graphs" not in args
     backend = _arg(args, "--backend") or "auto"
     if backend != "auto":

@@ -27,7 +27,9 @@ GPU_TOTAL_MEMORY_FREE = "DCGM_FI_DEV_FB_FREE"  # MiB
 ENERGY = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"  # mJ, a counter
 POWER = "DCGM_FI_DEV_POWER_USAGE"  # W
 STATE_BYTES = "ssm:state_bytes_per_sequence"
+SLOTS_TOTAL = "ssm:state_slots_total"
 PROCESS_MEMORY = "ctxload:gpu_process_memory_used_bytes"  # the GPU exporter's, per pid
+SERVER_RSS = "process_resident_memory_bytes"  # ssm-server's own process (CPU runs)
 VLLM_KV_USAGE = "vllm:kv_cache_usage_perc"  # 0..1 of its KV blocks in use
 VLLM_CACHE_INFO = "vllm:cache_config_info"  # labels: num_gpu_blocks, block_size, …
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "fp8": 1,
@@ -54,12 +56,15 @@ def memory_of(s: Scrape) -> tuple[float, str] | None:
 
 
 # Where a target's memory comes from, best first (DESIGN.md, "Measuring fairly"):
-SOURCES = ("server", "vllm", "gpu process", "gpu")
+SOURCES = ("server", "vllm", "gpu process", "gpu", "process")
 SOURCE_TEXT = {
-    "server": "the server's own gauges (ssm:device_memory_peak_allocated_bytes, else _allocated_)",
-    "vllm": "vLLM's gauges: weights (config) + KV cache in use (vllm:kv_cache_usage_perc of its blocks)",
+    "server": "ssm-server's gauges: peak allocated (ssm:device_memory_peak_allocated_bytes) less the "
+              "state slots of sequences not in flight",
+    "vllm": "vLLM: weights + the KV cache and state of the sequences in flight (config sizes × their tokens; "
+            "vllm:kv_cache_usage_perc × its KV capacity where a scrape caught one)",
     "gpu process": "the GPU exporter's memory of the server's own processes",
     "gpu": "the GPU exporter's device-wide memory, while the target ran alone",
+    "process": "the server process's resident memory (no device memory: a CPU run)",
 }
 
 
@@ -71,23 +76,60 @@ class Reading:
     bytes: float
     stage_index: int | None
     stage: str | None
+    tagged: bool = False
+    """The scrape says whose stage ran (newer runs): a reading outside its own target's stage
+    is then placed at no prompt length, never guessed from the time."""
 
 
 def _vllm_bytes(run: RunData, target: str, s: Scrape) -> float | None:
-    """Weights + KV cache in use of a vLLM server, from one scrape of its ``/metrics``."""
+    """Weights + KV cache in use of a vLLM server, from one scrape of its ``/metrics`` that
+    caught a request in flight (the gauge is 0 between requests)."""
     usage = sample_value(s, VLLM_KV_USAGE)
     info = next((lab for n, lab, _ in s.samples if n == VLLM_CACHE_INFO), None)
-    if usage is None or not info:
+    weights, per_token = _weight_bytes(run, target), kv_bytes_per_token_of(run, target)
+    if not usage or not info or weights is None or not per_token:
         return None
-    weights = _weight_bytes(run, target)
-    per_token = kv_bytes_per_token_of(run, target)
     try:
-        blocks, block_size = int(float(info["num_gpu_blocks"])), int(float(info["block_size"]))
+        tokens = float(info.get("kv_cache_size_tokens") or
+                       float(info["num_gpu_blocks"]) * float(info["block_size"]))
     except (KeyError, ValueError):
         return None
-    if weights is None or not per_token:
+    return weights + usage * tokens * per_token
+
+
+def _vllm_stage_bytes(run: RunData, target: str) -> list["Reading"]:
+    """What each stage of a vLLM target needs, from its requests: weights + the KV cache of
+    each request's tokens (prompt + output) + the recurrent state of each sequence in flight.
+    vLLM's gauge reads 0 between requests, so a short stage is rarely caught by a scrape;
+    where one was caught, the larger of the two counts."""
+    p = _preset_of(run, target)
+    if p is None:
+        return []
+    b = DTYPE_BYTES.get(p.dtype, 2)
+    per_token = kv_bytes_per_token(dict(p.config), p.model_type, b) or 0
+    state = state_bytes_per_sequence(dict(p.config), p.model_type, b, conv_window=-1) or 0
+    by: dict[int, list] = {}
+    for r in run.requests:
+        if r.target == target and r.ok and r.prompt_length is not None:
+            by.setdefault(r.stage_index, []).append(r)
+    out = []
+    for index, rs in by.items():
+        users = max(r.concurrency or 1 for r in rs)
+        tokens = max(r.prompt_length + (r.completion_tokens or 0) for r in rs)
+        need = p.weight_bytes() + users * (tokens * per_token + state)
+        out.append(Reading(max(r.start_time or 0.0 for r in rs), target, "vllm", float(need), index, rs[0].stage, True))
+    return out
+
+
+def _ssm_server_bytes(s: Scrape, users: int) -> float | None:
+    """ssm-server's peak allocated memory less the state slots it holds for sequences that
+    were not there (its pool is allocated up front for --max-num-seqs): what ``users``
+    sequences needed."""
+    peak = sample_value(s, SERVER_PEAK) or sample_value(s, SERVER_MEMORY)
+    if not peak:
         return None
-    return weights + usage * blocks * block_size * per_token
+    slots, per_seq = sample_value(s, SLOTS_TOTAL) or 0.0, sample_value(s, STATE_BYTES) or 0.0
+    return peak - max(0.0, slots - users) * per_seq
 
 
 def readings(run: RunData) -> list[Reading]:
@@ -100,17 +142,27 @@ def readings(run: RunData) -> list[Reading]:
     targets = set(run.targets())
     out: list[Reading] = []
     index = None
+    users: dict[tuple[str, int], int] = {}
+    for r in run.requests:
+        k = (r.target, r.stage_index)
+        users[k] = max(users.get(k, 1), r.concurrency or 1)
+    for t in targets:
+        if run.target_info(t).get("engine") == "vllm":
+            out += _vllm_stage_bytes(run, t)
     for s in run.scrapes:
         if not s.ok:
             continue
-        own_stage = lambda t: (s.stage_index, s.stage) if s.stage_target == t else (None, None)  # noqa: E731
+        tagged = s.resident is not None
+        own_stage = lambda t: ((s.stage_index, s.stage) if s.stage_target == t else (None, None)) + (tagged,)  # noqa: E731
         if s.target in targets and s.source != "gpu":
             # the peak since start: a sweep's lengths grow, so at a stage's end it is the most
             # that stage (or a shorter one) needed; the current reading where there is no peak
-            v = sample_value(s, SERVER_PEAK) or sample_value(s, SERVER_MEMORY)
+            v = _ssm_server_bytes(s, users.get((s.target, s.stage_index), 1))
             src = "server"
             if not v:
                 v, src = _vllm_bytes(run, s.target, s), "vllm"
+            if not v and any(n.startswith("ssm:") for n, _, _ in s.samples):
+                v, src = sample_value(s, SERVER_RSS), "process"  # ssm-server on a CPU
             if v:
                 out.append(Reading(s.time, s.target, src, v, *own_stage(s.target)))
             continue
@@ -135,7 +187,7 @@ def readings(run: RunData) -> list[Reading]:
         index = index or TimeIndex(run.requests)
         owners = {r.target for r in index.overlapping(s.time - 0.5, s.time) if r.target in targets}
         if len(owners) == 1:
-            out.append(Reading(s.time, owners.pop(), "gpu", v * 2**20, None, s.stage))
+            out.append(Reading(s.time, owners.pop(), "gpu", v * 2**20, None, s.stage, False))
     return out
 
 
@@ -163,7 +215,7 @@ target only within this many seconds of the target's own requests of that stage.
 
 def _length(run: RunData, rd: Reading, stage_len, index: TimeIndex) -> int | None:
     """The prompt length a reading was taken at, or None (between stages, another target's)."""
-    if rd.stage_index is not None:
+    if rd.stage_index is not None or rd.tagged:
         st = stage_len.get((rd.target, rd.stage_index))
         return st[0] if st else None
     if rd.stage:

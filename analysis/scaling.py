@@ -196,6 +196,9 @@ class ContextLimit:
     message: str | None
     max_tested: int | None
     reached: bool
+    why: str | None = None
+    """What set the limit, in words, where the server says (e.g. vLLM's max_model_len against
+    its KV cache capacity under the memory budget)."""
 
 
 def context_limits(run: RunData) -> list[ContextLimit]:
@@ -212,5 +215,29 @@ def context_limits(run: RunData) -> list[ContextLimit]:
             target=t, family=run.family_of(t), max_ok=max_ok,
             first_failed=min((r.prompt_length for r in beyond), default=None),
             cause=cause, message=(msg or "")[:200] or None,
-            max_tested=max((r.prompt_length for r in reqs), default=None), reached=bool(beyond)))
+            max_tested=max((r.prompt_length for r in reqs), default=None), reached=bool(beyond),
+            why=limit_reason(run, t) if beyond and cause == "rejected" else None))
     return out
+
+
+def limit_reason(run: RunData, target: str) -> str | None:
+    """Why a server rejects longer prompts: its max_model_len, and what bounds that — the
+    KV cache it holds under its memory share (vLLM's ``kv_cache_size_tokens``) or the model's
+    position limit."""
+    info = run.target_info(target)
+    mml = info.get("max_model_len")
+    if not mml:
+        return None
+    cap = None
+    for s in reversed(run.scrapes):
+        if s.target == target:
+            lab = next((lab for n, lab, _ in s.samples if n == "vllm:cache_config_info"), None)
+            if lab and str(lab.get("kv_cache_size_tokens", "")).isdigit():
+                cap = int(lab["kv_cache_size_tokens"])
+                break
+    text = f"the server's max_model_len {int(mml):,}"
+    if cap is None:
+        return text
+    if cap <= int(mml):
+        return f"{text}: its KV cache holds {cap:,} tokens under its memory share"
+    return f"{text}, the model's position limit (its KV cache would hold {cap:,} tokens)"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 # Seconds: sub-millisecond steps up to 30 minutes (a 1M-token TTFT is not 10 s).
@@ -50,6 +50,9 @@ class ServerMetrics:
     def __init__(self, model_name: str, read_state: Callable[[], dict[str, float]]):
         self.model_name = model_name
         self.registry = r = CollectorRegistry(auto_describe=True)
+        # process_resident_memory_bytes & co.: the server's own memory where there is no
+        # device (CPU runs), read at scrape time from /proc
+        ProcessCollector(registry=r)
         L = ["model_name"]
         self.ttft = Histogram("ssm:time_to_first_token_seconds", "Time to first token",
                               L, buckets=LATENCY_BUCKETS, registry=r)

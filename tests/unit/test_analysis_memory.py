@@ -116,3 +116,61 @@ def test_stage_label_counts_only_while_the_target_ran_that_stage(tmp_path):
                                                           {"name": "b", "family": "ssm"}]}
     (m,) = memory.memory_curves(_write(tmp_path, reqs, scrapes, env))
     assert m.target == "b" and m.peak_bytes == [3e9]
+
+
+def _tagged(t, target, stage_target, index, value, source="server", resident=("a", "b"), **kw):
+    s = _scrape(t, target, None, [(memory.SERVER_MEMORY, value)], source)
+    return dict(s, stage_target=stage_target, stage_index=index, resident=list(resident), **kw)
+
+
+def test_a_tagged_scrape_counts_only_in_its_own_targets_stage(tmp_path):
+    # "a" ran its stage 0 at t=100; "b" ran stage 1 right after. A scrape of "a" at 101.2,
+    # inside b's stage but within half a second of a's last request, is not a's prompt=1024
+    reqs = [_req("a", 1024, 100.0), dict(_req("b", 1024, 101.0, family="ssm"), stage_index=1)]
+    scrapes = [_tagged(100.5, "a", "a", 0, 3e9), _tagged(101.2, "a", "b", 1, 9e9),
+               _tagged(101.5, "b", "b", 1, 4e9)]
+    env = {"run_id": "m", "finished_at": "x", "targets": [{"name": "a", "family": "transformer"},
+                                                          {"name": "b", "family": "ssm"}]}
+    curves = {c.target: c for c in memory.memory_curves(_write(tmp_path, reqs, scrapes, env))}
+    assert curves["a"].peak_bytes == [3e9] and curves["b"].peak_bytes == [4e9]
+
+
+def test_device_wide_memory_counts_only_for_a_target_alone_on_the_device(tmp_path):
+    reqs = [_req("a", 1024, 100.0), dict(_req("b", 1024, 110.0, family="ssm"), stage_index=1)]
+    gpu = [dict(_tagged(100.5, "gpu", "a", 0, 0, source="gpu", resident=("a",)),
+                samples=[dict(name=memory.GPU_MEMORY, labels={}, value=2000.0)]),
+           dict(_tagged(110.5, "gpu", "b", 1, 0, source="gpu", resident=("a", "b")),  # both up
+                samples=[dict(name=memory.GPU_MEMORY, labels={}, value=5000.0)])]
+    env = {"run_id": "m", "finished_at": "x", "targets": [{"name": "a", "family": "transformer"},
+                                                          {"name": "b", "family": "ssm"}]}
+    (c,) = memory.memory_curves(_write(tmp_path, reqs, gpu, env))
+    assert (c.target, c.source, c.peak_bytes) == ("a", "gpu", [2000.0 * 2**20])
+
+
+def test_per_process_gpu_memory_goes_to_the_server_that_holds_the_process(tmp_path):
+    reqs = [_req("a", 1024, 100.0), dict(_req("b", 1024, 110.0, family="ssm"), stage_index=1)]
+    per_pid = [dict(name=memory.PROCESS_MEMORY, labels={"pid": "11"}, value=3e9),
+               dict(name=memory.PROCESS_MEMORY, labels={"pid": "12"}, value=1e9),  # a's engine core
+               dict(name=memory.PROCESS_MEMORY, labels={"pid": "21"}, value=7e9),
+               dict(name=memory.GPU_MEMORY, labels={}, value=12000.0)]
+    gpu = [dict(_tagged(t, "gpu", st, i, 0, source="gpu"), samples=per_pid, pids={"a": [11, 12], "b": [21]})
+           for t, st, i in ((100.5, "a", 0), (110.5, "b", 1))]
+    env = {"run_id": "m", "finished_at": "x", "targets": [{"name": "a", "family": "transformer"},
+                                                          {"name": "b", "family": "ssm"}]}
+    curves = {c.target: c for c in memory.memory_curves(_write(tmp_path, reqs, gpu, env))}
+    assert curves["a"].source == curves["b"].source == "gpu process"
+    assert curves["a"].peak_bytes == [4e9] and curves["b"].peak_bytes == [7e9]
+
+
+def test_vllm_memory_is_weights_plus_the_kv_cache_in_use(tmp_path):
+    reqs = [_req("q", 65536, 100.0)]
+    info = {"num_gpu_blocks": "100000", "block_size": "16"}
+    scrapes = [dict(_tagged(100.5, "q", "q", 0, 0, resident=("q",)),
+                    samples=[dict(name=memory.VLLM_KV_USAGE, labels={}, value=0.05),
+                             dict(name=memory.VLLM_CACHE_INFO, labels=info, value=1.0)])]
+    env = {"run_id": "m", "finished_at": "x",
+           "targets": [{"name": "q", "family": "transformer", "preset": "qwen2.5-0.5b", "engine": "vllm"}]}
+    (c,) = memory.memory_curves(_write(tmp_path, reqs, scrapes, env))
+    weights = presets.get("qwen2.5-0.5b").weight_bytes()
+    assert c.source == "vllm"
+    assert c.peak_bytes == [weights + 0.05 * 100000 * 16 * 12288]  # 80,000 tokens × 12 KiB
