@@ -130,14 +130,20 @@ def memory_vs_prompt(a):
 
 
 def budget_lines(a) -> list[tuple[float, str]]:
-    """The dashed budget lines of the memory plot: (bytes, label) each.
-
-    The hook for per-target budgets: today one line, the run's budget
-    (``memory.budget_bytes(run)``); a line per distinct target budget can be returned here
-    (e.g. from ``memory.budget_of(run, target)``) and the plot draws each.
-    """
-    budget, why = a.budget
-    return [(budget, f"budget {units.gb(budget)} ({why})")]
+    """The dashed budget lines of the memory plot: (bytes, label) each — one per distinct
+    budget of the targets drawn (their ``serve.memory_budget``), naming the targets when they
+    differ; the run's budget (``memory.budget_bytes``) when no target had its own."""
+    own: dict[float, list[str]] = {}
+    for m in a.memory:
+        if m.budget_bytes:
+            own.setdefault(m.budget_bytes, []).append(m.target)
+    if not own:
+        budget, why = a.budget
+        return [(budget, f"budget {units.gb(budget)} ({why})")]
+    if len(own) == 1:
+        (b,) = own
+        return [(b, f"budget {units.gb(b)} (each target's memory_budget)")]
+    return [(b, f"budget {units.gb(b)} ({', '.join(ts)})") for b, ts in sorted(own.items())]
 
 
 def throughput_vs_concurrency(a):
