@@ -133,6 +133,12 @@ def build(job: dict, timing: Timing, *, http_status: int | None, error_kind: str
     tpot = (e2e - ttft) / (completion - 1) if (e2e is not None and ttft is not None and completion > 1) else None
     if error_kind is None and not t.token_ns:
         error_kind, error_message = "server_error", error_message or "the stream carried no token"
+    if error_kind is None and job.get("ignore_eos") and source == "usage" and completion < job["max_tokens"]:
+        # asked for exactly max_tokens: a server that stops short (vLLM shortens the output of a
+        # prompt that leaves less room than asked) did not serve this prompt as asked
+        error_kind = "truncated"
+        error_message = (f"the server generated {completion} of the {job['max_tokens']} tokens asked "
+                         "with ignore_eos (its context limit cut the output)")
     return {
         "schema_version": SCHEMA_VERSION,
         "request_id": job["request_id"],

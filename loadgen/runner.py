@@ -149,6 +149,8 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
     targets it completed are skipped, and the stages a target already ran in full are not run
     again (after its warm-up)."""
     say = progress or (lambda *_: None)
+    hub = gevent.get_hub()  # a Ctrl-C still stops the run; gevent need not print it as an error
+    hub.NOT_ERROR = tuple({*hub.NOT_ERROR, KeyboardInterrupt})
     started = _now_iso()
     past = Resumed.read(Path(resume)) if resume else Resumed()
     if resume:

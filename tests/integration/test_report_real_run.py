@@ -77,5 +77,5 @@ def test_report_on_a_real_run(real_run):
     # goodput against the scenario's SLO: fast-attn meets 60 ms, slow-ssm never does
     assert by[("slow-ssm", "prompt=64")].goodput == 0
     assert by[("fast-attn", "prompt=64")].good_fraction > 0
-    assert "fast-attn context limit: served 256, failed from 512 (rejected)" in html
+    assert "fast-attn context limit: served 256, failed from 512 (rejected" in html
     assert a.run.scrapes, "the runner scraped no metrics"
