@@ -136,7 +136,8 @@ def speedups(a: Analysis) -> Table:
 
 def limits(a: Analysis) -> Table:
     rows = [[_tag(a, c.target), c.family, _tok(c.max_ok), _tok(c.first_failed) if c.first_failed else "—",
-             c.cause or "not reached", _tok(c.max_tested), c.message or ""] for c in a.limits]
+             (c.cause or "not reached") + (f": {c.why}" if c.why else ""), _tok(c.max_tested), c.message or ""]
+            for c in a.limits]
     return Table("limits", "Context limits", ["target · engine", "family", "longest ok", "first failed",
                  "cause", "longest tried", "error message"], rows,
                  note="Longest ok: the longest prompt with a successful request; cause: the most "
@@ -185,4 +186,21 @@ def errors(a: Analysis) -> Table:
                  empty="no failed request")
 
 
-ALL = (engines, claims, latency, throughput, fits, crossovers, speedups, limits, memory, energy, errors)
+def plan(a: Analysis) -> Table:
+    from analysis import plan_check
+    from servers.plan import MISS
+
+    rows = []
+    for c in plan_check.checks(a.run, a.limits):
+        fmt = units.gb if c.unit == "bytes" else _tok
+        miss = "—" if c.miss is None else units.percent(c.miss, signed=True)
+        rows.append([_tag(a, c.target), c.figure, fmt(c.planned) if c.planned else "no limit", fmt(c.measured),
+                     miss + (" ⚠ off by more than 10%" if c.flagged else ""), c.source])
+    return Table("plan", "The plan against the run (`ctxload plan`)", [
+        "target · engine", "figure", "planned", "measured", "measured vs planned", "measured from"], rows,
+        note=f"The plan sizes each target from its config, engine and memory_budget before any request "
+             f"(docs/analysis.md); a measured figure more than {MISS:.0%} from it is flagged.",
+        empty="no target with a preset, an engine and a memory_budget")
+
+
+ALL = (engines, claims, latency, throughput, fits, crossovers, speedups, limits, memory, plan, energy, errors)

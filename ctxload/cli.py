@@ -21,6 +21,7 @@ import sys
 SUBCOMMANDS = [
     ("models", "servers.models_cli", "list the model presets, or build a model directory"),
     ("serve", "servers.serve_cli", "start a server: ssm-server, vLLM with a launch profile, the GPU exporter"),
+    ("plan", "servers.plan", "what fits on a card under a memory budget, before any request"),
     ("run", "loadgen.cli", "run a scenario and write a run directory"),
     ("report", "analysis.cli", "write the report of a run directory"),
     ("compare", "analysis.compare_cli", "compare several runs side by side"),

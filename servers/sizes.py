@@ -33,10 +33,35 @@ def kv_bytes_per_token(cfg: dict[str, Any], model_type: str, dtype_bytes: int) -
     if model_type == "zamba2":
         lt = cfg.get("layers_block_type") or []
         layers = sum(1 for x in lt if x == "hybrid") or layers
+    return 2 * layers * attention_kv_heads_dim(cfg, model_type) * dtype_bytes if layers else None
+
+
+def attention_kv_heads_dim(cfg: dict[str, Any], model_type: str) -> int:
+    """KV heads × head dim of one attention layer (0 without attention). Zamba2's shared
+    attention runs on the hidden state concatenated with the embeddings: its head dim is
+    2 × hidden / heads."""
     heads = int(cfg.get("num_attention_heads", 0))
+    if not heads:
+        return 0
     kv = int(cfg.get("num_key_value_heads", heads) or heads)
-    hd = cfg.get("head_dim") or (int(cfg.get("hidden_size", 0)) // heads if heads else 0)
-    return 2 * layers * kv * int(hd) * dtype_bytes if layers and kv and hd else None
+    if model_type == "zamba2":
+        hd = 2 * int(cfg.get("hidden_size", 0)) // heads
+    else:
+        hd = int(cfg.get("head_dim") or int(cfg.get("hidden_size", 0)) // heads)
+    return kv * hd
+
+
+def layer_counts(cfg: dict[str, Any], model_type: str) -> tuple[int, int]:
+    """(attention layers, Mamba layers) of a model."""
+    n = int(cfg.get("num_hidden_layers", 0))
+    if model_type in ("mamba", "mamba2"):
+        return 0, n
+    if model_type == "falcon_h1":
+        return n, n  # attention and Mamba2 heads side by side in every layer
+    if model_type == "zamba2":
+        lt = cfg.get("layers_block_type") or []
+        return sum(1 for x in lt if x == "hybrid"), n
+    return n, 0
 
 
 def state_bytes_per_sequence(cfg: dict[str, Any], model_type: str, dtype_bytes: int,
@@ -65,3 +90,20 @@ def state_bytes_per_sequence(cfg: dict[str, Any], model_type: str, dtype_bytes: 
         conv_dim = nh * hd + 2 * g * n
         return layers * (nh * hd * n + conv_dim * (int(cfg.get("mamba_d_conv", 4)) + conv_window)) * dtype_bytes
     return None
+
+
+# ---- ssm-server's native Mamba2 backend: working memory it reserves ------------------------
+
+def mamba2_prefill_reserve_bytes(d_model: int, d_ssm: int, conv_dim: int, nheads: int, headdim: int,
+                                 d_state: int, chunk: int) -> int:
+    """Working memory of one prefill chunk of ``chunk`` tokens (activations live for one layer
+    at a time): what ssm-server keeps free beside its state pool."""
+    d_proj = d_ssm + conv_dim + nheads
+    per_tok = (d_proj * 2 + conv_dim * 2 * 4 + d_ssm * 2 * 4 + d_model * (4 * 2 + 2 * 3) + nheads * 4 * 4)
+    chunk_states = (chunk // 256 + 2) * nheads * headdim * d_state * 4 * 3
+    return int(per_tok * chunk * 1.5) + chunk_states + (256 << 20)
+
+
+def decode_reserve_bytes(vocab_size: int, batch: int) -> int:
+    """Working memory of a decode step of ``batch`` sequences (float32 logits and sampling)."""
+    return batch * vocab_size * 4 * 6 + (128 << 20)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from servers import sizes
 from servers.ssm_server.backend_hf import HFBackend, ModelLoadError, resolve_model_dir
 from servers.ssm_server.config import ServerConfig
 from servers.ssm_server.mamba_kernels import import_mamba_ssm
@@ -188,15 +189,11 @@ class MambaBackend:
 
     def prefill_reserve_bytes(self, chunk: int) -> int:
         """Working memory of one prefill chunk (activations live for one layer at a time)."""
-        d_model = self.model.backbone.embedding.embedding_dim
-        d_proj = self.d_ssm + self.conv_dim + self.nheads
-        per_tok = (d_proj * 2 + self.conv_dim * 2 * 4 + self.d_ssm * 2 * 4 + d_model * (4 * 2 + 2 * 3)
-                   + self.nheads * 4 * 4)
-        chunk_states = (chunk // 256 + 2) * self.nheads * self.headdim * self.d_state * 4 * 3
-        return int(per_tok * chunk * 1.5) + chunk_states + (256 << 20)
+        return sizes.mamba2_prefill_reserve_bytes(self.model.backbone.embedding.embedding_dim, self.d_ssm,
+                                                  self.conv_dim, self.nheads, self.headdim, self.d_state, chunk)
 
     def decode_reserve_bytes(self, batch: int) -> int:
-        return batch * self.vocab_size * 4 * 6 + (128 << 20)
+        return sizes.decode_reserve_bytes(self.vocab_size, batch)
 
     def free(self, slot: int) -> None:
         pass  # a slot's state is overwritten from zero by the next prefill that takes it

@@ -27,7 +27,7 @@ load:
 
 def test_all_required_scenarios_ship():
     names = {p.stem for p in SHIPPED}
-    assert {"demo", "context-sweep", "concurrency-sweep", "poisson", "max-context", "paper-4090"} <= names
+    assert {"demo", "context-sweep", "concurrency-sweep", "poisson", "max-context", "paper-4090", "paper-h200"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
@@ -103,3 +103,23 @@ def test_cli_reports_field_and_line_with_exit_2_and_no_traceback(tmp_path):
     assert p.returncode == 2, p.stderr
     assert f"{bad}:7: load.max_tokenz: unknown field" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_memory_budget_is_a_size_named_when_wrong_and_inherited_by_served_targets():
+    msg = _error(GOOD.replace("name: t\n", "name: t\nmemory_budget: lots\n"))
+    assert "x.yaml:2: memory_budget" in msg and "not a memory size" in msg
+    s = sc.parse(GOOD.replace("name: t\n", "name: t\nmemory_budget: 24GiB\n").replace(
+        "    url: http://127.0.0.1:1\n", "    serve: {engine: vllm, preset: tiny-llama}\n"
+        "  - name: b\n    serve: {engine: ssm-server, preset: tiny-mamba2, memory_budget: 2GB}\n"))
+    assert [t.serve.memory_budget_bytes() for t in s.targets] == [24 << 30, 2_000_000_000]
+    assert not s.keep_targets_resident  # one target at a time unless asked
+
+
+def test_more_loads_after_the_first_and_a_targets_own_lengths():
+    s = sc.parse(GOOD.replace("    url: http://127.0.0.1:1\n", "    url: http://127.0.0.1:1\n"
+                              "    prompt_tokens: [64, 128]\n    max_prompt_tokens: 100000\n")
+                 + "then:\n  - {kind: max_context, max_tokens: 4096}\n")
+    assert [type(x).__name__ for x in s.loads()] == ["ContextSweep", "MaxContext"]
+    assert s.targets[0].prompt_tokens == [64, 128] and s.targets[0].max_prompt_tokens == 100000
+    msg = _error(GOOD + "then:\n  - {kind: max_context, max_tokenz: 4096}\n")
+    assert "x.yaml:9: then.0.max_tokenz: unknown field" in msg
