@@ -106,3 +106,14 @@ def test_the_plan_against_the_h200_run():
         assert got[(t, "longest context")].miss == 0  # 1,048,544 planned and served
     # ssm-server keeps more working memory in reserve than it used: the report flags it
     assert got[("mamba2-780m-ssm", "memory held (per process)")].flagged
+
+
+def test_a_model_directory_is_planned_as_its_preset(tmp_path):
+    from tests.conftest import build_tiny
+
+    d = build_tiny("tiny-llama")
+    a, b = pl.plan(str(d), 1 * GiB, engine="vllm"), pl.plan("tiny-llama", 1 * GiB, engine="vllm")
+    assert (a.model, a.weights_bytes, a.max_context_tokens) == ("tiny-llama", b.weights_bytes, b.max_context_tokens)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(pl.PlanError, match="not built from a preset"):
+        pl.plan(str(tmp_path), 1 * GiB)
