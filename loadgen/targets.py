@@ -27,6 +27,8 @@ class LiveTarget:
     spec: sc.Target
     url: str | None
     model_dir: Path | None = None
+    model_source: str | None = None
+    """What its server is pointed at: a model directory, or a hub id vLLM can load."""
     launch_args: list[str] | None = None
     preset: str | None = None
     server: object | None = None
@@ -164,7 +166,7 @@ def prepare(scenario: sc.Scenario, log) -> list[LiveTarget]:
 
             t.family = modeldir.info(model).family
         live.append(LiveTarget(t, None, model_dir=Path(model) if Path(model).exists() else None,
-                               preset=preset, launch_args=[str(model)]))
+                               model_source=str(model), preset=preset))
     return live
 
 
@@ -175,7 +177,7 @@ def start(lt: LiveTarget, stack: contextlib.ExitStack, run_dir: Path, log) -> No
         from servers.process import ManagedServer, free_port
 
         port = free_port()
-        model = lt.model_dir or lt.launch_args[0]
+        model = lt.model_source
         cmd = command(lt.spec, model, port)
         log(f"starting {lt.name}: {lt.spec.serve.engine} on 127.0.0.1:{port}")
         srv = ManagedServer(lt.name, cmd, port, log_path=run_dir / "servers" / f"{lt.name}.log",
