@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+import zlib
 
 from aiohttp import web
 
@@ -19,7 +20,10 @@ DEFAULT_MAX_TOKENS = 16
 
 
 class Server:
-    def __init__(self, engine, text, metrics, *, model_name: str, max_model_len: int):
+    def __init__(self, engine, text, metrics, *, model_name: str, max_model_len: int,
+                 vocab_size: int | None = None):
+        self.vocab_size = vocab_size
+        """Token ids a prompt, a stop list or /detokenize may carry: [0, vocab_size)."""
         self.engine = engine
         self.text = text
         self.metrics = metrics
@@ -83,9 +87,9 @@ class Server:
         body = P.parse(P.TokenizeRequest, await _json(request))
         self._check_model(body.model)
         if body.messages is not None:
-            prompt = self.text.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
+            prompt = self._chat_text(body.messages)
         elif body.prompt is not None:
-            prompt = body.prompt
+            prompt = P.check_text(body.prompt, "prompt")
         else:
             raise P.APIError(400, "give either prompt or messages", param="prompt")
         ids = self.text.encode(prompt, add_special_tokens=body.add_special_tokens)
@@ -94,24 +98,28 @@ class Server:
     async def detokenize(self, request):
         body = P.parse(P.DetokenizeRequest, await _json(request))
         self._check_model(body.model)
-        return web.json_response({"prompt": self.text.decode(body.tokens)})
+        return web.json_response({"prompt": self.text.decode(P.check_ids(body.tokens, self.vocab_size, "tokens"))})
 
     # ---- completions -----------------------------------------------------------------------
     async def completions(self, request):
         body = P.parse(P.CompletionRequest, await _json(request))
         self._check_model(body.model)
         if isinstance(body.prompt, str):
-            ids = self.text.encode(body.prompt)
+            ids = self.text.encode(P.check_text(body.prompt, "prompt"))
         else:
-            ids = [int(t) for t in body.prompt]
+            ids = P.check_ids([int(t) for t in body.prompt], self.vocab_size, "prompt")
         return await self._serve(request, body, ids, chat=False)
 
     async def chat(self, request):
         body = P.parse(P.ChatRequest, await _json(request))
         self._check_model(body.model)
-        prompt = self.text.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages],
-                                       body.add_generation_prompt)
+        prompt = self._chat_text(body.messages, body.add_generation_prompt)
         return await self._serve(request, body, self.text.encode(prompt), chat=True)
+
+    def _chat_text(self, messages, add_generation_prompt: bool = True) -> str:
+        msgs = [{"role": m.role, "content": P.check_text(m.text(), f"messages.{i}.content")}
+                for i, m in enumerate(messages)]
+        return self.text.chat_prompt(msgs, add_generation_prompt)
 
     def _check_model(self, name):
         if name is not None and name != self.model_name:
@@ -136,7 +144,10 @@ class Server:
                              code="context_length_exceeded")
         if body.min_tokens > max_tokens:
             raise P.APIError(400, "min_tokens must not exceed max_tokens", param="min_tokens")
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+        P.check_ids(list(body.stop_token_ids or ()), self.vocab_size, "stop_token_ids")
+        # below vLLM's epsilon a temperature is greedy: dividing logits by it overflows them
+        temperature = 0.0 if body.temperature < SAMPLING_EPS else body.temperature
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=body.top_p,
                               top_k=body.top_k, seed=body.seed, stop=tuple(body.stop or ()),
                               stop_token_ids=tuple(body.stop_token_ids or ()),
                               ignore_eos=body.ignore_eos, min_tokens=body.min_tokens)
@@ -234,8 +245,27 @@ def _usage(req: Request) -> dict:
     return {"prompt_tokens": req.prompt_len, "completion_tokens": n, "total_tokens": req.prompt_len + n}
 
 
+#: Temperatures below this sample greedily (vLLM's _SAMPLING_EPS).
+SAMPLING_EPS = 1e-5
+
+
 async def _json(request):
+    """The request's JSON body; every way a client's body can be wrong is a 400."""
     try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        raw = await request.read()
+    except web.HTTPException:  # aiohttp's own answer (a body over its size limit)
+        raise
+    except (web.RequestPayloadError, zlib.error, OSError, EOFError, ValueError) as e:
+        # a body its Content-Encoding (gzip, deflate, br) cannot undo
+        raise P.APIError(400, f"request body could not be decoded ({type(e).__name__}: "
+                              f"{request.headers.get('Content-Encoding', 'no encoding')})") from None
+    try:
+        text = raw.decode(request.charset or "utf-8")
+    except (LookupError, UnicodeDecodeError):
+        raise P.APIError(400, f"request body is not text in charset {request.charset or 'utf-8'!r}") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise P.APIError(400, "request body nests too deeply") from None
+    except ValueError:
         raise P.APIError(400, "request body is not valid JSON") from None

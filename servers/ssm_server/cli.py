@@ -108,6 +108,7 @@ def build_server(cfg: ServerConfig):
                                  max_num_seqs=cfg.max_num_seqs, max_queue=cfg.max_queue,
                                  max_model_len=max_len, model_name=name)
         metrics.set_engine_info("synthetic", "cpu", "none", False)
+        vocab = None  # the synthetic engine reads no embedding table
     else:
         from servers.ssm_server.backend_mamba import select_backend
         from servers.ssm_server.engine import Engine
@@ -118,6 +119,7 @@ def build_server(cfg: ServerConfig):
         engine = Engine(backend, text, metrics, max_queue=cfg.max_queue,
                         prefill_chunk_size=cfg.prefill_chunk_size, model_name=name)
         max_len = backend.max_model_len
+        vocab = backend.vocab_size
         metrics.set_engine_info(engine_backend_name(backend), str(backend.device),
                                 str(backend.dtype).removeprefix("torch."), backend.graphs is not None)
         log.info("backend %s", type(backend).__name__)
@@ -125,7 +127,7 @@ def build_server(cfg: ServerConfig):
                  "graphs=%s", name, backend.model_type, backend.device, backend.num_slots,
                  backend.state_bytes, backend.kv_bytes_per_token, backend.graphs is not None)
     holder["engine"] = engine
-    return Server(engine, text, metrics, model_name=name, max_model_len=max_len)
+    return Server(engine, text, metrics, model_name=name, max_model_len=max_len, vocab_size=vocab)
 
 
 def main(args: argparse.Namespace) -> int:

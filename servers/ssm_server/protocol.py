@@ -43,7 +43,7 @@ class SamplingFields(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=100.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=-1, ge=-1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), le=(1 << 63) - 1)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -95,6 +95,14 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, v):
+        for i, part in enumerate(v if isinstance(v, list) else ()):
+            if part.get("type") == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {i}: a text part's `text` must be a string")
+        return v
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
@@ -118,6 +126,26 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     tokens: list[int]
+
+
+def check_text(text: str, param: str) -> str:
+    """Text that the tokenizer can take: UTF-8 encodable (JSON admits lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param}: not valid Unicode ({e.reason} at character {e.start})", param=param) from None
+    return text
+
+
+def check_ids(ids: list[int], vocab_size: int | None, param: str) -> list[int]:
+    """Token ids inside the vocabulary: an id outside it would fail the engine step that every
+    running request shares."""
+    if vocab_size:
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"{param}: token id {bad} is outside the vocabulary [0, {vocab_size})",
+                           param=param)
+    return ids
 
 
 def parse(model_cls: type[BaseModel], payload: Any) -> BaseModel:

@@ -1,0 +1,122 @@
+"""Client mistakes against the real ssm-server (tiny Mamba2, vocabulary 2,048): each is a 400
+with an OpenAI error body naming the field, never a 500, and none harms the healthy streams
+that run beside it."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+import threading
+import urllib.request
+
+import pytest
+
+from servers.process import ManagedServer, free_port
+from tests.conftest import build_tiny
+
+pytestmark = pytest.mark.timeout(180)
+VOCAB = 2048
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    cmd = [sys.executable, "-m", "servers.ssm_server", "--port", str(port), "--model",
+           str(build_tiny("tiny-mamba2")), "--served-model-name", "tiny", "--max-num-seqs", "8",
+           "--max-model-len", "1024"]
+    srv = ManagedServer("ssm-bad-input", cmd, port, log_path=tmp_path_factory.mktemp("bad") / "log",
+                        startup_timeout_s=120)
+    with srv:
+        yield srv
+
+
+def send(server, path, body: bytes, headers=None):
+    req = urllib.request.Request(server.url + path, body, {"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def j(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+CASES = [  # (name, path, body, headers, param named)
+    ("id past the vocabulary", "/v1/completions", j({"prompt": [5, VOCAB], "max_tokens": 4}), None, "prompt"),
+    ("negative id", "/v1/completions", j({"prompt": [5, -1], "max_tokens": 4}), None, "prompt"),
+    ("id of 2^63", "/v1/completions", j({"prompt": [5, 1 << 63], "max_tokens": 4}), None, "prompt"),
+    ("stop id past the vocabulary", "/v1/completions",
+     j({"prompt": "hello", "max_tokens": 4, "stop_token_ids": [VOCAB + 5]}), None, "stop_token_ids"),
+    ("seed past int64", "/v1/completions", j({"prompt": "hi", "max_tokens": 4, "seed": 1 << 64}), None, "seed"),
+    ("lone surrogate in a prompt", "/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 4}', None, "prompt"),
+    ("lone surrogate in a chat message", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "a\\udfffb"}], "max_tokens": 4}', None, "messages.0.content"),
+    ("lone surrogate to /tokenize", "/tokenize", b'{"prompt": "\\ud800"}', None, "prompt"),
+    ("a text part that is not text", "/v1/chat/completions",
+     j({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}], "max_tokens": 4}), None,
+     "messages.0.content"),
+    ("negative id to /detokenize", "/detokenize", j({"tokens": [1, -3]}), None, "tokens"),
+    ("huge id to /detokenize", "/detokenize", j({"tokens": [1 << 40]}), None, "tokens"),
+    ("unknown charset", "/v1/completions", j({"prompt": "hi"}), {"Content-Type": "application/json; charset=bogus"},
+     None),
+    ("not gzip", "/v1/completions", b"this is not gzip", {"Content-Encoding": "gzip"}, None),
+    ("deeply nested JSON", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, None, None),
+]
+
+
+@pytest.mark.parametrize("name,path,body,headers,param", CASES, ids=[c[0] for c in CASES])
+def test_client_mistakes_are_400_naming_the_field(server, name, path, body, headers, param):
+    status, raw = send(server, path, body, headers)
+    assert status == 400, (name, status, raw[:300])
+    err = json.loads(raw)["error"]
+    assert err["type"] == "BadRequestError" and err["message"]
+    if param:
+        assert err["param"] == param, err
+
+
+def test_a_tiny_temperature_samples_greedily(server):
+    body = {"prompt": [1, 2, 3], "max_tokens": 8, "ignore_eos": True}
+    status, greedy = send(server, "/v1/completions", j({**body, "temperature": 0}))
+    status2, tiny = send(server, "/v1/completions", j({**body, "temperature": 1e-45}))
+    assert status == status2 == 200
+    assert json.loads(tiny)["choices"][0]["text"] == json.loads(greedy)["choices"][0]["text"]
+
+
+def test_a_gzip_body_is_read(server):
+    status, raw = send(server, "/v1/completions", gzip.compress(j({"prompt": [1, 2], "max_tokens": 2})),
+                       {"Content-Encoding": "gzip"})
+    assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 2
+
+
+def test_bad_requests_beside_healthy_streams_harm_none(server):
+    """Three 300-token streams run while every bad case is sent: each stream ends with its
+    300 tokens and finish_reason length."""
+    results: list[dict] = []
+
+    def stream():
+        body = j({"prompt": [1, 2, 3, 4], "max_tokens": 300, "ignore_eos": True, "stream": True,
+                  "stream_options": {"include_usage": True}})
+        req = urllib.request.Request(server.url + "/v1/completions", body, {"Content-Type": "application/json"})
+        events = []
+        with urllib.request.urlopen(req, timeout=120) as r:
+            for line in r:
+                if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                    events.append(json.loads(line[6:]))
+        results.append(events)
+
+    threads = [threading.Thread(target=stream) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for _ in range(3):
+        for _, path, body, headers, _ in CASES:
+            assert send(server, path, body, headers)[0] == 400
+    for t in threads:
+        t.join(120)
+    assert len(results) == 3
+    for events in results:
+        assert not any("error" in e for e in events), events[-1]
+        assert events[-1]["usage"]["completion_tokens"] == 300
+        assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
