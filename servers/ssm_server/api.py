@@ -21,7 +21,11 @@ DEFAULT_MAX_TOKENS = 16
 
 class Server:
     def __init__(self, engine, text, metrics, *, model_name: str, max_model_len: int,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, api_key: str | None = None,
+                 max_request_bytes: int = 128 << 20):
+        self.api_key = api_key
+        """With a key, /v1/* wants ``Authorization: Bearer <key>`` (vLLM's --api-key)."""
+        self.max_request_bytes = max_request_bytes
         self.vocab_size = vocab_size
         """Token ids a prompt, a stop list or /detokenize may carry: [0, vocab_size)."""
         self.engine = engine
@@ -32,7 +36,9 @@ class Server:
         self.created = int(time.time())
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=1 << 30)
+        # client_max_size bounds the body as read, after any Content-Encoding is undone: a small
+        # gzip body cannot inflate past it
+        app = web.Application(middlewares=[self._errors, self._auth], client_max_size=self.max_request_bytes)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
@@ -60,12 +66,20 @@ class Server:
         except web.HTTPException as e:
             if e.status < 400:
                 raise
-            err = P.APIError(e.status, e.reason or "error")
+            err = P.APIError(e.status, e.text if e.status == 413 and e.text else e.reason or "error")
             return web.json_response(err.body(), status=e.status)
         except Exception as e:  # never a traceback to the client
             log.exception("unhandled error")
             err = P.APIError(500, f"internal error: {type(e).__name__}")
             return web.json_response(err.body(), status=500)
+
+    @web.middleware
+    async def _auth(self, request, handler):
+        if self.api_key and request.path.startswith("/v1/"):
+            if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+                raise P.APIError(401, "Unauthorized: a missing or wrong API key (Authorization: Bearer …)",
+                                 code="invalid_api_key")
+        return await handler(request)
 
     # ---- simple routes -----------------------------------------------------------------------
     async def health(self, request):
@@ -184,7 +198,7 @@ class Server:
         choice = ({"index": 0, "message": {"role": "assistant", "content": out}, "finish_reason": reason,
                    "logprobs": None} if chat else
                   {"index": 0, "text": out, "finish_reason": reason, "logprobs": None})
-        return web.json_response({"id": req.id, "object": "chat.completion" if chat else "text_completion",
+        return web.json_response({"id": _response_id(req, chat), "object": "chat.completion" if chat else "text_completion",
                                   "created": int(time.time()), "model": self.model_name,
                                   "choices": [choice], "usage": _usage(req)})
 
@@ -196,7 +210,7 @@ class Server:
         created = int(time.time())
 
         def chunk(delta_text=None, reason=None, role=False, usage=None, choices=True):
-            base = {"id": req.id, "object": obj, "created": created, "model": self.model_name}
+            base = {"id": _response_id(req, chat), "object": obj, "created": created, "model": self.model_name}
             if choices:
                 if chat:
                     delta = {"role": "assistant", "content": ""} if role else {}
@@ -238,6 +252,11 @@ class Server:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+
+def _response_id(req: Request, chat: bool) -> str:
+    """OpenAI's id prefixes: ``chatcmpl-`` for a chat completion, ``cmpl-`` for a completion."""
+    return "chat" + req.id if chat else req.id
 
 
 def _usage(req: Request) -> dict:

@@ -35,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="model", help="model (default) or synthetic")
     p.add_argument("--ttft-ms", type=float, default=50.0, help="synthetic engine: time to first token")
     p.add_argument("--itl-ms", type=float, default=10.0, help="synthetic engine: gap between tokens")
+    p.add_argument("--api-key", default=os.environ.get("SSM_SERVER_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1/* (default $SSM_SERVER_API_KEY); "
+                        "/health and /metrics stay open, as in vLLM")
+    p.add_argument("--max-request-bytes", default="128MiB",
+                   help="largest request body, after decompression (default 128MiB: a 4M-token text prompt)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"],
                    help="the HTTP side's event loop: uvloop where importable (auto), or asyncio's own")
@@ -51,7 +56,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         prefill_chunk_size=args.prefill_chunk_size,
         gpu_memory_budget=parse_bytes(args.gpu_memory_budget) if args.gpu_memory_budget else None,
         max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs, backend=args.backend,
-        ttft_ms=args.ttft_ms, itl_ms=args.itl_ms)
+        ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, api_key=args.api_key or None,
+        max_request_bytes=parse_bytes(args.max_request_bytes))
     if cfg.device == "auto":
         cfg.device = "cpu"
         if cfg.engine != "synthetic":
@@ -127,7 +133,8 @@ def build_server(cfg: ServerConfig):
                  "graphs=%s", name, backend.model_type, backend.device, backend.num_slots,
                  backend.state_bytes, backend.kv_bytes_per_token, backend.graphs is not None)
     holder["engine"] = engine
-    return Server(engine, text, metrics, model_name=name, max_model_len=max_len, vocab_size=vocab)
+    return Server(engine, text, metrics, model_name=name, max_model_len=max_len, vocab_size=vocab,
+                  api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -11,6 +11,8 @@ from servers.sizes import parse_bytes  # noqa: F401 - re-exported: the CLI and t
 class ServerConfig:
     model: str | None = None
     """A model directory or a preset name; None only for the synthetic engine."""
+    api_key: str | None = None
+    max_request_bytes: int = 128 << 20
     served_model_name: str | None = None
     engine: str = "model"
     random_weights: bool = False

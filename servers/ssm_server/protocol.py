@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -10,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 class APIError(Exception):
     """An error that becomes an OpenAI error body with an HTTP status."""
 
-    TYPES = {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitError",
+    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+             413: "RequestTooLargeError", 429: "RateLimitError",
              500: "InternalServerError", 503: "ServiceUnavailableError"}
 
     def __init__(self, status: int, message: str, param: str | None = None,
@@ -72,10 +74,22 @@ class SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def unsupported(self) -> str | None:
+        """An OpenAI field set to something ssm-server does not do (rather than ignore it)."""
+        extra = self.model_extra or {}
+        for name in ("logprobs", "top_logprobs", "prompt_logprobs"):
+            if extra.get(name) not in (None, False, 0):
+                return name
+        if extra.get("best_of") not in (None, 1):
+            return "best_of"
+        if getattr(self, "echo", False):
+            return "echo"
+        return None
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool = False
+    echo: bool | None = False
 
     @field_validator("prompt")
     @classmethod
@@ -153,8 +167,16 @@ def parse(model_cls: type[BaseModel], payload: Any) -> BaseModel:
     if not isinstance(payload, dict):
         raise APIError(400, "request body must be a JSON object")
     try:
-        return model_cls.model_validate(payload)
+        model = model_cls.model_validate(payload)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or None
+        # a union's branch names (`str`, `list[int]`…) are not fields: `prompt`, not `prompt.str`
+        field = ".".join(str(p) for p in err["loc"] if not _BRANCH.fullmatch(str(p))) or None
         raise APIError(400, f"{field}: {err['msg']}" if field else err["msg"], param=field) from None
+    bad = model.unsupported() if isinstance(model, SamplingFields) else None
+    if bad:
+        raise APIError(400, f"{bad}: not supported by ssm-server", param=bad)
+    return model
+
+
+_BRANCH = re.compile(r"(str|int|float|bool|list\[.*\]|dict\[.*\]|function-.*|union\[.*\])")

@@ -120,3 +120,39 @@ def test_bad_requests_beside_healthy_streams_harm_none(server):
         assert not any("error" in e for e in events), events[-1]
         assert events[-1]["usage"]["completion_tokens"] == 300
         assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
+
+
+@pytest.mark.parametrize("field,value", [("logprobs", 2), ("echo", True), ("best_of", 3)])
+def test_fields_it_does_not_honour_are_rejected_by_name(server, field, value):
+    status, raw = send(server, "/v1/completions", j({"prompt": "hi", "max_tokens": 2, field: value}))
+    assert status == 400 and json.loads(raw)["error"]["param"] == field
+    status, _ = send(server, "/v1/completions", j({"prompt": "hi", "max_tokens": 2, field: None}))
+    assert status == 200  # null is "not asked for"
+
+
+def test_error_params_and_chat_ids(server):
+    status, raw = send(server, "/v1/completions", j({"prompt": 5, "max_tokens": 2}))
+    assert status == 400 and json.loads(raw)["error"]["param"] == "prompt"  # not `prompt.str`
+    status, raw = send(server, "/v1/chat/completions",
+                       j({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
+    assert status == 200 and json.loads(raw)["id"].startswith("chatcmpl-")
+
+
+def test_a_body_that_inflates_past_the_limit_is_413(tmp_path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "servers.ssm_server", "--engine", "synthetic", "--port", str(port),
+           "--max-request-bytes", "1MiB", "--api-key", "sesame"]
+    with ManagedServer("ssm-limits", cmd, port, log_path=tmp_path / "log", startup_timeout_s=60) as srv:
+        bomb = gzip.compress(b'{"prompt": "' + b"a" * (8 << 20) + b'"}')  # 8 MiB in ~8 KiB
+        auth = {"Authorization": "Bearer sesame"}
+        status, raw = send(srv, "/v1/completions", bomb, {"Content-Encoding": "gzip", **auth})
+        assert status == 413 and json.loads(raw)["error"]["code"] == 413
+        # vLLM's --api-key: /v1/* wants the key, /health and /metrics do not
+        status, raw = send(srv, "/v1/completions", j({"prompt": "hi", "max_tokens": 2}))
+        assert status == 401 and json.loads(raw)["error"]["type"] == "AuthenticationError"
+        assert send(srv, "/v1/completions", j({"prompt": "hi", "max_tokens": 2}),
+                    {"Authorization": "Bearer wrong"})[0] == 401
+        assert send(srv, "/v1/completions", j({"prompt": "hi", "max_tokens": 2}), auth)[0] == 200
+        for path in ("/health", "/metrics"):
+            with urllib.request.urlopen(srv.url + path, timeout=10) as r:
+                assert r.status == 200
