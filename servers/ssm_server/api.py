@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import time
@@ -26,6 +27,8 @@ class Server:
         self.api_key = api_key
         """With a key, /v1/* wants ``Authorization: Bearer <key>`` (vLLM's --api-key)."""
         self.max_request_bytes = max_request_bytes
+        # one thread: a fast tokenizer's per-call settings are not safe to change concurrently
+        self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.vocab_size = vocab_size
         """Token ids a prompt, a stop list or /detokenize may carry: [0, vocab_size)."""
         self.engine = engine
@@ -106,7 +109,7 @@ class Server:
             prompt = P.check_text(body.prompt, "prompt")
         else:
             raise P.APIError(400, "give either prompt or messages", param="prompt")
-        ids = self.text.encode(prompt, add_special_tokens=body.add_special_tokens)
+        ids = await self._encode(prompt, "prompt", limit=False, add_special_tokens=body.add_special_tokens)
         return web.json_response({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids})
 
     async def detokenize(self, request):
@@ -119,7 +122,7 @@ class Server:
         body = P.parse(P.CompletionRequest, await _json(request))
         self._check_model(body.model)
         if isinstance(body.prompt, str):
-            ids = self.text.encode(P.check_text(body.prompt, "prompt"))
+            ids = await self._encode(P.check_text(body.prompt, "prompt"), "prompt")
         else:
             ids = P.check_ids([int(t) for t in body.prompt], self.vocab_size, "prompt")
         return await self._serve(request, body, ids, chat=False)
@@ -128,7 +131,19 @@ class Server:
         body = P.parse(P.ChatRequest, await _json(request))
         self._check_model(body.model)
         prompt = self._chat_text(body.messages, body.add_generation_prompt)
-        return await self._serve(request, body, self.text.encode(prompt), chat=True)
+        return await self._serve(request, body, await self._encode(prompt, "messages"), chat=True)
+
+    async def _encode(self, text: str, param: str, *, limit: bool = True, add_special_tokens: bool = True):
+        """Tokenize off the event loop (a long prompt would stall every stream's tokens), after
+        a length check that needs no tokenizer: no token spans more than ``max_token_chars``."""
+        per = self.text.max_token_chars
+        if limit and per and len(text) > self.max_model_len * per:
+            raise P.APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the "
+                                  f"{param} has {len(text):,} characters, more than that many tokens can hold",
+                             param=param, code="context_length_exceeded")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_thread,
+                                          lambda: self.text.encode(text, add_special_tokens=add_special_tokens))
 
     def _chat_text(self, messages, add_generation_prompt: bool = True) -> str:
         msgs = [{"role": m.role, "content": P.check_text(m.text(), f"messages.{i}.content")}

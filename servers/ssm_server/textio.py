@@ -21,6 +21,10 @@ class HFText:
         # Python (to_py_obj), which costs more than the decode itself on the per-token path
         self._fast = getattr(self.tok, "backend_tokenizer", None)
         self._cleanup = bool(getattr(self.tok, "clean_up_tokenization_spaces", False))
+        vocab = self.tok.get_vocab()
+        self.max_token_chars = max((len(t) for t in vocab), default=0) + 1
+        """No token spans more characters than this: a text longer than this × the context
+        limit is too long before it is tokenized."""
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens)
@@ -50,6 +54,7 @@ class WordText:
     """Whitespace words as tokens; ids are stable within the process (first seen, first id)."""
 
     eos_token_id = None
+    max_token_chars = None  # a word may be any length
 
     def __init__(self, vocab_limit: int = 1 << 20):
         self._ids: dict[str, int] = {}

@@ -156,3 +156,36 @@ def test_a_body_that_inflates_past_the_limit_is_413(tmp_path):
         for path in ("/health", "/metrics"):
             with urllib.request.urlopen(srv.url + path, timeout=10) as r:
                 assert r.status == 200
+
+
+def test_a_huge_prompt_is_refused_at_once_and_stalls_no_stream(server):
+    """A 4,000,000-character prompt to a server of 1,024 tokens: refused from its length
+    before any tokenizing, while a stream runs; the stream's largest gap stays far under the
+    seconds the tokenizer would have held the event loop."""
+    import time
+
+    gaps: list[float] = []
+
+    def stream():
+        body = j({"prompt": [1, 2, 3], "max_tokens": 200, "ignore_eos": True, "stream": True})
+        req = urllib.request.Request(server.url + "/v1/completions", body, {"Content-Type": "application/json"})
+        last = None
+        with urllib.request.urlopen(req, timeout=120) as r:
+            for line in r:
+                if line.startswith(b"data: "):
+                    now = time.perf_counter()
+                    if last is not None:
+                        gaps.append(now - last)
+                    last = now
+
+    t = threading.Thread(target=stream)
+    t.start()
+    time.sleep(0.3)
+    t0 = time.perf_counter()
+    status, raw = send(server, "/v1/completions", j({"prompt": "word " * 800_000, "max_tokens": 4}))
+    took = time.perf_counter() - t0
+    t.join(120)
+    err = json.loads(raw)["error"]
+    assert status == 400 and err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+    assert took < 2.0, took  # was 8 s of tokenizing on the event loop
+    assert gaps and max(gaps) < 1.0, max(gaps)
