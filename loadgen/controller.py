@@ -21,9 +21,22 @@ from loadgen.records import RecordWriter
 from loadgen.shapes import StageResult, StageSpec
 
 
+#: A stage whose server refused this many connections in a row stops issuing requests: a dead
+#: server is not hammered (its stage ends; the runner then stops the target).
+REFUSED_IN_A_ROW = 5
+#: The wait before the next request after a refused connection doubles from this, to 2 s.
+BACKOFF_S = 0.05
+
+
 class Stage:
-    def __init__(self, spec: StageSpec, index: int, base: dict):
+    def __init__(self, spec: StageSpec, index: int, base: dict, max_error_rate: float = 1.0):
         self.spec, self.index, self.base = spec, index, base
+        self.max_error_rate = max_error_rate
+        """Past this share of errors (over 20 requests or more) the stage stops issuing."""
+        self.refused = 0
+        self.backoff_until = 0.0
+        self.stopped: str | None = None
+        """Why the stage stopped issuing requests before its budget was spent."""
         self.remaining = spec.requests if spec.duration_s is None else None
         if spec.rate and spec.requests is not None and spec.duration_s is None:
             self.remaining = spec.requests
@@ -76,6 +89,8 @@ class Stage:
         """A prompt length to send now, or None (nothing for now)."""
         if self.closed:
             return None
+        if time.monotonic() < self.backoff_until:
+            return None
         if self.arrivals is not None:
             try:
                 return self.arrivals.get(timeout=wait_s)
@@ -91,6 +106,26 @@ class Stage:
     def check(self) -> None:
         if self.in_flight == 0 and self.exhausted():
             self.done.set()
+
+    def record(self, rec: dict) -> None:
+        """A request of this stage ended: keep it, and stop issuing when the server is gone
+        (connections refused in a row, with a growing wait between) or errors pass the bound."""
+        self.records.append(rec)
+        if rec.get("error_kind") == "connection":
+            self.refused += 1
+            self.backoff_until = time.monotonic() + min(2.0, BACKOFF_S * 2 ** (self.refused - 1))
+            if self.refused >= REFUSED_IN_A_ROW:
+                self._stop(f"{self.refused} connections refused in a row")
+        else:
+            self.refused = 0
+        errors = sum(r["status"] != "ok" for r in self.records)
+        if len(self.records) >= 20 and errors / len(self.records) > self.max_error_rate:
+            self._stop(f"error rate {errors / len(self.records):.0%} > max_error_rate {self.max_error_rate:g} "
+                       f"after {len(self.records)} requests")
+
+    def _stop(self, why: str) -> None:
+        if not self.closed:
+            self.closed, self.stopped = True, why
 
     def result(self, slos=None) -> StageResult:
         recs = self.records
@@ -203,7 +238,7 @@ class Controller:
         self.errors += rec["status"] != "ok"
         st = self.stage
         if st is not None and id(st) == job.get("_stage"):
-            st.records.append(rec)
+            st.record(rec)
             st.in_flight -= 1
             st.check()
         if self.on_record:

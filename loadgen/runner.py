@@ -35,7 +35,7 @@ import gevent
 
 from loadgen import scenario as sc
 from loadgen import exporter, shapes, targets
-from loadgen.controller import Controller, Stage
+from loadgen.controller import REFUSED_IN_A_ROW, Controller, Stage
 from loadgen.exporter import ClientMetrics
 from loadgen.records import RecordWriter
 from loadgen.scrape import Scraper, ScraperProcess
@@ -428,12 +428,17 @@ def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict, stage_index: 
             metrics.stage(lt.name, spec.label, spec.users, spec.prompt_tokens)
             say(f"{lt.name} stage {stage_index} {spec.label}: {spec.users} users")
             prog.stage(f"{lt.name} {spec.label}", spec.requests if spec.duration_s is None else None)
-            stage = Stage(spec, stage_index, base)
+            stage = Stage(spec, stage_index, base, max_error_rate=scenario.stop.max_error_rate if search is None else 1.0)
             _run_stage(runner, controller, stage, spec.users, scenario.request_timeout_s)
             ctx.scrape_now(lt, spec.label, stage_index)
             stage_index += 1
             res = stage.result(scenario.slos)
             say(_summary(lt.name, spec.label, res))
+            if stage.stopped:
+                say(f"{lt.name} {spec.label}: stopped early: {stage.stopped}")
+            if stage.refused >= REFUSED_IN_A_ROW:
+                stop_reason = f"its server refuses connections ({stage.stopped})"
+                break
             if search is None and spec.prompt_tokens and res.requests and res.ok == res.requests:
                 ctx.known_ok = max(ctx.known_ok, spec.prompt_tokens)
             if res.crashed and not lt.alive():

@@ -253,7 +253,9 @@ class Slos(_Model):
 
 class Stop(_Model):
     max_error_rate: float = Field(1.0, ge=0, le=1)
-    """Stop a target's remaining stages after a stage whose error rate exceeds this."""
+    """Stop a target's remaining stages after a stage whose error rate exceeds this; a stage
+    stops issuing requests once past it (after 20 requests), or after 5 connections refused in
+    a row (a dead server is not hammered)."""
     on_slo_violation: bool = False
     """Stop a target's remaining stages after a stage whose median request misses an SLO."""
     max_duration_s: PositiveFloat | None = None

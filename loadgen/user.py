@@ -402,4 +402,7 @@ class StreamingUser(FastHttpUser):
         if sent.cancelled:  # the run is stopping: no stream left to time
             after()
             raise gevent.GreenletExit()
+        if sent.kind == "connection":  # refused: counted before this user takes another job,
+            after()                    # so a dead server's stage stops (Stage.record)
+            return
         SPARE.later(after)  # the next request need not wait for this one's record

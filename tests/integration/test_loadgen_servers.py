@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -113,3 +114,23 @@ def test_tiny_ssm_served_by_ctxload_run(tmp_path):
     names = {s["name"] for x in read(run / "metrics.jsonl") for s in x["samples"]}
     assert "ssm:time_to_first_token_seconds_bucket" in names
     assert (run / "servers" / "tiny-mamba2.log").exists()
+
+
+def test_a_dead_server_is_not_hammered(tmp_path, tiny_models):
+    """A target whose server refuses connections: its stage stops after 5 refusals in a row
+    (with a growing wait between), and the target gets no more stages — not thousands of
+    requests a second."""
+    from servers.process import free_port
+
+    port = free_port()  # nothing listens there
+    scen = {"name": "dead", "targets": [{"name": "gone", "url": f"http://127.0.0.1:{port}", "family": "ssm",
+                                         "tokenizer": str(tiny_models["ssm"])}],
+            "output": {"max_tokens": 4},
+            "load": {"kind": "context_sweep", "prompt_tokens": [32, 64], "users": 4, "duration_s": 20}}
+    t0 = time.monotonic()
+    run = run_ctxload(tmp_path, scen)
+    recs = read(run / "requests.jsonl")
+    assert recs and all(r["error_kind"] == "connection" for r in recs)
+    assert len(recs) <= 5 + 4  # the fifth refusal stops the stage; at most the other users' in flight
+    assert {r["stage"] for r in recs} == {"prompt=32"}  # no further stage
+    assert time.monotonic() - t0 < 20  # not the stage's 20 s of hammering
