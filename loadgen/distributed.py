@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import subprocess
 import sys
 import time
@@ -73,7 +74,8 @@ def start_master(env, controller, processes: int, stack: contextlib.ExitStack, s
         procs = []
         for _ in range(processes):
             procs.append(subprocess.Popen([sys.executable, "-m", "loadgen.worker", "--master-host", bind_host,
-                                           "--master-port", str(port)], stdin=subprocess.DEVNULL))
+                                           "--master-port", str(port), "--parent-pid", str(os.getpid())],
+                                          stdin=subprocess.DEVNULL))
         stack.callback(_stop_all, procs)
     say(f"Locust master on {bind_host}:{port}, waiting for {processes} workers")
     if wait_s:

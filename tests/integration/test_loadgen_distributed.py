@@ -101,3 +101,43 @@ def test_external_worker_web_ui_and_exporter_host(synthetic, tiny_models, tmp_pa
     assert recs and all(r["status"] == "ok" for r in recs)
     assert {r["stage"] for r in recs} == {"users=2", "users=3"}
     assert len({r["worker"] for r in recs}) == 1 and recs[0]["worker"].endswith(f":{worker.pid}")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read().rsplit(")", 1)[-1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid and stat[0] != "Z":
+                out.append(int(d))
+    return out
+
+
+def test_killing_the_master_stops_its_local_workers(synthetic, tiny_models, tmp_path):
+    """kill -9 of `ctxload run --processes 2`: its two Locust workers exit within seconds."""
+    import signal
+
+    scen = {"name": "orphans", "targets": [{"name": "syn", "url": synthetic.url, "model": "synthetic",
+                                            "engine": "synthetic", "family": "ssm",
+                                            "tokenizer": str(tiny_models["transformer"])}],
+            "output": {"max_tokens": 50},
+            "load": {"kind": "context_sweep", "prompt_tokens": [64], "users": 4, "duration_s": 60}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(scen))
+    master = subprocess.Popen([sys.executable, "-m", "ctxload", "run", str(path), "--runs-dir", str(tmp_path),
+                               "--run-id", "r", "--processes", "2"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        records = tmp_path / "r" / "requests.jsonl"
+        until(lambda: records.exists() and records.stat().st_size > 0, 120, "records from the workers")
+        workers = [p for p in _children(master.pid)
+                   if b"loadgen.worker" in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert len(workers) == 2
+    finally:
+        master.send_signal(signal.SIGKILL)
+        master.wait(10)
+    until(lambda: not any(os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().rsplit(")", 1)[-1].split()[0]
+                          for p in workers), 10, "the workers exited")
