@@ -189,3 +189,19 @@ def test_a_huge_prompt_is_refused_at_once_and_stalls_no_stream(server):
     assert status == 400 and err["code"] == "context_length_exceeded" and err["param"] == "prompt"
     assert took < 2.0, took  # was 8 s of tokenizing on the event loop
     assert gaps and max(gaps) < 1.0, max(gaps)
+
+
+def test_sigterm_stops_the_server_within_a_second(tmp_path):
+    import time
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "servers.ssm_server", "--port", str(port), "--model", str(build_tiny("tiny-mamba2"))]
+    srv = ManagedServer("ssm-term", cmd, port, log_path=tmp_path / "log", startup_timeout_s=120).__enter__()
+    assert send(srv, "/v1/completions", j({"prompt": [1, 2], "max_tokens": 2}))[0] == 200
+    proc = srv.proc
+    t0 = time.perf_counter()
+    proc.terminate()
+    assert proc.wait(10) == 0
+    took = time.perf_counter() - t0
+    srv.stop()
+    assert took < 1.0, took  # was 3.5–3.9 s
