@@ -148,7 +148,11 @@ class Server:
     def _chat_text(self, messages, add_generation_prompt: bool = True) -> str:
         msgs = [{"role": m.role, "content": P.check_text(m.text(), f"messages.{i}.content")}
                 for i, m in enumerate(messages)]
-        return self.text.chat_prompt(msgs, add_generation_prompt)
+        try:
+            return self.text.chat_prompt(msgs, add_generation_prompt)
+        except Exception as e:  # noqa: BLE001 - the model's chat template refused these messages
+            raise P.APIError(400, f"messages: the chat template cannot render them ({type(e).__name__}: "
+                                  f"{str(e)[:200]})", param="messages") from None
 
     def _check_model(self, name):
         if name is not None and name != self.model_name:
