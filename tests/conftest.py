@@ -49,6 +49,17 @@ def build_tiny(preset: str) -> Path:
     return modeldir.build(preset, MODEL_CACHE / preset, log=None)
 
 
+def tiny_ssm_server(log_dir: Path, name: str, *args: str):
+    """A real ssm-server serving the tiny Mamba2 (as `tiny`) on a free loopback port, as a
+    context manager that yields the running server."""
+    from servers.process import ManagedServer, free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "servers.ssm_server", "--port", str(port), "--model",
+           str(build_tiny("tiny-mamba2")), "--served-model-name", "tiny", *args]
+    return ManagedServer(name, cmd, port, log_path=Path(log_dir) / "server.log", startup_timeout_s=120)
+
+
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
     """Model directories of the tiny presets that stand for each family."""

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from servers.process import ManagedServer, free_port
-from tests.conftest import build_tiny
+from tests.conftest import build_tiny, tiny_ssm_server
 
 pytestmark = pytest.mark.timeout(180)
 VOCAB = 2048
@@ -21,13 +21,7 @@ VOCAB = 2048
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
-    cmd = [sys.executable, "-m", "servers.ssm_server", "--port", str(port), "--model",
-           str(build_tiny("tiny-mamba2")), "--served-model-name", "tiny", "--max-num-seqs", "8",
-           "--max-model-len", "1024"]
-    srv = ManagedServer("ssm-bad-input", cmd, port, log_path=tmp_path_factory.mktemp("bad") / "log",
-                        startup_timeout_s=120)
-    with srv:
+    with tiny_ssm_server(tmp_path_factory.mktemp("bad"), "ssm-bad", "--max-num-seqs", "8", "--max-model-len", "1024") as srv:
         yield srv
 
 

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import urllib.request
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from servers.process import ManagedServer, free_port
-from tests.conftest import build_tiny
+from tests.conftest import tiny_ssm_server
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 VOCAB = 2048
@@ -48,12 +46,7 @@ REQUESTS = st.one_of(st.tuples(st.just("/v1/completions"), _completion),
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
-    cmd = [sys.executable, "-m", "servers.ssm_server", "--port", str(port), "--model",
-           str(build_tiny("tiny-mamba2")), "--served-model-name", "tiny", "--max-num-seqs", "4",
-           "--max-model-len", "256"]
-    with ManagedServer("ssm-fuzz", cmd, port, log_path=tmp_path_factory.mktemp("fuzz") / "log",
-                       startup_timeout_s=120) as srv:
+    with tiny_ssm_server(tmp_path_factory.mktemp("fuzz"), "ssm-fuzz", "--max-num-seqs", "4", "--max-model-len", "256") as srv:
         yield srv
 
 
