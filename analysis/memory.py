@@ -18,7 +18,7 @@ import bisect
 
 from analysis.records import RunData, Scrape, TimeIndex
 from analysis.scaling import Fit, fit_poly
-from servers.sizes import kv_bytes_per_token, state_bytes_per_sequence  # noqa: F401 - used and re-exported
+from servers.sizes import kv_bytes_per_token, state_bytes_per_sequence  # noqa: F401 - re-exported: tests and callers read them here
 
 SERVER_MEMORY = "ssm:device_memory_allocated_bytes"
 SERVER_PEAK = "ssm:device_memory_peak_allocated_bytes"  # since the server started
@@ -32,8 +32,6 @@ PROCESS_MEMORY = "ctxload:gpu_process_memory_used_bytes"  # the GPU exporter's, 
 SERVER_RSS = "process_resident_memory_bytes"  # ssm-server's own process (CPU runs)
 VLLM_KV_USAGE = "vllm:kv_cache_usage_perc"  # 0..1 of its KV blocks in use
 VLLM_CACHE_INFO = "vllm:cache_config_info"  # labels: num_gpu_blocks, block_size, …
-DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "fp8": 1,
-               "float8": 1, "auto": 2}
 PAPER_BUDGET_BYTES = 24 * 10**9  # RTX 4090, the paper's budget
 
 
@@ -105,9 +103,8 @@ def _vllm_stage_bytes(run: RunData, target: str) -> list["Reading"]:
     p = _preset_of(run, target)
     if p is None:
         return []
-    b = DTYPE_BYTES.get(p.dtype, 2)
-    per_token = kv_bytes_per_token(dict(p.config), p.model_type, b) or 0
-    state = state_bytes_per_sequence(dict(p.config), p.model_type, b, conv_window=-1) or 0
+    per_token = p.kv_bytes_per_token() or 0
+    state = p.state_bytes_per_sequence(conv_window=-1) or 0
     by: dict[int, list] = {}
     for r in run.requests:
         if r.target == target and r.ok and r.prompt_length is not None:
@@ -330,7 +327,7 @@ def kv_bytes_per_token_of(run: RunData, target: str) -> int | None:
     p = _preset_of(run, target)
     if p is None:
         return None
-    return kv_bytes_per_token(dict(p.config), p.model_type, DTYPE_BYTES.get(p.dtype, 2))
+    return p.kv_bytes_per_token()
 
 
 @dataclass
@@ -354,9 +351,7 @@ def state_sizes(run: RunData) -> list[StateSizes]:
         kv = st = None
         src = []
         if p is not None:
-            b = DTYPE_BYTES.get(p.dtype, 2)
-            kv = kv_bytes_per_token(dict(p.config), p.model_type, b)
-            st = state_bytes_per_sequence(dict(p.config), p.model_type, b)
+            kv, st = p.kv_bytes_per_token(), p.state_bytes_per_sequence()
             src.append(f"config of {p.name} ({p.dtype})")
         if t in measured:
             st = measured[t]

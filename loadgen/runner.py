@@ -195,8 +195,7 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
             port = metrics.serve(exporter_port)
             stack.callback(metrics.close)
             say(f"client metrics on http://{exporter.bind_host()}:{port}/metrics")
-        sources = [(name, "gpu" if "gpu" in name else "server", url)
-                   for name, url in scenario.metrics.extra_urls.items()]
+        sources = _exporter_sources(scenario)
         stage_file = Path(tempfile.mkdtemp(prefix="ctxload-")) / "stage"
         scraper = ScraperProcess(run_dir / "metrics.jsonl", sources, scenario.metrics.scrape_interval_s, stage_file)
         scraper.set_stage(None, resident=_resident(live))
@@ -320,8 +319,7 @@ class _Ctx:
         """One scrape of every source as a stage ends, while nothing is in flight: a stage
         shorter than the scrape interval still has its readings."""
         state = {"stage": label, "stage_target": lt.name, "stage_index": index, "resident": _resident(self.live)}
-        extra = [(n, "gpu" if "gpu" in n else "server", u) for n, u in self.scenario.metrics.extra_urls.items()]
-        one = Scraper(self.run_dir / "metrics.jsonl", extra, stage=lambda: state)
+        one = Scraper(self.run_dir / "metrics.jsonl", _exporter_sources(self.scenario), stage=lambda: state)
         try:
             one.once()
         finally:
@@ -366,6 +364,11 @@ class Resumed:
             if label != "warmup" and n >= (planned or 1):
                 out.stages_done.setdefault(t, set()).add(label)
         return out
+
+
+def _exporter_sources(scenario: sc.Scenario) -> list[tuple[str, str, str]]:
+    """The scenario's extra exporters, scraped always: (name, source kind, URL)."""
+    return [(n, "gpu" if "gpu" in n else "server", u) for n, u in scenario.metrics.extra_urls.items()]
 
 
 def _resident(live: list[targets.LiveTarget]) -> dict:

@@ -62,12 +62,30 @@ class Preset:
         """Parameter count, from the model built on the meta device (no memory, ~0.1 s)."""
         return _parameters(self.name)
 
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES.get(self.dtype, 2)
+
     def weight_bytes(self) -> int:
         """Bytes of the weights in the preset's dtype."""
-        return self.parameters() * _DTYPE_BYTES.get(self.dtype, 2)
+        return self.parameters() * self.dtype_bytes
+
+    def kv_bytes_per_token(self) -> int | None:
+        """KV cache bytes of one token in the preset's dtype (None without attention)."""
+        from servers import sizes
+
+        return sizes.kv_bytes_per_token(dict(self.config), self.model_type, self.dtype_bytes)
+
+    def state_bytes_per_sequence(self, conv_window: int = 0) -> int | None:
+        """Recurrent state bytes of one sequence (None without Mamba layers); ``conv_window``
+        as in :func:`servers.sizes.state_bytes_per_sequence` (vLLM keeps kernel − 1: −1)."""
+        from servers import sizes
+
+        return sizes.state_bytes_per_sequence(dict(self.config), self.model_type, self.dtype_bytes, conv_window)
 
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+#: Bytes of one value in a preset's dtype.
+DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "fp8": 1, "float8": 1}
 
 
 @functools.cache

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from servers import presets
-from servers.sizes import parse_bytes, state_bytes_per_sequence  # noqa: F401 - parse_bytes re-exported
+from servers.sizes import parse_bytes  # noqa: F401 - re-exported for `ctxload serve vllm`
 
 
 #: Default port of an OpenAI-compatible server (vLLM's).
@@ -247,8 +247,7 @@ def vllm_state_bytes(model: Model) -> int | None:
     p = _preset_of(model)
     if p is None or p.family == "transformer":
         return None
-    return state_bytes_per_sequence(dict(p.config), p.model_type, 2 if p.dtype != "float32" else 4,
-                                    conv_window=-1)
+    return p.state_bytes_per_sequence(conv_window=-1)
 
 
 def budget_fraction(budget_bytes: int, total_bytes: int) -> float:
