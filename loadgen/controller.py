@@ -143,7 +143,8 @@ class Stage:
             tpot_p50=statistics.median(tpots) if tpots else None,
             goodput=sum(meets(r, slos) for r in ok) if slos is not None and slos.model_dump(exclude_none=True)
             else None,
-            messages=sorted({r["error_message"] for r in recs if r["error_message"]})[:5])
+            messages=sorted({r["error_message"] for r in recs if r["error_message"]})[:5],
+            e2e_max=max((r["e2e_s"] for r in ok if r.get("e2e_s") is not None), default=None))
 
 
 def meets(rec: dict, slos) -> bool:

@@ -105,7 +105,15 @@ def classify_http(status: int, message: str) -> str:
     return "rejected" if 400 <= status < 500 else "server_error"
 
 
+def unwrap(exc: BaseException) -> BaseException:
+    """The error under a client's retry wrapper: geventhttpclient re-raises a timeout that hit
+    before the response's headers as ``RetriesExceeded(..., original=<the timeout>)``."""
+    inner = getattr(exc, "original", None)
+    return inner if isinstance(inner, BaseException) else exc
+
+
 def classify_exception(exc: BaseException) -> str:
+    exc = unwrap(exc)
     text = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, (socket.timeout, TimeoutError)) or "timeout" in text.lower() or "timed out" in text.lower():
         return "timeout"

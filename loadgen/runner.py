@@ -248,6 +248,7 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
                     scraper.set_stage(None, resident=_resident(live))
                 ctx = _Ctx(scenario, runner, controller, metrics, scraper, prog, say, run_dir, run_deadline,
                            live, past.stages_done.get(lt.name, set()))
+                ctx.learned = past.learned.get(lt.name) or Learned()  # from an earlier session's stages
                 stage_index, lt.completed = _run_target(ctx, lt, stage_index)
                 # the scraper leaves a target alone before it stops
                 scraper.set_stage(None, resident={k: v for k, v in _resident(live).items()
@@ -293,6 +294,27 @@ def _run_stage(runner, controller, stage: Stage, users: int, timeout_s: float) -
 
 
 @dataclass
+class Learned:
+    """What the stages a target served in full taught the max-context search after them."""
+
+    known_ok: int = 0
+    """The longest prompt every request of a stage got through on this target so far: a
+    max-context search after a sweep starts above it."""
+    served: dict = field(default_factory=dict)
+    """Prompt length -> the longest request (s) of a batch-1 stage this target served in full:
+    what a max-context probe's deadline is extrapolated from (``shapes.probe_timeout``)."""
+
+    def learn(self, spec: shapes.StageSpec, res: shapes.StageResult, probe: bool) -> None:
+        """What a stage served in full teaches the searches after it."""
+        if not (spec.prompt_tokens and res.requests and res.ok == res.requests):
+            return
+        if not probe:
+            self.known_ok = max(self.known_ok, spec.prompt_tokens)
+        if spec.users == 1 and res.e2e_max:
+            self.served[spec.prompt_tokens] = max(self.served.get(spec.prompt_tokens, 0.0), res.e2e_max)
+
+
+@dataclass
 class _Ctx:
     """What every stage of the run needs."""
 
@@ -308,9 +330,7 @@ class _Ctx:
     live: list
     done: set = field(default_factory=set)
     """Stage labels this target ran in full earlier in a resumed run: not run again."""
-    known_ok: int = 0
-    """The longest prompt every request of a stage got through on this target so far: a
-    max-context search after a sweep starts above it."""
+    learned: Learned = field(default_factory=Learned)
 
     def set_stage(self, lt: targets.LiveTarget, label: str, index: int) -> None:
         self.scraper.set_stage(label, target=lt.name, index=index, resident=_resident(self.live))
@@ -335,6 +355,8 @@ class Resumed:
     stages_done: dict = field(default_factory=dict)
     next_stage_index: int = 0
     earlier: list = field(default_factory=list)
+    learned: dict = field(default_factory=dict)
+    """Target -> what its stages served in full taught."""
 
     @classmethod
     def read(cls, run_dir: Path) -> "Resumed":
@@ -351,6 +373,7 @@ class Resumed:
         out.earlier = list(env.get("earlier") or []) + ([{k: v for k, v in env.items()
                                                           if k not in ("targets", "earlier")}] if env else [])
         counts: dict = {}
+        stages: dict = {}
         with contextlib.suppress(OSError):
             for line in (run_dir / "requests.jsonl").read_text(errors="replace").splitlines():
                 with contextlib.suppress(ValueError, TypeError, AttributeError):
@@ -358,11 +381,22 @@ class Resumed:
                     out.next_stage_index = max(out.next_stage_index, int(r.get("stage_index") or 0) + 1)
                     key = (r["target"], r["stage"])
                     counts[key] = counts.get(key, 0) + 1
+                    stages.setdefault((r["target"], r["stage"], r.get("stage_index")), []).append(r)
         scenario = sc.load(run_dir / "scenario.yaml")
         planned = scenario.load.requests if not scenario.load.duration_s else 1
         for (t, label), n in counts.items():
             if label != "warmup" and n >= (planned or 1):
                 out.stages_done.setdefault(t, set()).add(label)
+        for (t, label, _), recs in stages.items():
+            n = recs[0].get("prompt_tokens_requested")
+            if label == "warmup" or not isinstance(n, int):
+                continue
+            users = max(int(r.get("concurrency") or 1) for r in recs)
+            spec = shapes.StageSpec(label, users, n)
+            ok = [r for r in recs if r.get("status") == "ok"]
+            res = shapes.StageResult(requests=len(recs), ok=len(ok),
+                                     e2e_max=max((r["e2e_s"] for r in ok if r.get("e2e_s")), default=None))
+            out.learned.setdefault(t, Learned()).learn(spec, res, probe=label.startswith("probe="))
         return out
 
 
@@ -390,7 +424,7 @@ def _run_target(ctx: _Ctx, lt: targets.LiveTarget, stage_index: int) -> tuple[in
     for load in loads:
         stage_index, stop_reason = _run_load(ctx, lt, load, base, stage_index)
         if isinstance(load, sc.MaxContext):
-            ctx.known_ok = 0
+            ctx.learned.known_ok = 0
         if run_deadline_passed(ctx) or not lt.alive():
             return stage_index, False
     return stage_index, True
@@ -405,7 +439,7 @@ def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict, stage_index: 
         # the server's own limit, when it declares one, is probed first: two probes then
         # settle the search instead of a bisection over long prompts
         hint = lt.max_model_len - scenario.output.max_tokens if lt.max_model_len else None
-        gen = shapes.bisect(load, search, hint=hint, cap=cap, known_ok=ctx.known_ok or None)
+        gen = shapes.bisect(load, search, hint=hint, cap=cap, known_ok=ctx.learned.known_ok or None)
     else:
         if isinstance(load, sc.ContextSweep) and lt.spec.prompt_tokens is not None:
             load = load.model_copy(update={"prompt_tokens": lt.spec.prompt_tokens})
@@ -431,8 +465,12 @@ def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict, stage_index: 
             metrics.stage(lt.name, spec.label, spec.users, spec.prompt_tokens)
             say(f"{lt.name} stage {stage_index} {spec.label}: {spec.users} users")
             prog.stage(f"{lt.name} {spec.label}", spec.requests if spec.duration_s is None else None)
-            stage = Stage(spec, stage_index, base, max_error_rate=scenario.stop.max_error_rate if search is None else 1.0)
-            _run_stage(runner, controller, stage, spec.users, scenario.request_timeout_s)
+            timeout_s = scenario.request_timeout_s
+            if search is not None and spec.prompt_tokens:
+                timeout_s = shapes.probe_timeout(ctx.learned.served, spec.prompt_tokens, timeout_s)
+            stage = Stage(spec, stage_index, dict(base, timeout_s=timeout_s),
+                          max_error_rate=scenario.stop.max_error_rate if search is None else 1.0)
+            _run_stage(runner, controller, stage, spec.users, timeout_s)
             ctx.scrape_now(lt, spec.label, stage_index)
             stage_index += 1
             res = stage.result(scenario.slos)
@@ -442,8 +480,7 @@ def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict, stage_index: 
             if stage.refused >= REFUSED_IN_A_ROW:
                 stop_reason = f"its server refuses connections ({stage.stopped})"
                 break
-            if search is None and spec.prompt_tokens and res.requests and res.ok == res.requests:
-                ctx.known_ok = max(ctx.known_ok, spec.prompt_tokens)
+            ctx.learned.learn(spec, res, probe=search is not None)
             if res.crashed and not lt.alive():
                 stop_reason = "its server crashed (connection lost)"
                 break

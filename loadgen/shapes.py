@@ -6,6 +6,7 @@ max-context search bisects on it.  One generator runs per target.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Generator
 
@@ -37,6 +38,8 @@ class StageResult:
     goodput: int | None = None
     """Requests that met every SLO given (None when the scenario sets none)."""
     messages: list[str] = field(default_factory=list)
+    e2e_max: float | None = None
+    """The longest request that succeeded, start to last token (s)."""
 
     @property
     def error_rate(self) -> float:
@@ -101,7 +104,10 @@ def bisect(load: "sc.MaxContext", search: Search | None = None, *, hint: int | N
 
     ``hint``: the longest prompt the server says it takes (its max_model_len less the output):
     probed first, then one token more; when the first works and the second fails the search
-    is done in two probes, else it goes on as above with what they taught.  ``cap``: the
+    is done in two probes.  When the first fails, one ``tolerance`` below it is probed next
+    (vLLM 0.26 on an H200 stalled a Llama prompt that filled its auto-fitted KV cache exactly,
+    and served one 1% shorter): its success settles the search too; else it goes on as above
+    with what they taught.  ``cap``: the
     target's own ``max_prompt_tokens``, which lowers ``max_tokens``.  ``known_ok``: the longest
     prompt that already worked on this server (an earlier load of the run): the doubling
     starts above it instead of at ``min_tokens``."""
@@ -134,6 +140,12 @@ def bisect(load: "sc.MaxContext", search: Search | None = None, *, hint: int | N
         if queue and ok:  # the hint worked: try one more token
             n = queue.pop(0)
             continue
+        if queue and not ok:  # the declared limit failed: the real one is most often just below it
+            queue = []
+            below = min(n - 1, math.ceil(n / (1 + load.tolerance)))  # within tolerance of n
+            if below > (s.max_ok or 0) and below >= load.min_tokens:
+                n = below
+                continue
         queue = []
         if s.max_ok is None:
             if n > load.min_tokens:  # the hint failed: start again from the shortest
@@ -150,3 +162,26 @@ def bisect(load: "sc.MaxContext", search: Search | None = None, *, hint: int | N
             s.converged = True
             return
         n = (s.max_ok + s.min_fail) // 2
+
+
+def probe_timeout(served: dict[int, float], n: int, ceiling: float, *, factor: float = 3.0,
+                  floor_s: float = 60.0) -> float:
+    """How long a probe of ``n`` prompt tokens may take before it counts as failed (timeout).
+
+    ``served``: prompt length -> the longest request (s) of a stage this target served in
+    full at batch 1.  The probe's time is extrapolated from the two longest of them by a power
+    law whose exponent is held within 1..2 (prefill grows linearly for an SSM, up to
+    quadratically for attention); the probe gets ``factor`` times that plus ``floor_s``, never
+    more than ``ceiling`` (the scenario's ``request_timeout_s``), and the whole ``ceiling``
+    when nothing was served yet.  A request a server never finishes (a stall at its memory's
+    edge) then costs minutes, not the full request timeout."""
+    points = sorted((length, t) for length, t in served.items() if length > 0 and t > 0)
+    if not points:
+        return ceiling
+    (l2, t2) = points[-1]
+    p = 2.0
+    if len(points) >= 2:
+        (l1, t1) = points[-2]
+        p = min(2.0, max(1.0, math.log(max(t2, 1e-9) / max(t1, 1e-9)) / math.log(l2 / l1)))
+    est = t2 * (n / l2) ** p if n > l2 else t2
+    return min(ceiling, factor * est + floor_s)

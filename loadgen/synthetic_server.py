@@ -26,7 +26,7 @@ from aiohttp import web
 
 
 def make_app(ttft_s: float, itl_s: float, model: str = "synthetic", max_model_len: int = 1 << 20,
-             send_log: str | None = None) -> web.Application:
+             send_log: str | None = None, hang_above: int | None = None) -> web.Application:
     counts = {"ok": 0, "failed": 0, "running": 0, "seq": 0}
     log_fd = os.open(send_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if send_log else None
 
@@ -44,6 +44,12 @@ def make_app(ttft_s: float, itl_s: float, model: str = "synthetic", max_model_le
             return web.json_response({"error": {"message": f"prompt of {prompt_tokens} tokens exceeds "
                                                 f"max_model_len {max_model_len}", "type": "BadRequestError",
                                                 "code": 400, "param": "prompt"}}, status=400)
+        if hang_above is not None and prompt_tokens > hang_above:
+            counts["running"] += 1  # accepted and never answered: vLLM 0.26 stalled a prompt that
+            try:  # filled its KV cache exactly (prefilled, preempted, waiting for ever)
+                await asyncio.Event().wait()
+            finally:
+                counts["running"] -= 1
         if not body.get("stream"):
             await asyncio.sleep(ttft_s + itl_s * (n - 1))
             counts["ok"] += 1
@@ -122,6 +128,8 @@ def main(argv=None) -> None:
     ap.add_argument("--served-model-name", default="synthetic")
     ap.add_argument("--max-model-len", type=int, default=1 << 20)
     ap.add_argument("--send-log", default=None, help="append each finished stream's send stamps here (JSON lines)")
+    ap.add_argument("--hang-above-tokens", type=int, default=None,
+                    help="accept a longer prompt and never answer it (a server stalled at its memory's edge)")
     a = ap.parse_args(argv)
     try:
         import uvloop  # optional: a tighter event loop
@@ -129,7 +137,8 @@ def main(argv=None) -> None:
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(make_app(a.ttft_ms / 1000, a.itl_ms / 1000, a.served_model_name, a.max_model_len, a.send_log),
+    web.run_app(make_app(a.ttft_ms / 1000, a.itl_ms / 1000, a.served_model_name, a.max_model_len, a.send_log,
+                        a.hang_above_tokens),
                 host=a.host, port=a.port, print=None, access_log=None, backlog=4096)
 
 

@@ -273,6 +273,7 @@ def send(session, job: dict, prompt: str, timeout_s: float, turn=None) -> Sent:
         out.body, out.marks = e.body, e.marks
         kind, message = records.classify_exception(e), f"ConnectionError: {e}"[:500]
     except BaseException as e:  # noqa: BLE001 - every failure becomes data on the record
+        e = records.unwrap(e)
         kind, message = records.classify_exception(e), f"{type(e).__name__}: {e}"[:500]
     out.failed_ns = time.perf_counter_ns()
     out.status, out.kind, out.message = status, kind, message

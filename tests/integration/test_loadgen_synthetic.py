@@ -200,3 +200,56 @@ def test_one_stream_is_never_bunched(tiny_models, tmp_path):
     print(f"{len(short)} short gaps of {total} (request, gap, client ms, server ms): {short[:10]}")
     assert not runs, f"runs of bunched events (a blocked client): {runs[:10]}; {short[:10]}"
     assert len(short) <= 0.01 * total, short[:20]
+
+
+def test_a_stalled_probe_costs_its_deadline_and_a_resumed_run_goes_on_where_it_stopped(tiny_models, tmp_path):
+    """A server that accepts a prompt at its declared limit and never answers it (vLLM 0.26 did
+    so on an H200, at a prompt that filled its KV cache exactly): the probe fails as a timeout
+    after request_timeout_s, one tolerance below settles the search. Then a run stopped in its
+    second target's search goes on with `--resume`: the first target is skipped, the sweep
+    stages the second served are not sent again, and its search starts above them."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "loadgen.synthetic_server", "--ttft-ms", "5", "--itl-ms", "1", "--port", str(port),
+           "--max-model-len", "4096", "--hang-above-tokens", "4060"]
+    with ManagedServer("syn-stall", cmd, port, log_path=tmp_path / "s.log", startup_timeout_s=60) as srv:
+        tok = str(tiny_models["transformer"])
+        scen = {"name": "stall", "output": {"max_tokens": 20}, "request_timeout_s": 4,
+                "targets": [{"name": n, "url": srv.url, "model": "synthetic", "engine": "synthetic", "family": "ssm",
+                             "tokenizer": tok} for n in ("a", "b")],
+                "load": {"kind": "context_sweep", "prompt_tokens": [512, 1024], "requests": 1, "warmup_requests": 0},
+                "then": [{"kind": "max_context", "min_tokens": 256, "max_tokens": 8192, "tolerance": 0.01}],
+                "metrics": {"scrape_interval_s": 0.5}}
+        t0 = time.monotonic()
+        run = run_ctxload(tmp_path, scen)
+        took = time.monotonic() - t0
+        found = {r["target"]: r for r in read(run, "max_context.jsonl")}
+        for r in found.values():  # 4076 (= 4096 - 20) stalls; 4036 is served: two probes
+            assert [p["prompt_tokens"] for p in r["probes"]] == [4076, 4036], r["probes"]
+            assert (r["max_ok_tokens"], r["min_fail_tokens"], r["failure_kind"]) == (4036, 4076, "timeout")
+            assert r["converged"] and r["known_ok_tokens"] == 1024
+        stalled = [x for x in read(run) if x["stage"] == "probe=4076"]
+        assert len(stalled) == 2 and all("after 4 s" in x["error_message"] for x in stalled)
+        assert took < 60, took  # two stalls of 4 s each, not the default 600 s
+
+        # stop it "in b's search": b not completed, its probes and search result gone
+        env = json.loads((run / "env.json").read_text())
+        for t in env["targets"]:
+            t["completed"] = t["name"] == "a"
+        (run / "env.json").write_text(json.dumps(env))
+        kept = [x for x in read(run) if not (x["target"] == "b" and x["stage"].startswith("probe="))]
+        (run / "requests.jsonl").write_text("".join(json.dumps(x) + "\n" for x in kept))
+        (run / "max_context.jsonl").write_text(json.dumps(found["a"]) + "\n")
+        p = subprocess.run([sys.executable, "-m", "ctxload", "run", "--resume", str(run)], capture_output=True,
+                           text=True, cwd=REPO, timeout=120)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "a: completed earlier in this run; skipped" in p.stdout
+    after = read(run)
+    assert after[:len(kept)] == kept
+    new = after[len(kept):]
+    assert {x["target"] for x in new} == {"b"} and all(x["stage"].startswith("probe=") for x in new)
+    assert min(x["stage_index"] for x in new) > max(x["stage_index"] for x in kept)
+    again = read(run, "max_context.jsonl")[-1]
+    assert again["target"] == "b" and again["known_ok_tokens"] == 1024  # learned from the earlier session
+    assert (again["max_ok_tokens"], again["min_fail_tokens"]) == (4036, 4076)
+    env = json.loads((run / "env.json").read_text())
+    assert len(env["earlier"]) == 1 and all(t["completed"] for t in env["targets"])

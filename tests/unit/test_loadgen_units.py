@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -149,10 +150,16 @@ def test_the_servers_declared_limit_settles_the_search_in_two_probes():
     s = _search(654_300, load, hint=654_300)  # vLLM's max_model_len less the output
     assert [p["prompt_tokens"] for p in s.probes] == [654_300, 654_301]
     assert s.converged and (s.max_ok, s.min_fail, s.failure_kind) == (654_300, 654_301, "rejected")
-    # the declared limit does not hold (an OOM below it): start again from the shortest
+    # the declared limit fails just above the real one (vLLM stalled a prompt filling its KV
+    # cache exactly): one tolerance below settles it
+    s = _search(650_000, load, hint=654_300)
+    assert [p["prompt_tokens"] for p in s.probes] == [654_300, 647_822]  # ceil(654,300 / 1.01)
+    assert s.converged and (s.max_ok, s.min_fail) == (647_822, 654_300)
+    # the declared limit does not hold (an OOM far below it): start again from the shortest
     s = _search(100_000, load, hint=654_300)
     assert s.probes[0] == {"prompt_tokens": 654_300, "ok": False, "failure_kind": "rejected"}
-    assert s.probes[1]["prompt_tokens"] == 1024
+    assert s.probes[1]["prompt_tokens"] == 647_822 and not s.probes[1]["ok"]
+    assert s.probes[2]["prompt_tokens"] == 1024
     assert s.converged and s.max_ok <= 100_000 < s.min_fail <= 1.01 * s.max_ok + 1
     # more than declared works too: keep doubling from there
     s = _search(3_000_000, load, hint=654_300)
@@ -280,3 +287,31 @@ def test_queued_records_are_drained_in_order_when_the_run_stops():
                        cwd=Path(__file__).resolve().parents[2])
     assert p.returncode == 0 and "drained" in p.stdout, p.stdout + p.stderr
     assert "ZeroDivisionError" in p.stderr  # the failing record is logged, not swallowed
+
+
+def test_a_probes_deadline_is_extrapolated_from_what_the_target_served():
+    # no length served yet: the scenario's request timeout
+    assert shapes.probe_timeout({}, 1 << 20, 600) == 600
+    # Llama-3.2-1B on vLLM, H200 (2026-12-02): 11.7 s at 256K, 4.5 s at 128K; the probe at
+    # 678,096 stalled; served at 672,806 in 66 s
+    served = {65536: 1.19, 131072: 4.49, 262144: 11.68}
+    p = math.log(11.68 / 4.49) / math.log(2)
+    assert shapes.probe_timeout(served, 678_096, 600) == pytest.approx(3 * 11.68 * (678_096 / 262144) ** p + 60)
+    assert 66 < shapes.probe_timeout(served, 678_096, 600) < 200
+    # the exponent is held within 1..2: a flat pair extrapolates linearly, a steep one quadratically
+    assert shapes.probe_timeout({1000: 1.0, 2000: 1.0}, 4000, 600) == pytest.approx(3 * 2.0 + 60)
+    assert shapes.probe_timeout({1000: 1.0, 2000: 9.0}, 4000, 600) == pytest.approx(3 * 36.0 + 60)
+    # one length: quadratic; below the longest: the longest's time; never past the ceiling
+    assert shapes.probe_timeout({1000: 2.0}, 2000, 600) == pytest.approx(3 * 8.0 + 60)
+    assert shapes.probe_timeout(served, 100_000, 600) == pytest.approx(3 * 11.68 + 60)
+    assert shapes.probe_timeout(served, 1 << 24, 600) == 600
+
+
+def test_a_timeout_under_the_http_clients_retry_wrapper_is_a_timeout():
+    from geventhttpclient.useragent import RetriesExceeded
+
+    wrapped = RetriesExceeded("http://127.0.0.1:1/v1/completions", 0,
+                              original=TimeoutError("no end of stream after 4 s"))
+    assert records.classify_exception(wrapped) == "timeout"
+    assert isinstance(records.unwrap(wrapped), TimeoutError)
+    assert records.classify_exception(RetriesExceeded("u", 0, original=ConnectionRefusedError())) == "connection"
