@@ -40,12 +40,14 @@ def analyze(run: RunData) -> Analysis:
     limits = scaling.context_limits(run)
     energy = memory.energy_per_request(run)
     engines = engines_mod.identify(run)
+    ran = {r.target for r in run.requests}  # a target the run never reached needs no note
     a = Analysis(run=run, slos=slos, stages=stats.all_stage_stats(run, slos), fits=fits,
                  ttft_pairs=scaling.family_pairs(run, "ttft", fits),
                  tpot_pairs=scaling.family_pairs(run, "tpot", fits), limits=limits, memory=mem,
                  budget=memory.budget_bytes(run), sizes=memory.state_sizes(run), energy=energy,
                  claims=claims_mod.claims_table(run, limits, mem, energy, engines), engines=engines,
-                 notes=engines_mod.notes(engines, on_gpu=bool(run.env.get("gpus"))))
+                 notes=engines_mod.notes({t: e for t, e in engines.items() if t in ran},
+                                         on_gpu=bool(run.env.get("gpus"))))
     a.missing = list(run.missing) + _missing_figures(a)
     a.verdict = verdict(a)
     return a

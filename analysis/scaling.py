@@ -216,8 +216,22 @@ def context_limits(run: RunData) -> list[ContextLimit]:
             first_failed=min((r.prompt_length for r in beyond), default=None),
             cause=cause, message=(msg or "")[:200] or None,
             max_tested=max((r.prompt_length for r in reqs), default=None), reached=bool(beyond),
-            why=limit_reason(run, t) if beyond and cause == "rejected" else None))
+            why=limit_reason(run, t) if beyond and cause == "rejected" else
+            _stalled_at_edge(run, t, min((r.prompt_length for r in beyond), default=None))
+            if beyond and cause == "timeout" else None))
     return out
+
+
+def _stalled_at_edge(run: RunData, target: str, first_failed: int | None) -> str | None:
+    """A timeout within 1% of the server's declared max_model_len: accepted, never finished.
+    (vLLM 0.26, H200: a Llama prompt filling its auto-fitted KV cache exactly was prefilled,
+    preempted and left waiting; 1% shorter was served.)"""
+    mml = run.target_info(target).get("max_model_len")
+    if not (mml and first_failed) or first_failed < 0.99 * int(mml):
+        return None
+    return (f"accepted and not finished within the request timeout, at the edge of the server's "
+            f"max_model_len {int(mml):,} (a server that cannot fit the request's last blocks may "
+            f"preempt it and leave it waiting)")
 
 
 def limit_reason(run: RunData, target: str) -> str | None:
@@ -236,6 +250,8 @@ def limit_reason(run: RunData, target: str) -> str | None:
                 cap = int(lab["kv_cache_size_tokens"])
                 break
     text = f"the server's max_model_len {int(mml):,}"
+    if run.family_of(target) == "ssm":  # nothing in the model bounds it: its launch profile does
+        return f"{text} (set at launch: a pure SSM has no position limit and its state does not grow)"
     if cap is None:
         return text
     if cap <= int(mml):

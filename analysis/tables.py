@@ -160,7 +160,7 @@ def memory(a: Analysis) -> Table:
         rows.append([_tag(a, t), a.run.family_of(t), m.source if m else "—",
                      units.gb(m.baseline_bytes) if m else "—",
                      units.gb(max(m.peak_bytes)) if m and m.peak_bytes else "—",
-                     f"{units.sig(m.fit.coef[1])} B" if m and m.fit else "—",
+                     f"{round(m.fit.coef[1]) + 0:,} B" if m and m.fit else "—",  # whole bytes: less is fit noise
                      f"{kv:,} B" if kv else "—", units.size(st) if st else "—", units.gb(left), fit_tokens,
                      s.source if s else ""])
     return Table("memory", f"Memory (budget {units.gb(budget)}: {why})", [

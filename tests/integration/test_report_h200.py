@@ -36,8 +36,11 @@ def test_every_family_on_its_serving_engine(report):
             assert e.label == "vLLM", (t, e)
     assert a.engines["mamba2-780m-ssm"].label == "ssm-server (native)"
     top = md[:md.index("## Verdict")]
-    (note,) = [line for line in top.splitlines() if "Eager research path" in line]
-    assert "mamba-790m-ssm" in note and "vllm" not in note  # Mamba v1 on the transformers path only
+    notes = [line for line in top.splitlines() if "Eager research path" in line]
+    assert all("vllm" not in n for n in notes)
+    if "mamba-790m-ssm" in {r.target for r in a.run.requests}:  # Mamba v1: the transformers path only
+        (note,) = notes
+        assert "mamba-790m-ssm" in note
     assert "e+0" not in md and "e-0" not in md
 
 
@@ -91,3 +94,17 @@ def test_context_limits_and_their_causes(report):
     assert not lim["mamba2-780m-ssm"].reached and lim["mamba2-780m-ssm"].max_ok == 2097152
     mc = [json.loads(x) for x in (FIXTURE / "max_context.jsonl").read_text().splitlines()]
     assert {r["target"]: r["max_ok_tokens"] for r in mc}["falcon-h1-0.5b-vllm"] == lim["falcon-h1-0.5b-vllm"].max_ok
+
+
+def test_a_stall_at_the_kv_edge_and_an_ssms_launch_limit_are_named(report):
+    _, a, md = report
+    lim = {c.target: c for c in a.limits}
+    llama = lim["llama-3.2-1b-vllm"]  # 678,096 accepted, prefilled, preempted, never finished
+    assert (llama.max_ok, llama.first_failed, llama.cause) == (672_806, 678_096, "timeout")
+    assert "edge of the server's max_model_len 678,128" in llama.why
+    ssm = lim["mamba2-780m-vllm"]
+    assert (ssm.max_ok, ssm.first_failed) == (1_049_568, 1_049_569)
+    assert "set at launch" in ssm.why and "KV cache" not in ssm.why
+    # targets the run has not reached yet get no engine note
+    top = md[:md.index("## Verdict")]
+    assert "mamba-790m" not in top
