@@ -56,7 +56,8 @@ case "${1:-}" in
     python3 .whl/check_deps.py || echo "(check_deps: see above)"
     printf '#!/bin/sh\nPYTHONPATH=/tmp/vsite:$PYTHONPATH exec python3 "$@"\n' > /tmp/vpy && chmod +x /tmp/vpy
     /tmp/vpy -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1
-    python3 -c "import locust, pydantic, mamba_ssm.ops.triton.ssd_combined; print('locust', locust.__version__, 'pydantic', pydantic.__version__)"
+    python3 -c "import locust, pydantic; print('locust', locust.__version__, 'pydantic', pydantic.__version__)"
+    python3 -c "from servers.ssm_server.mamba_kernels import import_mamba_ssm as f; print(f() or 'mamba_ssm: the native backend imports')"
     setsid python3 -m ctxload.cli serve gpu-exporter --port 9400 > /tmp/gpu-exporter.log 2>&1 < /dev/null &
     if [ -f .gpu/run.tar.gz ] && [ ! -d "$RUNS/$RUN_ID" ]; then tar xzf .gpu/run.tar.gz -C "$RUNS"; fi
     if [ -d "$RUNS/$RUN_ID" ]; then args=(--resume "$RUNS/$RUN_ID"); else args=("${2:-paper-h200}" --runs-dir "$RUNS" --run-id "$RUN_ID"); fi
