@@ -14,7 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "demo.yaml"
+from loadgen.scenario import BUILTIN
+
+DEFAULT_SCENARIO = BUILTIN / "demo.yaml"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

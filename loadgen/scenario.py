@@ -381,10 +381,15 @@ def parse(text: str, source: str = "<scenario>") -> Scenario:
         raise ScenarioError(_format(e, root, source)) from None
 
 
+BUILTIN = Path(__file__).resolve().parent / "scenarios"
+"""The scenarios shipped with ctxload (package data; ``scenarios/`` in the repository links here):
+``ctxload run demo`` finds ``demo.yaml`` there."""
+
+
 def load(path: str | os.PathLike) -> Scenario:
     p = Path(path)
     if not p.exists():
-        builtin = Path(__file__).resolve().parent.parent / "scenarios" / f"{p.name}.yaml"
+        builtin = BUILTIN / f"{p.name}.yaml"
         if p.suffix == "" and builtin.exists():
             p = builtin
         else:
