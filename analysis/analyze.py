@@ -8,7 +8,7 @@ from analysis import claims as claims_mod
 from analysis import engines as engines_mod
 from analysis import memory, scaling, stats
 from analysis.records import RunData
-from analysis.units import gb, sig, tokens
+from analysis.units import sig, size, tokens
 
 
 @dataclass
@@ -48,6 +48,11 @@ def analyze(run: RunData) -> Analysis:
                  claims=claims_mod.claims_table(run, limits, mem, energy, engines), engines=engines,
                  notes=engines_mod.notes({t: e for t, e in engines.items() if t in ran},
                                          on_gpu=bool(run.env.get("gpus"))))
+    if ran and all(getattr(memory.preset_of(run, t), "tiny", False) for t in ran):
+        a.notes.append("Tiny random-weight models: every target is a tiny preset (a few layers, random "
+                       "weights). Only the direction of each effect carries over to real models — a "
+                       "quadratic attention prefill against a linear scan, a KV cache that grows against "
+                       "a constant state — not the sizes, the times or where the lines cross.")
     a.missing = list(run.missing) + _missing_figures(a)
     a.verdict = verdict(a)
     return a
@@ -164,8 +169,8 @@ def verdict(a: Analysis) -> list[str]:
         if m.fit and m.fit.points >= 2:
             per_k = m.fit.coef[1] * 1024 / 2**20
             per_k = 0.0 if abs(per_k) < 0.005 else per_k
-            lines.append(f"{m.target} peak memory {gb(m.peak_bytes[0])} at {tokens(m.lengths[0])} → "
-                         f"{gb(m.peak_bytes[-1])} at {tokens(m.lengths[-1])} tokens "
+            lines.append(f"{m.target} peak memory {size(m.peak_bytes[0])} at {tokens(m.lengths[0])} → "
+                         f"{size(m.peak_bytes[-1])} at {tokens(m.lengths[-1])} tokens "
                          f"(fit: {sig(per_k)} MiB per 1K tokens; {m.source} metrics).")
     held = sum(c.verdict == claims_mod.HOLDS for c in a.claims)
     differ = sum(c.verdict == claims_mod.DIFFERS for c in a.claims)

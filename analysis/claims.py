@@ -168,7 +168,7 @@ def memory_reach(m: MemoryCurve, budget: float = PAPER_BUDGET_BYTES) -> tuple[fl
     if over:
         return float(over[0]), f"{units.tokens(over[0])} (measured)"
     a, b = m.fit.coef if m.fit else (0.0, 0.0)
-    if b <= 0:
+    if b <= 0 or b * m.fit.n_max < 1e-3 * max(abs(a), 1.0):  # < 0.1% growth over the span: flat
         return float("inf"), "never (flat)"
     n = (budget - a) / b
     return n, f"~{units.tokens(round(n))} (fit)"
@@ -192,9 +192,9 @@ def memory_claim(run: RunData, mem: list[MemoryCurve], e) -> list[Claim]:
         mt, ms = ft.peak_bytes[ft.lengths.index(n)], fs.peak_bytes[fs.lengths.index(n)]
         saving = 1 - ms / mt if mt else 0.0
         note = "" if n >= PAPER_MEMORY_AT else f"at {units.tokens(n)}, the longest length measured for both (paper: 57K)"
-        figs = [Figure(x, e[x].label, "peak device memory", n, v, units.gb(v), None, f"{m.source} metrics")
+        figs = [Figure(x, e[x].label, "peak memory", n, v, units.size(v), None, f"{m.source} metrics")
                 for x, v, m in ((t, mt, ft), (s, ms, fs))]
-        return Claim(text, paper, f"{units.tokens(n)}: {t} {units.gb(mt)} vs {s} {units.gb(ms)} "
+        return Claim(text, paper, f"{units.tokens(n)}: {t} {units.size(mt)} vs {s} {units.size(ms)} "
                      f"({units.percent(-saving, signed=True)})", HOLDS if ms < mt else DIFFERS, note, figs)
 
     return _decide(_pairs(run, "transformer", "ssm"), e, judge)

@@ -30,6 +30,8 @@ STATE_BYTES = "ssm:state_bytes_per_sequence"
 SLOTS_TOTAL = "ssm:state_slots_total"
 PROCESS_MEMORY = "ctxload:gpu_process_memory_used_bytes"  # the GPU exporter's, per pid
 SERVER_RSS = "process_resident_memory_bytes"  # ssm-server's own process (CPU runs)
+CACHE_PEAK = "ssm:cache_bytes_peak"  # the most KV + state its sequences held at once, since start
+WEIGHT_BYTES = "ssm:weight_bytes"
 VLLM_KV_USAGE = "vllm:kv_cache_usage_perc"  # 0..1 of its KV blocks in use
 VLLM_CACHE_INFO = "vllm:cache_config_info"  # labels: num_gpu_blocks, block_size, …
 PAPER_BUDGET_BYTES = 24 * 10**9  # RTX 4090, the paper's budget
@@ -54,12 +56,15 @@ def memory_of(s: Scrape) -> tuple[float, str] | None:
 
 
 # Where a target's memory comes from, best first (DESIGN.md, "Measuring fairly"):
-SOURCES = ("server", "vllm", "gpu process", "gpu", "process")
+SOURCES = ("server", "cache", "vllm", "gpu process", "gpu", "process")
 SOURCE_TEXT = {
     "server": "ssm-server's gauges: peak allocated (ssm:device_memory_peak_allocated_bytes) less the "
               "state slots of sequences not in flight",
     "vllm": "vLLM: weights + the KV cache and state of the sequences in flight (config sizes × their tokens; "
             "vllm:kv_cache_usage_perc × its KV capacity where a scrape caught one)",
+    "cache": "ssm-server's own count where there is no device (a CPU run): its weights "
+             "(ssm:weight_bytes) + the most KV cache and recurrent state its sequences held at once "
+             "(ssm:cache_bytes_peak); activations and the runtime not included",
     "gpu process": "the GPU exporter's memory of the server's own processes",
     "gpu": "the GPU exporter's device-wide memory, while the target ran alone",
     "process": "the server process's resident memory (no device memory: a CPU run)",
@@ -100,7 +105,7 @@ def _vllm_stage_bytes(run: RunData, target: str) -> list["Reading"]:
     each request's tokens (prompt + output) + the recurrent state of each sequence in flight.
     vLLM's gauge reads 0 between requests, so a short stage is rarely caught by a scrape;
     where one was caught, the larger of the two counts."""
-    p = _preset_of(run, target)
+    p = preset_of(run, target)
     if p is None:
         return []
     per_token = p.kv_bytes_per_token() or 0
@@ -156,6 +161,8 @@ def readings(run: RunData) -> list[Reading]:
             # that stage (or a shorter one) needed; the current reading where there is no peak
             v = _ssm_server_bytes(s, users.get((s.target, s.stage_index), 1))
             src = "server"
+            if not v and sample_value(s, WEIGHT_BYTES):
+                v, src = sample_value(s, WEIGHT_BYTES) + (sample_value(s, CACHE_PEAK) or 0.0), "cache"
             if not v:
                 v, src = _vllm_bytes(run, s.target, s), "vllm"
             if not v and any(n.startswith("ssm:") for n, _, _ in s.samples):
@@ -307,7 +314,8 @@ def budget_bytes(run: RunData) -> tuple[float, str]:
 # ---- sizes from the model config ---------------------------------------------------------
 
 
-def _preset_of(run: RunData, target: str):
+def preset_of(run: RunData, target: str):
+    """The model preset a target was served from (env.json's ``preset``), or None."""
     name = run.target_info(target).get("preset")
     if not name:
         return None
@@ -319,12 +327,12 @@ def _preset_of(run: RunData, target: str):
 
 
 def _weight_bytes(run: RunData, target: str) -> float | None:
-    p = _preset_of(run, target)
+    p = preset_of(run, target)
     return float(p.weight_bytes()) if p is not None else None
 
 
 def kv_bytes_per_token_of(run: RunData, target: str) -> int | None:
-    p = _preset_of(run, target)
+    p = preset_of(run, target)
     if p is None:
         return None
     return p.kv_bytes_per_token()
@@ -347,7 +355,7 @@ def state_sizes(run: RunData) -> list[StateSizes]:
             measured[s.target] = v
     out = []
     for t in run.targets():
-        p = _preset_of(run, t)
+        p = preset_of(run, t)
         kv = st = None
         src = []
         if p is not None:

@@ -193,6 +193,16 @@ class ContextSweep(_Stages):
     """Prompt lengths, one stage each: a list or ``{start, stop, factor}``."""
     users: PositiveInt = 1
     """Concurrent streams in every stage (1 = the paper's batch 1)."""
+    max_stage_tokens: PositiveInt | None = None
+    """Fewer requests at the long end: a stage sends at most this many prompt tokens in all,
+    at least one request (``requests: 3, max_stage_tokens: 32768``: 3 up to 8K, 2 at 16K, 1 at
+    32K). With ``requests`` only."""
+
+    def requests_at(self, prompt_tokens: int) -> int | None:
+        """The requests of the stage at this length."""
+        if self.requests is None or self.max_stage_tokens is None:
+            return self.requests
+        return max(1, min(self.requests, self.max_stage_tokens // prompt_tokens))
 
 
 class ConcurrencySweep(_Stages):

@@ -62,7 +62,7 @@ Shape = Generator[StageSpec, StageResult, None]
 def stages(load, max_context_len: int | None = None) -> Shape:
     if isinstance(load, sc.ContextSweep):
         for n in sc.sweep_values(load.prompt_tokens):
-            yield StageSpec(f"prompt={n}", load.users, n, requests=load.requests, duration_s=load.duration_s)
+            yield StageSpec(f"prompt={n}", load.users, n, requests=load.requests_at(n), duration_s=load.duration_s)
     elif isinstance(load, sc.ConcurrencySweep):
         for u in sc.sweep_values(load.users):
             yield StageSpec(f"users={u}", u, load.prompt_tokens, requests=load.requests,

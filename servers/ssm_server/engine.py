@@ -54,6 +54,11 @@ class Engine:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="device")
         self._task: asyncio.Task | None = None
         self.steps = 0
+        model = getattr(backend, "model", None)
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) \
+            if model is not None else 0
+        self.cache_peak = 0
+        """The most KV cache + recurrent state its sequences held at once since start (bytes)."""
         name = model_name
         self._eos = text.eos_token_id
         self._ttft, self._itl = metrics.ttft.labels(name), metrics.itl.labels(name)
@@ -85,16 +90,22 @@ class Engine:
             req.cancelled = True
             self._wake.set()
 
+    def _cache_bytes(self) -> tuple[int, int]:
+        """(KV bytes, KV + recurrent state bytes) of the sequences running now."""
+        kv = self.b.kv_bytes_used([r.pos + len(r.generated) for r in self.running])
+        return kv, kv + self.b.state_bytes * len(self.running)
+
     def state(self) -> dict[str, float]:
         used = self.b.num_slots - len(self.free_slots)
-        kv = self.b.kv_bytes_used([r.pos + len(r.generated) for r in self.running])
+        kv, _ = self._cache_bytes()
         budget = self.b.kv_bytes_per_token * self.max_model_len * self.b.num_slots
         out = {"ssm:num_requests_running": len(self.running),
                "ssm:num_requests_waiting": len(self.waiting),
                "ssm:state_slots_used": used, "ssm:state_slots_total": self.b.num_slots,
                "ssm:state_bytes_per_sequence": self.b.state_bytes,
                "ssm:kv_cache_bytes_used": kv,
-               "ssm:kv_cache_usage_perc": kv / budget if budget else 0.0}
+               "ssm:kv_cache_usage_perc": kv / budget if budget else 0.0,
+               "ssm:cache_bytes_peak": self.cache_peak, "ssm:weight_bytes": self.weight_bytes}
         if self.b.device.type == "cuda":
             out["ssm:device_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.b.device)
             out["ssm:device_memory_reserved_bytes"] = torch.cuda.memory_reserved(self.b.device)
@@ -136,6 +147,7 @@ class Engine:
                 self._fail(stepped, "error", f"{type(e).__name__}: {e}")
                 continue
             self.steps += 1
+            self.cache_peak = max(self.cache_peak, self._cache_bytes()[1])
             if failed:  # the prefill chunk ran out of memory: that request alone fails
                 self._fail([failed[0]], "oom", failed[1])
                 await loop.run_in_executor(self._pool, _empty_cache)

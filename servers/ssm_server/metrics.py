@@ -27,6 +27,8 @@ GAUGES = {
     "ssm:state_bytes_per_sequence": "Bytes of recurrent (conv + SSM) state per sequence",
     "ssm:kv_cache_bytes_used": "Bytes of attention KV cache in use (hybrids and Transformers)",
     "ssm:kv_cache_usage_perc": "KV cache in use over its budget, 0..1",
+    "ssm:cache_bytes_peak": "Most KV cache + recurrent state bytes its sequences held at once since start",
+    "ssm:weight_bytes": "Bytes of the model's parameters and buffers",
     "ssm:device_memory_allocated_bytes": "Device memory held by tensors",
     "ssm:device_memory_reserved_bytes": "Device memory reserved by the allocator",
     "ssm:device_memory_peak_allocated_bytes": "Highest device memory held by tensors since start",
