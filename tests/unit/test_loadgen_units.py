@@ -315,3 +315,16 @@ def test_a_timeout_under_the_http_clients_retry_wrapper_is_a_timeout():
     assert records.classify_exception(wrapped) == "timeout"
     assert isinstance(records.unwrap(wrapped), TimeoutError)
     assert records.classify_exception(RetriesExceeded("u", 0, original=ConnectionRefusedError())) == "connection"
+
+
+def test_max_stage_tokens_sends_fewer_requests_at_the_long_end_and_resume_counts_them():
+    from loadgen.runner import _planned
+
+    load = sc.ContextSweep(kind="context_sweep", prompt_tokens=[256, 8192, 16384, 32768, 65536], requests=3,
+                           max_stage_tokens=32768)
+    assert [s.requests for s in shapes.stages(load)] == [3, 3, 2, 1, 1]
+    scen = sc.coerce({"name": "x", "targets": [{"name": "t", "url": "http://127.0.0.1:1", "model": "m"}],
+                      "load": load.model_dump()})
+    assert [_planned(scen, f"prompt={n}") for n in (256, 16384, 65536)] == [3, 2, 1]
+    plain = sc.ContextSweep(kind="context_sweep", prompt_tokens=[256, 65536], requests=3)
+    assert [s.requests for s in shapes.stages(plain)] == [3, 3]
