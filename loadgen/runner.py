@@ -37,6 +37,7 @@ from loadgen import scenario as sc
 from loadgen import exporter, shapes, targets
 from loadgen.controller import REFUSED_IN_A_ROW, Controller, Stage
 from loadgen.exporter import ClientMetrics
+from loadgen.progress import Progress
 from loadgen.records import RecordWriter
 from loadgen.scrape import Scraper, ScraperProcess
 from loadgen.user import SPARE, StreamingUser
@@ -97,25 +98,10 @@ def new_run_id(name: str) -> str:
     return f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}"
 
 
-class _Progress:
-    def __init__(self, controller: Controller, progress):
-        self.c, self.say = controller, progress
-        self.label = ""
-        self.budget: int | None = None
-        self.base = 0
-
-    def stage(self, label: str, budget: int | None) -> None:
-        self.label, self.budget, self.base = label, budget, self.c.total
-
-    def line(self) -> str:
-        done = self.c.total - self.base
-        of = f"/{self.budget}" if self.budget else ""
-        return f"  {self.label}: {done}{of} requests, {self.c.errors} errors so far in the run"
-
-    def loop(self, every_s: float = 5.0) -> None:
-        while True:
-            gevent.sleep(every_s)
-            self.say(self.line())
+def _tick(prog: Progress) -> None:
+    while True:
+        gevent.sleep(1.0)
+        prog.tick()
 
 
 def _job_base(scenario: sc.Scenario, lt: targets.LiveTarget) -> dict:
@@ -139,12 +125,14 @@ def _slo_missed(scenario: sc.Scenario, res: shapes.StageResult) -> str | None:
 def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, processes: int = 1,
         target_urls: dict[str, str] | None = None, master_bind_host: str = "127.0.0.1",
         master_port: int | None = None, external_workers: int = 0, web_port: int | None = None,
-        resume: str | os.PathLike | None = None) -> Path:
+        resume: str | os.PathLike | None = None, live_line: bool | None = None) -> Path:
     """Run the scenario; return the run directory.
 
     ``processes > 1`` spawns that many local Locust workers; ``external_workers = N`` instead
     waits for N workers started elsewhere to connect to ``master_bind_host:master_port``.
     ``web_port`` serves Locust's web UI there (on ``master_bind_host``).
+    ``progress`` takes the run's log lines; ``live_line`` draws a live line per stage under them
+    (default: when they go to a terminal through ``print``).
     ``resume``: a run directory to go on with (its own scenario; ``scenario_or_path`` unused):
     targets it completed are skipped, and the stages a target already ran in full are not run
     again (after its warm-up)."""
@@ -174,9 +162,13 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
     writer = RecordWriter(run_dir / "requests.jsonl")
     metrics = ClientMetrics()
     controller = Controller(writer, on_record=metrics.record)
-    live: list[targets.LiveTarget] = []
+    if live_line is None:
+        live_line = progress is print and sys.stdout.isatty()
+    prog = Progress(controller, say, live=live_line)
+    say = prog.message
     greenlets = []
     with contextlib.ExitStack() as stack:
+        stack.callback(prog.close)
         stack.callback(writer.close)
         live = targets.prepare(scenario, say)
         for lt in live:
@@ -222,8 +214,7 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
             say(f"Locust web UI on http://{master_bind_host}:{web_port}/")
         if processes > 1 or external_workers:
             distributed.wait_for_workers(runner, workers, 3600.0 if external_workers else 120.0)
-        prog = _Progress(controller, say)
-        greenlets.append(gevent.spawn(prog.loop))
+        greenlets.append(gevent.spawn(_tick, prog))
         stack.callback(lambda: gevent.killall(greenlets, block=False))
         run_deadline = (time.monotonic() + scenario.stop.max_duration_s) if scenario.stop.max_duration_s else None
         gc.collect()
@@ -323,7 +314,7 @@ class _Ctx:
     controller: Controller
     metrics: ClientMetrics
     scraper: ScraperProcess
-    prog: _Progress
+    prog: Progress
     say: object
     run_dir: Path
     run_deadline: float | None
@@ -427,7 +418,9 @@ def _run_target(ctx: _Ctx, lt: targets.LiveTarget, stage_index: int) -> tuple[in
     if isinstance(first, (sc.ContextSweep, sc.ConcurrencySweep, sc.Poisson)) and first.warmup_requests:
         spec = shapes.StageSpec("warmup", 1, _first_length(first), requests=first.warmup_requests)
         ctx.set_stage(lt, spec.label, stage_index)
+        ctx.prog.stage(f"{lt.name} warmup", spec.requests)
         _run_stage(ctx.runner, ctx.controller, Stage(spec, stage_index, base), 1, ctx.scenario.request_timeout_s)
+        ctx.prog.end_stage()
         ctx.scrape_now(lt, spec.label, stage_index)
         stage_index += 1
     for load in loads:
@@ -473,13 +466,14 @@ def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict, stage_index: 
             ctx.set_stage(lt, spec.label, stage_index)
             metrics.stage(lt.name, spec.label, spec.users, spec.prompt_tokens)
             say(f"{lt.name} stage {stage_index} {spec.label}: {spec.users} users")
-            prog.stage(f"{lt.name} {spec.label}", spec.requests if spec.duration_s is None else None)
+            prog.stage(f"{lt.name} {spec.label}", spec.requests if spec.duration_s is None else None, spec.duration_s)
             timeout_s = scenario.request_timeout_s
             if search is not None and spec.prompt_tokens:
                 timeout_s = shapes.probe_timeout(ctx.learned.served, spec.prompt_tokens, timeout_s)
             stage = Stage(spec, stage_index, dict(base, timeout_s=timeout_s),
                           max_error_rate=scenario.stop.max_error_rate if search is None else 1.0)
             _run_stage(runner, controller, stage, spec.users, timeout_s)
+            prog.end_stage()
             ctx.scrape_now(lt, spec.label, stage_index)
             stage_index += 1
             res = stage.result(scenario.slos)

@@ -64,8 +64,8 @@ case "${1:-}" in
     setsid python3 -m ctxload.cli run "${args[@]}" > /tmp/run.log 2>&1 < /dev/null &
     echo $! > /tmp/run.pid
     sleep 5; tail -3 /tmp/run.log
-    wait_run; tail -25 /tmp/run.log | grep -v "errors so far" ;;
+    wait_run; tail -25 /tmp/run.log ;;
   wait)
-    wait_run; tail -30 /tmp/run.log | grep -v "errors so far" ;;
+    wait_run; tail -30 /tmp/run.log ;;
   *) echo "usage: $0 kit N | start [SCENARIO] | wait"; exit 2 ;;
 esac
