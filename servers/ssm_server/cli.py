@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="model", help="model (default) or synthetic")
     p.add_argument("--ttft-ms", type=float, default=50.0, help="synthetic engine: time to first token")
     p.add_argument("--itl-ms", type=float, default=10.0, help="synthetic engine: gap between tokens")
+    p.add_argument("--schedule-from", choices=("admission", "arrival"), default="admission",
+                   help="synthetic engine: count a request's token deadlines from when it gets a slot "
+                        "(default) or from its arrival (a queued request then sends what it owes at once)")
     p.add_argument("--api-key", default=os.environ.get("SSM_SERVER_API_KEY"),
                    help="require `Authorization: Bearer KEY` on /v1/* (default $SSM_SERVER_API_KEY); "
                         "/health and /metrics stay open, as in vLLM")
@@ -56,7 +59,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         prefill_chunk_size=args.prefill_chunk_size,
         gpu_memory_budget=parse_bytes(args.gpu_memory_budget) if args.gpu_memory_budget else None,
         max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs, backend=args.backend,
-        ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, api_key=args.api_key or None,
+        ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, schedule_from=args.schedule_from, api_key=args.api_key or None,
         max_request_bytes=parse_bytes(args.max_request_bytes))
     if cfg.device == "auto":
         cfg.device = "cpu"
@@ -112,7 +115,8 @@ def build_server(cfg: ServerConfig):
         max_len = cfg.max_model_len or (1 << 30)
         engine = SyntheticEngine(text, metrics, ttft_s=cfg.ttft_ms / 1e3, itl_s=cfg.itl_ms / 1e3,
                                  max_num_seqs=cfg.max_num_seqs, max_queue=cfg.max_queue,
-                                 max_model_len=max_len, model_name=name)
+                                 max_model_len=max_len, model_name=name,
+                                 from_arrival=cfg.schedule_from == "arrival")
         metrics.set_engine_info("synthetic", "cpu", "none", False)
         vocab = None  # the synthetic engine reads no embedding table
     else:

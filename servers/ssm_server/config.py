@@ -29,6 +29,8 @@ class ServerConfig:
     # synthetic engine
     ttft_ms: float = 50.0
     itl_ms: float = 10.0
+    schedule_from: str = "admission"
+    """synthetic engine: token deadlines from a request's admission (a slot) or its arrival"""
     synthetic_vocab: int = 50000
 
     def validate(self) -> None:

@@ -1,8 +1,11 @@
 """The synthetic engine: tokens on a set schedule, no model.
 
 The reference server for load-generator fidelity: token k of a request (k = 0, 1, …) is sent
-at ``arrival + ttft + k * itl``, an absolute deadline on the event loop's monotonic clock,
-so scheduling jitter never accumulates. Each stream is one small coroutine; hundreds run at
+at ``admission + ttft + k * itl``, an absolute deadline on the event loop's monotonic clock,
+so scheduling jitter never accumulates. Admission is when the request gets a slot: a request
+that queued for one then streams at the set pace, as a real server's would, instead of sending
+every token it "owes" at once (``--schedule-from arrival`` counts from its arrival instead,
+which holds the client's whole-request latency to the schedule). Each stream is one small coroutine; hundreds run at
 once. Slots, queue bound, metrics and errors behave as the model engine's do.
 """
 
@@ -33,7 +36,7 @@ class SyntheticBackendInfo:
 
 class SyntheticEngine:
     def __init__(self, text, metrics, *, ttft_s: float, itl_s: float, max_num_seqs: int,
-                 max_queue: int, max_model_len: int, model_name: str):
+                 max_queue: int, max_model_len: int, model_name: str, from_arrival: bool = False):
         self.text = text
         self.m = metrics
         self.ttft_s = ttft_s
@@ -41,6 +44,7 @@ class SyntheticEngine:
         self.max_queue = max_queue
         self.max_model_len = max_model_len
         self.model_name = model_name
+        self.from_arrival = from_arrival
         self.b = SyntheticBackendInfo(max_num_seqs, max_model_len)
         self.running: set[Request] = set()
         self.waiting: collections.deque[Request] = collections.deque()
@@ -98,8 +102,8 @@ class SyntheticEngine:
 
     async def _stream(self, req: Request) -> None:
         loop = asyncio.get_running_loop()
-        # the request's arrival on the loop's clock
-        t0 = loop.time() - (time.perf_counter() - req.created)
+        # the request's admission (or arrival) on the loop's clock
+        t0 = loop.time() - (time.perf_counter() - (req.created if self.from_arrival else req.t_scheduled))
         name = self.model_name
         self.m.prompt_tokens.labels(name).inc(req.prompt_len)
         n = req.params.max_tokens

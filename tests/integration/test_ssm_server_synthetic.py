@@ -51,3 +51,27 @@ def test_synthetic_schedule(tmp_path):
         req = urllib.request.Request(srv.url + "/tokenize", json.dumps({"prompt": "one two three"}).encode(),
                                      {"Content-Type": "application/json"})
         assert json.loads(urllib.request.urlopen(req).read())["count"] == 3
+
+
+def _stream(url: str) -> list[float]:
+    c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    return [time.perf_counter() for ev in c.completions.create(model="synthetic", prompt="a b", max_tokens=10,
+                                                               stream=True) if ev.choices and ev.choices[0].text]
+
+
+def test_a_queued_request_streams_at_the_set_pace_from_its_admission(tmp_path):
+    """One slot, two requests at once: the second waits for the first (10 tokens: 0.1 + 9 × 0.05
+    s), then streams at 50 ms a token — not its ten tokens in a burst."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "servers.ssm_server", "--engine", "synthetic", "--ttft-ms", "100",
+           "--itl-ms", "50", "--port", str(port), "--max-num-seqs", "1"]
+    with ManagedServer("ssm-synth-queue", cmd, port, log_path=tmp_path / "log") as srv:
+        _stream(srv.url)  # the client's own first-use costs
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            streams = sorted(ex.map(lambda _: _stream(srv.url), range(2)), key=lambda s: s[0])
+    first, second = streams
+    assert len(first) == len(second) == 10
+    assert second[0] - t0 > 0.1 + 9 * 0.05 + 0.1 - 0.01  # queued behind the first, then its own TTFT
+    gaps = [b - a for a, b in zip(second, second[1:])]
+    assert min(gaps) > 0.04 and statistics.median(gaps) > 0.045  # paced, not a burst
