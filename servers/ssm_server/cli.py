@@ -171,6 +171,9 @@ def main(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 return 2
     log.info("event loop: %s", "uvloop" if loop is not None else "asyncio")
+    from servers.ssm_server import http_errors
+
+    http_errors.install()  # malformed HTTP gets an OpenAI error body too
     try:
         web.run_app(server.app(), host=args.host, port=args.port, print=None,
                     handler_cancellation=True, access_log=None, loop=loop)

@@ -148,9 +148,10 @@ class Engine:
                 continue
             self.steps += 1
             self.cache_peak = max(self.cache_peak, self._cache_bytes()[1])
-            if failed:  # the prefill chunk ran out of memory: that request alone fails
-                self._fail([failed[0]], "oom", failed[1])
-                await loop.run_in_executor(self._pool, _empty_cache)
+            for req, reason, message in failed:  # a prefill or a sampling of its own: that request alone
+                self._fail([req], reason, message)
+                if reason == "oom":
+                    await loop.run_in_executor(self._pool, _empty_cache)
             if results:
                 self._emit_all(results, time.perf_counter())
             # no yield here: the HTTP handlers write what was produced while the next step runs
@@ -166,7 +167,10 @@ class Engine:
     @torch.inference_mode()
     def _step(self, prefill: Request | None, decode: list[Request], banned, launch: bool, pending, inflight):
         """Runs on the device thread. Returns ([(request, sampled token)], new pending step,
-        (request, message) of a prefill that ran out of memory or None)."""
+        [(request, reason, message)] of the requests whose own work failed: a prefill chunk (out
+        of memory, or any error: the decode rows of the step go on) or the sampling of its row
+        (a batch that fails to sample is sampled row by row). A decode step that fails fails
+        every row in it (the caller's): its states may be half-written."""
         rows, reqs = [], []
         new_pending = None
         out = []
@@ -174,13 +178,16 @@ class Engine:
             tokens = [-1 if r in inflight else r.generated[-1] for r in decode]
             handle = self.b.decode_launch([r.slot for r in decode], tokens, [r.params for r in decode], banned)
             new_pending = (decode, handle)
-        failed = None
+        failed = []
         if prefill is not None:
             ids = prefill.prompt_ids[prefill.pos:prefill.pos + self.chunk]
             try:
                 logits = self.b.prefill_chunk(prefill.slot, ids, prefill.pos)
             except torch.OutOfMemoryError as e:
-                failed = (prefill, f"out of device memory: {str(e).splitlines()[0]}")
+                failed.append((prefill, "oom", f"out of device memory: {str(e).splitlines()[0]}"))
+            except Exception as e:  # noqa: BLE001 - its own prompt's failure, not the batch's
+                log.exception("prefill failed")
+                failed.append((prefill, "error", f"{type(e).__name__}: {e}"))
             else:
                 prefill.pos += len(ids)
                 self._prompt_tokens.inc(len(ids))
@@ -200,9 +207,17 @@ class Engine:
             reqs.extend(decode)
         if reqs:
             logits = torch.cat(rows) if len(rows) > 1 else rows[0]
-            tokens = sample(logits, [r.params for r in reqs], self._banned(reqs, ()),
-                            [r.generator for r in reqs])
-            out.extend(zip(reqs, tokens))
+            try:
+                tokens = sample(logits, [r.params for r in reqs], self._banned(reqs, ()),
+                                [r.generator for r in reqs])
+                out.extend(zip(reqs, tokens))
+            except Exception:  # noqa: BLE001 - find the row that fails: sample each alone
+                log.exception("sampling a batch of %d failed; sampling row by row", len(reqs))
+                for i, r in enumerate(reqs):
+                    try:
+                        out.extend(zip([r], sample(logits[i:i + 1], [r.params], self._banned([r], ()), [r.generator])))
+                    except Exception as e:  # noqa: BLE001
+                        failed.append((r, "error", f"{type(e).__name__}: {e}"))
         return out, new_pending, failed
 
     def _banned(self, reqs: list[Request], inflight=()) -> list[list[int]]:

@@ -199,3 +199,33 @@ def test_sigterm_stops_the_server_within_a_second(tmp_path):
     took = time.perf_counter() - t0
     srv.stop()
     assert took < 1.0, took  # was 3.5–3.9 s
+
+
+def _raw(server, data: bytes) -> tuple[int, dict, bytes]:
+    """Send raw bytes; the status line, headers and body of the answer."""
+    import socket
+
+    host, port = server.url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+@pytest.mark.parametrize("name,data", [
+    ("a bad request line", b"GARBAGE\r\n\r\n"),
+    ("a header over 8 KB", b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n"),
+    ("a bad Content-Length", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: banana\r\n\r\n{}"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_malformed_http_gets_an_openai_error_body(server, name, data):
+    status, headers, body = _raw(server, data)
+    assert status == 400, (status, body[:200])
+    assert headers["content-type"].startswith("application/json")
+    err = json.loads(body)["error"]
+    assert err["code"] == 400 and err["type"] == "BadRequestError" and err["message"]
+    assert send(server, "/health", None)[0] == 200  # and the server is fine
