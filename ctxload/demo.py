@@ -1,6 +1,6 @@
 """``ctxload demo``: the whole pipeline on a laptop, with no GPU, no Docker and no hub.
 
-It runs ``scenarios/demo.yaml``: tiny random-weight models of the three families (a Llama-style
+It runs the built-in ``demo`` scenario (``loadgen/scenarios/demo.yaml``): tiny random-weight models of the three families (a Llama-style
 Transformer, a Mamba2 SSM and a Falcon-H1 hybrid) are built with a local tokenizer, each is
 served by ssm-server on a free loopback port, Locust sweeps the prompt length with streamed
 completions, and the analysis writes the report.  Every server it starts is stopped on the way
@@ -21,7 +21,7 @@ DEFAULT_SCENARIO = BUILTIN / "demo.yaml"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", type=Path, default=DEFAULT_SCENARIO,
-                   help="scenario file (default: scenarios/demo.yaml)")
+                   help="scenario file (default: the built-in demo, loadgen/scenarios/demo.yaml)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"),
                    help="where the run directory is written (default: ./runs)")
     p.add_argument("--run-id", default=None, help="name of the run directory (default: time-stamped)")

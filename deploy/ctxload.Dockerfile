@@ -11,7 +11,9 @@ COPY ctxload ctxload
 COPY servers servers
 COPY loadgen loadgen
 COPY analysis analysis
-RUN pip install ".[gpu]"
+# NVML for the GPU exporter; not the gpu extra, whose mamba-ssm (an sdist that imports torch to
+# build) this CPU image does not use
+RUN pip install . "nvidia-ml-py>=12"
 COPY scenarios scenarios
 EXPOSE 8089 9400 9646 8000
 CMD ["ctxload", "--help"]

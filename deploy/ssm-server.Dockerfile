@@ -27,6 +27,8 @@ COPY ctxload ctxload
 COPY servers servers
 COPY loadgen loadgen
 COPY analysis analysis
-RUN pip install ".[gpu]"
+# NVML; mamba-ssm and its kernels are in place above, so not the gpu extra: pip would resolve
+# the installed mamba-ssm's own requirements (tilelang, triton>=3.5) against this image's torch
+RUN pip install . "nvidia-ml-py>=12"
 EXPOSE 8000
 ENTRYPOINT ["python", "-m", "servers.ssm_server"]

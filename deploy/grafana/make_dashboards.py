@@ -1,4 +1,7 @@
-"""Write the Grafana dashboards of the ctxload stack (deploy/grafana/dashboards/*.json).
+"""Write the Grafana dashboards of the ctxload stack (ctxload/dashboards/*.json).
+
+They live in the ctxload package, so that they ship in its wheel; deploy/grafana/dashboards,
+which docker-compose.yml mounts into Grafana, is a link to that directory.
 
 The JSON files are generated from the panel lists below, so that every query is written once,
 in PromQL a reader can review here; ``tests/unit/test_deploy.py`` fails when the committed
@@ -18,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "dashboards"
+OUT = Path(__file__).resolve().parents[2] / "ctxload" / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
 RATE = "$__rate_interval"
 BOTH = "(vllm|ssm)"  # the engines whose server metrics share names

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -135,6 +136,15 @@ def test_dashboards_are_what_the_generator_writes():
     rendered = make_dashboards.render()
     on_disk = {p.name: p.read_text() for p in (DEPLOY / "grafana" / "dashboards").glob("*.json")}
     assert rendered == on_disk, "run `python deploy/grafana/make_dashboards.py` and commit"
+
+
+def test_grafana_mounts_the_dashboards_that_ship_in_the_package():
+    """Compose mounts deploy/grafana/dashboards, a link to ctxload/dashboards (the wheel's copy)."""
+    mounts = [str(v).split(":") for v in _compose_config()["services"]["grafana"]["volumes"]]
+    source = next(m[0] for m in mounts if m[1:2] == ["/var/lib/grafana/dashboards"])
+    assert Path(source).resolve() == (REPO / "ctxload" / "dashboards").resolve()
+    assert sorted(p.name for p in Path(source).glob("*.json")) == \
+        ["ctxload-client.json", "ctxload-gpu.json", "ctxload-servers.json"]
 
 
 def test_dashboards_use_only_contract_metric_names_and_the_provisioned_datasource():
