@@ -1,7 +1,8 @@
 """``ctxload demo``: the whole pipeline on a laptop, with no GPU, no Docker and no hub.
 
-It runs the built-in ``demo`` scenario (``loadgen/scenarios/demo.yaml``): tiny random-weight models of the three families (a Llama-style
-Transformer, a Mamba2 SSM and a Falcon-H1 hybrid) are built with a local tokenizer, each is
+It runs the built-in ``demo`` scenario (``loadgen/scenarios/demo.yaml``): tiny random-weight
+models of the three families (a Llama-style Transformer, a Mamba2 SSM and a Falcon-H1 hybrid)
+are built with a local tokenizer, each is
 served by ssm-server on a free loopback port, Locust sweeps the prompt length with streamed
 completions, and the analysis writes the report.  Every server it starts is stopped on the way
 out, on Ctrl-C and on errors too.

@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from benchmarks.reliability import RAW, bad_inputs, j, send_raw
 from servers.process import ManagedServer, free_port
 from tests.conftest import build_tiny, tiny_ssm_server
 
@@ -34,31 +35,7 @@ def send(server, path, body: bytes, headers=None):
         return e.code, e.read()
 
 
-def j(obj) -> bytes:
-    return json.dumps(obj).encode()
-
-
-CASES = [  # (name, path, body, headers, param named)
-    ("id past the vocabulary", "/v1/completions", j({"prompt": [5, VOCAB], "max_tokens": 4}), None, "prompt"),
-    ("negative id", "/v1/completions", j({"prompt": [5, -1], "max_tokens": 4}), None, "prompt"),
-    ("id of 2^63", "/v1/completions", j({"prompt": [5, 1 << 63], "max_tokens": 4}), None, "prompt"),
-    ("stop id past the vocabulary", "/v1/completions",
-     j({"prompt": "hello", "max_tokens": 4, "stop_token_ids": [VOCAB + 5]}), None, "stop_token_ids"),
-    ("seed past int64", "/v1/completions", j({"prompt": "hi", "max_tokens": 4, "seed": 1 << 64}), None, "seed"),
-    ("lone surrogate in a prompt", "/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 4}', None, "prompt"),
-    ("lone surrogate in a chat message", "/v1/chat/completions",
-     b'{"messages": [{"role": "user", "content": "a\\udfffb"}], "max_tokens": 4}', None, "messages.0.content"),
-    ("lone surrogate to /tokenize", "/tokenize", b'{"prompt": "\\ud800"}', None, "prompt"),
-    ("a text part that is not text", "/v1/chat/completions",
-     j({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}], "max_tokens": 4}), None,
-     "messages.0.content"),
-    ("negative id to /detokenize", "/detokenize", j({"tokens": [1, -3]}), None, "tokens"),
-    ("huge id to /detokenize", "/detokenize", j({"tokens": [1 << 40]}), None, "tokens"),
-    ("unknown charset", "/v1/completions", j({"prompt": "hi"}), {"Content-Type": "application/json; charset=bogus"},
-     None),
-    ("not gzip", "/v1/completions", b"this is not gzip", {"Content-Encoding": "gzip"}, None),
-    ("deeply nested JSON", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, None, None),
-]
+CASES = bad_inputs(VOCAB)  # (name, path, body, headers, param named); benchmarks/reliability.py sends them too
 
 
 @pytest.mark.parametrize("name,path,body,headers,param", CASES, ids=[c[0] for c in CASES])
@@ -201,31 +178,10 @@ def test_sigterm_stops_the_server_within_a_second(tmp_path):
     assert took < 1.0, took  # was 3.5–3.9 s
 
 
-def _raw(server, data: bytes) -> tuple[int, dict, bytes]:
-    """Send raw bytes; the status line, headers and body of the answer."""
-    import socket
-
-    host, port = server.url.split("//")[1].split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(data)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-    head, _, body = out.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
-    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
-
-
-@pytest.mark.parametrize("name,data", [
-    ("a bad request line", b"GARBAGE\r\n\r\n"),
-    ("a header over 8 KB", b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n"),
-    ("a bad Content-Length", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: banana\r\n\r\n{}"),
-], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("name,data", RAW, ids=[r[0] for r in RAW])
 def test_malformed_http_gets_an_openai_error_body(server, name, data):
-    status, headers, body = _raw(server, data)
-    assert status == 400, (status, body[:200])
-    assert headers["content-type"].startswith("application/json")
+    status, body = send_raw(server.url, data)
+    assert status == "400 (JSON)", (status, body[:200])
     err = json.loads(body)["error"]
     assert err["code"] == 400 and err["type"] == "BadRequestError" and err["message"]
     assert send(server, "/health", None)[0] == 200  # and the server is fine
