@@ -9,12 +9,13 @@ from analysis import engines as engines_mod
 from analysis import memory, scaling, stats
 from analysis.records import RunData
 from analysis.units import sig, size, tokens
+from rundir.slos import Slos
 
 
 @dataclass
 class Analysis:
     run: RunData
-    slos: dict[str, float]
+    slos: Slos
     stages: list[stats.StageStats]
     fits: dict
     ttft_pairs: list[scaling.PairCompare]
@@ -67,7 +68,7 @@ def _missing_figures(a: Analysis) -> list[str]:
         out.append("no device-memory metrics (ssm:device_memory_allocated_bytes, DCGM_FI_DEV_FB_USED)")
     if run.scrapes and not a.energy:
         out.append("no GPU energy or power metrics: energy per request is absent")
-    if not a.slos:
+    if not a.slos.given():
         out.append("the scenario sets no SLOs: goodput is absent")
     for t in run.targets():
         if not any(r.target == t for r in run.requests):

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from analysis.records import Request, RunData
+from rundir.slos import Slos, percentiles
 
 PERCENTILES = (50, 90, 99)
 
@@ -30,10 +31,10 @@ class Distribution:
     @classmethod
     def of(cls, values: Iterable[float]) -> "Distribution":
         v = np.asarray([x for x in values if x is not None], dtype=float)
-        if v.size == 0:
+        p = percentiles(v, PERCENTILES)  # the run directory's one rule (linear, as vLLM's benchmark)
+        if p is None:
             return cls(0, None, None, None, None)
-        p = np.percentile(v, PERCENTILES)  # linear interpolation, as vLLM's benchmark
-        return cls(int(v.size), float(v.mean()), float(p[0]), float(p[1]), float(p[2]))
+        return cls(int(v.size), float(v.mean()), p[0], p[1], p[2])
 
 
 class Metric:
@@ -93,51 +94,16 @@ def tpot(r: Request) -> float | None:
 
 # ---- SLOs and goodput --------------------------------------------------------------------
 
-SLO_KEYS = ("ttft", "itl", "tpot", "e2e")
+
+def read_slos(scenario: dict[str, Any]) -> Slos:
+    """The SLOs of a run's scenario (its ``slos`` block, the scenario schema's fields)."""
+    return Slos.of_scenario(scenario)
 
 
-def read_slos(scenario: dict[str, Any]) -> dict[str, float]:
-    """SLO limits in seconds from a scenario, whatever its exact spelling.
-
-    Accepts ``slos``/``slo``/``goodput`` mappings (also under ``analysis``), keys such as
-    ``ttft``, ``ttft_s``, ``ttft_ms``, ``max_ttft_s``, ``tpot_p99_ms``; ``_ms`` values are
-    divided by 1000. Unknown keys are ignored.
-    """
-    found: dict[str, float] = {}
-    holders = [scenario, scenario.get("analysis") or {}]
-    for h in holders:
-        if not isinstance(h, dict):
-            continue
-        for key in ("slos", "slo", "goodput"):
-            block = h.get(key)
-            if not isinstance(block, dict):
-                continue
-            for k, v in block.items():
-                if not isinstance(v, (int, float)) or isinstance(v, bool):
-                    continue
-                name = str(k).lower().removeprefix("max_")
-                for m in SLO_KEYS:
-                    if name.startswith(m):
-                        found[m] = float(v) / (1e3 if name.endswith("_ms") else 1.0)
-    return found
-
-
-def meets_slos(r: Request, slos: dict[str, float]) -> bool:
-    """A good request: ok, and every SLO met (ITL: the p99 of its own gaps, as the
-    scenario schema defines it)."""
-    if not r.ok:
-        return False
-    checks = {"ttft": r.ttft_s, "tpot": tpot(r), "e2e": r.e2e_s,
-              "itl": float(np.percentile(r.itl_s, 99)) if r.itl_s else None}
-    for k, limit in slos.items():
-        name = k.lower().removeprefix("max_")
-        key = next((m for m in SLO_KEYS if name.startswith(m)), None)
-        if key is None:
-            raise ValueError(f"unknown SLO {k!r} (known: {', '.join(SLO_KEYS)})")
-        v = checks[key]
-        if v is not None and v > limit:
-            return False
-    return True
+def meets_slos(r: Request, slos: Slos) -> bool:
+    """A good request: ok, and every SLO met — the rule the live stage summary applies
+    (``rundir.slos``; ITL: the p99 of its own gaps)."""
+    return r.ok and slos.meets(ttft_s=r.ttft_s, tpot_s=tpot(r), itl_s=r.itl_s or [], e2e_s=r.e2e_s)
 
 
 # ---- per target × stage ------------------------------------------------------------------
@@ -189,7 +155,7 @@ def _median_int(values: Sequence[int | None]) -> int | None:
 
 
 def stage_stats(target: str, family: str, stage: str, reqs: list[Request],
-                slos: dict[str, float]) -> StageStats:
+                slos: Slos) -> StageStats:
     ok = [r for r in reqs if r.ok]
     errors = Counter(r.error_kind or "unknown" for r in reqs if not r.ok)
     examples: dict[str, str] = {}
@@ -217,12 +183,12 @@ def stage_stats(target: str, family: str, stage: str, reqs: list[Request],
         latency={m.tag: m.distribution(reqs) for m in METRICS},
         duration_s=duration, request_throughput=rate(len(ok)),
         output_token_throughput=rate(out_tokens), total_token_throughput=rate(out_tokens + in_tokens),
-        goodput=rate(good) if slos else None,
-        good_fraction=(good / len(reqs)) if slos and reqs else None,
+        goodput=rate(good) if slos.given() else None,
+        good_fraction=(good / len(reqs)) if slos.given() and reqs else None,
         output_tokens=out_tokens, error_examples=examples)
 
 
-def all_stage_stats(run: RunData, slos: dict[str, float] | None = None) -> list[StageStats]:
+def all_stage_stats(run: RunData, slos: Slos | None = None) -> list[StageStats]:
     """Figures per target × stage, targets in run order, stages in stage order."""
     slos = read_slos(run.scenario) if slos is None else slos
     groups: dict[tuple[str, str], list[Request]] = {}

@@ -72,7 +72,7 @@ def latency(a: Analysis) -> Table:
 
 
 def throughput(a: Analysis) -> Table:
-    slo = ", ".join(f"{k} ≤ {_t(v)}" for k, v in a.slos.items()) or "none set"
+    slo = ", ".join(f"{k.removesuffix('_s')} ≤ {_t(v)}" for k, v in a.slos.given().items()) or "none set"
     rows = []
     for s in a.stages:
         err = ", ".join(f"{k} {v}" for k, v in sorted(s.errors.items())) or "—"

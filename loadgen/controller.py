@@ -9,7 +9,6 @@ one writer into the one ``requests.jsonl``.
 from __future__ import annotations
 
 import random
-import statistics
 import time
 
 import gevent
@@ -19,6 +18,7 @@ import gevent.queue
 from loadgen import prompts
 from loadgen.records import RecordWriter
 from loadgen.shapes import StageResult, StageSpec
+from rundir.slos import percentile
 
 
 #: A stage whose server refused this many connections in a row stops issuing requests: a dead
@@ -134,13 +134,13 @@ class Stage:
         for r in recs:
             if r["status"] != "ok":
                 errors[r["error_kind"]] = errors.get(r["error_kind"], 0) + 1
-        gaps = sorted(g for r in ok for g in r["itl_s"])
+        gaps = [g for r in ok for g in r["itl_s"]]
         tpots = [r["tpot_s"] for r in ok if r["tpot_s"] is not None]
         return StageResult(
             requests=len(recs), ok=len(ok), errors=errors,
-            ttft_p50=statistics.median(r["ttft_s"] for r in ok) if ok else None,
-            itl_p99=gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else None,
-            tpot_p50=statistics.median(tpots) if tpots else None,
+            ttft_p50=percentile((r["ttft_s"] for r in ok), 50),
+            itl_p99=percentile(gaps, 99),
+            tpot_p50=percentile(tpots, 50),
             goodput=sum(meets(r, slos) for r in ok) if slos is not None and slos.model_dump(exclude_none=True)
             else None,
             messages=sorted({r["error_message"] for r in recs if r["error_message"]})[:5],
@@ -148,15 +148,8 @@ class Stage:
 
 
 def meets(rec: dict, slos) -> bool:
-    """Whether a successful request met every SLO given (ITL: its p99 gap)."""
-    if slos.ttft_s is not None and rec["ttft_s"] > slos.ttft_s:
-        return False
-    if slos.tpot_s is not None and rec["tpot_s"] is not None and rec["tpot_s"] > slos.tpot_s:
-        return False
-    gaps = sorted(rec["itl_s"])
-    if slos.itl_s is not None and gaps and gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] > slos.itl_s:
-        return False
-    return True
+    """Whether a successful request met every SLO given (``rundir.slos``: the report's rule)."""
+    return slos.meets(ttft_s=rec["ttft_s"], tpot_s=rec["tpot_s"], itl_s=rec["itl_s"], e2e_s=rec["e2e_s"])
 
 
 class Controller:

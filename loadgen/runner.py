@@ -375,7 +375,7 @@ class Resumed:
                     stages.setdefault((r["target"], r["stage"], r.get("stage_index")), []).append(r)
         scenario = sc.load(run_dir / "scenario.yaml")
         for (t, label), n in counts.items():
-            if label != "warmup" and n >= _planned(scenario, label):
+            if label != "warmup" and n >= shapes.planned_requests(scenario.load, label):
                 out.stages_done.setdefault(t, set()).add(label)
         for (t, label, _), recs in stages.items():
             n = recs[0].get("prompt_tokens_requested")
@@ -388,16 +388,6 @@ class Resumed:
                                      e2e_max=max((r["e2e_s"] for r in ok if r.get("e2e_s")), default=None))
             out.learned.setdefault(t, Learned()).learn(spec, res, probe=label.startswith("probe="))
         return out
-
-
-def _planned(scenario: sc.Scenario, label: str) -> int:
-    """The requests a stage of this label sends in full (1 for a timed stage)."""
-    load = scenario.load
-    if load.duration_s or not load.requests:
-        return 1
-    if isinstance(load, sc.ContextSweep) and label.startswith("prompt="):
-        return load.requests_at(int(label.split("=", 1)[1])) or 1
-    return load.requests
 
 
 def _exporter_sources(scenario: sc.Scenario) -> list[tuple[str, str, str]]:

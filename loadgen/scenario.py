@@ -16,6 +16,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
                       model_validator)
 
+from rundir.slos import Slos  # the run directory's contract: loadgen and analysis judge alike
+
 SCHEMA_VERSION = 1
 
 
@@ -251,15 +253,6 @@ Load = Annotated[Union[ContextSweep, ConcurrencySweep, Poisson, MaxContext], Fie
 
 
 # ---- SLOs, stop conditions, metrics ----------------------------------------------------------
-
-class Slos(_Model):
-    """A request meets the SLOs when each one given holds (goodput counts those)."""
-
-    ttft_s: PositiveFloat | None = None
-    itl_s: PositiveFloat | None = None
-    """Bound on the p99 of the request's inter-token gaps."""
-    tpot_s: PositiveFloat | None = None
-
 
 class Stop(_Model):
     max_error_rate: float = Field(1.0, ge=0, le=1)

@@ -78,6 +78,16 @@ def stages(load, max_context_len: int | None = None) -> Shape:
         raise TypeError(f"unknown load kind {type(load).__name__}")
 
 
+def planned_requests(load, label: str) -> int:
+    """The requests a stage of ``load`` labelled ``label`` sends in full (1 for a timed stage):
+    a resumed run runs again only the stages that got fewer."""
+    if load.duration_s or not getattr(load, "requests", None):
+        return 1
+    if isinstance(load, sc.ContextSweep) and label.startswith("prompt="):
+        return load.requests_at(int(label.split("=", 1)[1])) or 1
+    return load.requests
+
+
 def _probe(n: int, load: "sc.MaxContext") -> StageSpec:
     return StageSpec(f"probe={n}", 1, n, requests=load.requests_per_probe)
 

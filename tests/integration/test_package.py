@@ -56,7 +56,7 @@ def test_wheel_and_sdist_hold_the_data_files_and_the_command(dist):
     assert [d for d in DATA if d not in names] == []
     assert "[console_scripts]\nctxload = ctxload.cli:main" in entry_points
     assert {n.split("/")[0] for n in names if not n.startswith("ctxload-")} == \
-        {"ctxload", "loadgen", "servers", "analysis"}  # no tests, docs or deploy in site-packages
+        {"ctxload", "loadgen", "servers", "analysis", "rundir"}  # no tests, docs or deploy in site-packages
     with tarfile.open(dist["sdist"]) as t:
         root = t.getnames()[0].split("/")[0]
         assert [d for d in DATA if f"{root}/{d}" not in t.getnames()] == []

@@ -1,0 +1,5 @@
+"""The run directory's contract, at the bottom of the import graph: what loadgen writes and
+analysis reads, defined once (docs/contracts.md). It imports neither of them.
+
+- ``rundir.slos``: the SLOs a request is judged against, the one percentile rule, ``meets``.
+"""
