@@ -208,10 +208,7 @@ class Server:
                 if ev.finish_reason:
                     reason = ev.finish_reason
                     break
-            elif ev.kind == "done":
-                reason = ev.finish_reason
-                break
-            else:
+            else:  # "error"
                 raise P.APIError(ev.status, ev.text)
         out = "".join(text)
         choice = ({"index": 0, "message": {"role": "assistant", "content": out}, "finish_reason": reason,
@@ -259,10 +256,7 @@ class Server:
                     await resp.write(chunk(ev.text, reason=ev.finish_reason))
                     break
                 await resp.write(head + dumps(ev.text).encode() + tail)
-            elif ev.kind == "done":
-                await resp.write(chunk("" if not chat else None, reason=ev.finish_reason))
-                break
-            else:
+            else:  # "error"
                 err = P.APIError(ev.status, ev.text).body()
                 await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
                 break

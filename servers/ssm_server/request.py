@@ -14,7 +14,7 @@ _ids = itertools.count()
 
 @dataclass
 class Event:
-    kind: str  # "token" | "done" | "error"
+    kind: str  # "token" (the last one carries finish_reason) | "error"
     text: str = ""
     token_id: int | None = None
     finish_reason: str | None = None
