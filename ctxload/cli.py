@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import signal
 import sys
+
+from servers import settings
 
 # (name, module, help); a module may register nested subcommands itself.
 SUBCOMMANDS = [
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ctxload: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # the last line of defence: one readable line, not a traceback
-        if os.environ.get("CTXLOAD_DEBUG"):
+        if settings.debug():
             raise
         print(f"ctxload {name}: error: {type(e).__name__}: {e}", file=sys.stderr)
         print("(set CTXLOAD_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -8,13 +8,13 @@ port the scenario's ``metrics.exporter_port``, which ``CTXLOAD_EXPORTER_PORT`` o
 
 from __future__ import annotations
 
-import os
 from http.server import ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from loadgen.records import ERROR_KINDS
 from servers.metrics_http import serve_registry
+from servers import settings
 
 # From 1 ms to an hour: a million-token prefill is minutes, not the default 10 s top bucket.
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80,
@@ -23,12 +23,11 @@ ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32,
 
 
 def bind_host() -> str:
-    return os.environ.get("CTXLOAD_EXPORTER_HOST") or "127.0.0.1"
+    return settings.exporter_host()
 
 
 def port_override() -> int | None:
-    v = os.environ.get("CTXLOAD_EXPORTER_PORT")
-    return int(v) if v else None
+    return settings.exporter_port()
 
 
 class ClientMetrics:

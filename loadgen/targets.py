@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import time
 import urllib.request
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from loadgen import scenario as sc
 from loadgen.scrape import group_pids
+from servers import settings
 
 
 @dataclass
@@ -83,17 +83,13 @@ class LiveTarget:
                 "error": self.error, "completed": self.completed}
 
 
-def models_cache() -> Path:
-    return Path(os.environ.get("CTXLOAD_MODELS", Path.home() / ".cache" / "ctxload" / "models"))
-
-
 def _model_dir(serve: sc.Serve, log) -> tuple[Path | str, str | None]:
     if serve.model_dir:
         return serve.model_dir, None
     from servers import modeldir, presets
 
     p = presets.get(serve.preset)
-    out = modeldir.build(p.name, models_cache() / p.name, weights=p.tiny, log=log)
+    out = modeldir.build(p.name, settings.models_dir() / p.name, weights=p.tiny, log=log)
     return out, p.name
 
 
@@ -126,8 +122,8 @@ def environment(target: sc.Target, model: Path | str) -> dict[str, str]:
 
 def _vllm_python() -> str | None:
     """The interpreter that has vLLM: ``$CTXLOAD_VLLM_PYTHON``, else the repository's .venv-vllm."""
-    if os.environ.get("CTXLOAD_VLLM_PYTHON"):
-        return os.environ["CTXLOAD_VLLM_PYTHON"]
+    if settings.vllm_python():
+        return settings.vllm_python()
     for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
         if (root / ".venv-vllm" / "bin" / "python").exists():
             return str(root / ".venv-vllm" / "bin" / "python")

@@ -26,6 +26,7 @@ from locust import constant, task
 from locust.contrib.fasthttp import FastHttpUser
 
 from loadgen import records
+from servers import settings
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -61,7 +62,7 @@ _SEP = b"\n\n"
 
 def kernel_stamps_wanted() -> bool:
     """Kernel receive stamps are used on Linux unless ``CTXLOAD_KERNEL_STAMPS=0``."""
-    return _LINUX and os.environ.get("CTXLOAD_KERNEL_STAMPS", "1") != "0"
+    return _LINUX and settings.kernel_stamps()
 
 
 def _enable_kernel_stamps(sock) -> bool:

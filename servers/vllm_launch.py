@@ -30,12 +30,13 @@ from typing import Sequence
 
 from servers import presets
 from servers.sizes import parse_bytes  # noqa: F401 - re-exported for `ctxload serve vllm`
+from servers import settings
 
 
 #: Default port of an OpenAI-compatible server (vLLM's).
 DEFAULT_PORT = 8000
 #: Where a preset's model directory is built when a preset name (not a directory) is given.
-MODEL_CACHE = Path(os.environ.get("CTXLOAD_MODEL_CACHE", Path.home() / ".cache" / "ctxload" / "models"))
+
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
 
 
@@ -139,7 +140,7 @@ def resolve(preset_or_model_dir: str | os.PathLike, *, weights: str = "auto",
         if not preset.hub_id:
             raise ValueError(f"preset {preset.name!r} has no hub checkpoint; use random weights")
         return Model(preset.hub_id, preset.name, preset.family, preset.tiny, True, preset.name)
-    out = Path(cache_dir or MODEL_CACHE) / preset.name
+    out = Path(cache_dir or settings.models_dir()) / preset.name
     modeldir.build(preset.name, out, weights=preset.tiny, log=None)
     return Model(str(out), preset.name, preset.family, preset.tiny, preset.tiny, preset.name)
 
@@ -186,7 +187,7 @@ def command(preset_or_model_dir: str | os.PathLike, port: int, host: str = "127.
             card_bytes = gpu_total_bytes()
         profile = fit_budget(profile, model, memory_budget_bytes, card_bytes)
     profile = replace(profile, **overrides)
-    python = python or os.environ.get("CTXLOAD_VLLM_PYTHON") or sys.executable
+    python = python or settings.vllm_python() or sys.executable
     # The module, not `vllm serve`: the CLI entry needs vLLM's package metadata, which a
     # source or copied install (the CPU venv) may lack; both take the same arguments.
     return [str(python), "-m", "vllm.entrypoints.openai.api_server",
@@ -293,7 +294,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mem.add_argument("--gpu-memory-budget",
                      help="cap vLLM at this much GPU memory (e.g. 24GiB), to stand in for a smaller card")
     p.add_argument("--model-cache", default=None,
-                   help=f"where preset model directories are built (default {MODEL_CACHE})")
+                   help="where preset model directories are built (default $CTXLOAD_MODELS or "
+                        "~/.cache/ctxload/models)")
     p.add_argument("--python", default=None,
                    help="interpreter with vLLM (default $CTXLOAD_VLLM_PYTHON or this one)")
     p.add_argument("--print", dest="dry_run", action="store_true",

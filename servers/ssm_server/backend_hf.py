@@ -18,13 +18,13 @@ PyTorch reference otherwise.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import torch
 
 from servers.ssm_server.config import ServerConfig
 from servers.ssm_server.cuda_graphs import GraphDecoder
+from servers import settings
 
 log = logging.getLogger("ssm_server")
 
@@ -37,7 +37,9 @@ class ModelLoadError(RuntimeError):
 
 
 def resolve_model_dir(model: str) -> tuple[Path, bool]:
-    """(model directory, must use random weights). A preset name builds config+tokenizer only."""
+    """(model directory, must use random weights). A preset name is built in ctxload's model
+    cache (``servers.settings.models_dir``) as every caller builds it: random weights saved for
+    a tiny preset, config and tokenizer only for a full-size one."""
     p = Path(model)
     if p.is_dir():
         return p, not any(p.glob("*.safetensors")) and not any(p.glob("*.bin"))
@@ -47,8 +49,8 @@ def resolve_model_dir(model: str) -> tuple[Path, bool]:
         presets.get(model)
     except KeyError as e:
         raise ModelLoadError(f"--model {model!r} is neither a model directory nor a preset: {e}") from None
-    out = Path(tempfile.gettempdir()) / "ctxload-presets" / model
-    modeldir.build(model, out, weights=False, log=None)
+    out = settings.models_dir() / model
+    modeldir.build(model, out, weights=presets.get(model).tiny, log=None)
     return out, True
 
 

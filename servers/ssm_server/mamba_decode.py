@@ -22,13 +22,13 @@ generator path (``sampling.sample``) from the graph's logits (synchronous).
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 from servers.ssm_server.cuda_graphs import BUCKETS
 from servers.ssm_server.mamba_kernels import conv_step, pick_ssu_block, sample_on_device, ssu_step
 from servers.ssm_server.sampling import sample
+from servers import settings
 
 log = logging.getLogger("ssm_server")
 
@@ -66,7 +66,7 @@ class NativeDecoder:
         H, P, N = backend.nheads, backend.headdim, backend.d_state
         # the state update: our own kernel (block of head-dim rows per program picked per batch
         # size by timing) unless CTXLOAD_SSU=mamba asks for mamba_ssm's selective_state_update
-        self.own_ssu = os.environ.get("CTXLOAD_SSU", "own") != "mamba"
+        self.own_ssu = settings.own_state_update()
         self.ssu_block: dict[int, int] = {}
         self.consts = []
         for layer in backend.layers:

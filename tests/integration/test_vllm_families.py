@@ -126,7 +126,7 @@ def test_ctxload_run_serves_a_vllm_target_named_apart_from_its_preset(tmp_path):
             "metrics": {"scrape_interval_s": 0.5}}
     path = tmp_path / "scenario.yaml"
     path.write_text(yaml.safe_dump(scen, sort_keys=False))
-    env = {**os.environ, "CTXLOAD_MODELS": str(MODEL_CACHE), "CTXLOAD_MODEL_CACHE": str(MODEL_CACHE),
+    env = {**os.environ, "CTXLOAD_MODELS": str(MODEL_CACHE),
            "CTXLOAD_VLLM_PYTHON": str(python)}
     p = subprocess.run([sys.executable, "-m", "ctxload", "run", str(path), "--runs-dir", str(tmp_path / "runs"),
                         "--run-id", "r"], capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
