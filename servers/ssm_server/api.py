@@ -56,6 +56,16 @@ class Server:
 
     async def _start(self, app):
         await self.engine.start()
+        # up at once, answering /health 503 until warm: what a load balancer or a load
+        # generator waits for, so the first real request is not the one that compiles
+        self._warming = asyncio.create_task(self._warm_up())
+
+    async def _warm_up(self):
+        try:
+            await self.engine.warm_up()
+        except Exception:  # serve anyway: a cold first request beats a server that never says ready
+            log.exception("warm-up failed; serving cold")
+            self.engine.ready = True
 
     async def _stop(self, app):
         await self.engine.stop()
@@ -86,6 +96,8 @@ class Server:
 
     # ---- simple routes -----------------------------------------------------------------------
     async def health(self, request):
+        if not self.engine.ready:
+            raise P.APIError(503, "warming up: compiling and capturing before the first request")
         return web.Response(text="")
 
     async def models(self, request):

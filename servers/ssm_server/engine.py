@@ -70,6 +70,34 @@ class Engine:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="engine")
 
+    ready = False
+    """Warm: every kernel the first requests would compile has run (``warm_up``)."""
+
+    async def warm_up(self) -> float:
+        """Run the engine's whole path once before any client: a full prefill chunk and a short
+        one, then decode steps of both at once, one greedy and one sampled — so compiling and
+        autotuning happen here, not in the first requests. Kept out of every metric. Returns
+        the seconds it took; ``ready`` is set after."""
+        from servers.ssm_server.sampling import SamplingParams
+
+        t0 = time.perf_counter()
+        full = max(1, min(self.chunk, self.max_model_len - 8, 1 << 20))
+        reqs = [Request([1 + i % 7 for i in range(n)], SamplingParams(max_tokens=4, ignore_eos=True, **kw),
+                        internal=True)
+                for n, kw in ((full, {"temperature": 0.0}), (min(17, full), {"temperature": 1.0, "seed": 0}))]
+        for r in reqs:
+            self.submit(r)
+        for r in reqs:
+            while (ev := await r.out.get()).kind == "token" and not ev.finish_reason:
+                pass
+            if ev.kind == "error":
+                log.warning("warm-up request failed: %s", ev.text)
+        self.ready = True
+        took = time.perf_counter() - t0
+        log.info("warmed up in %.2f s (prefill %d and %d tokens, 4 decode steps of 2 streams)",
+                 took, full, min(17, full))
+        return took
+
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
@@ -190,7 +218,8 @@ class Engine:
                 failed.append((prefill, "error", f"{type(e).__name__}: {e}"))
             else:
                 prefill.pos += len(ids)
-                self._prompt_tokens.inc(len(ids))
+                if not prefill.internal:
+                    self._prompt_tokens.inc(len(ids))
                 if prefill.prefilled:
                     rows.append(logits[None])
                     reqs.append(prefill)
@@ -236,7 +265,8 @@ class Engine:
                 continue
             req.slot = self.free_slots.pop()
             req.t_scheduled = now
-            self.m.queue.labels(self.model_name).observe(now - req.created)
+            if not req.internal:
+                self.m.queue.labels(self.model_name).observe(now - req.created)
             self.running.append(req)
 
     def _drop_cancelled(self) -> None:
@@ -257,18 +287,21 @@ class Engine:
         for req, token in results:
             if not (req.cancelled or req.finished):  # a stopped request's extra step: discarded
                 self._emit(req, token, now)
-                n += 1
+                n += not req.internal
         if n:
             self._gen_tokens.inc(n)
 
     def _emit(self, req: Request, token: int, now: float) -> None:
         p = req.params
-        if req.t_first is None:
-            req.t_first = now
+        if req.internal:
+            pass
+        elif req.t_first is None:
             self._ttft.observe(now - req.created)
             self._prefill_h.observe(now - req.t_scheduled)
         else:
             self._itl.observe(now - req.t_last)
+        if req.t_first is None:
+            req.t_first = now
         req.t_last = now
         req.generated.append(token)
         reason = None
@@ -287,8 +320,9 @@ class Engine:
         req.out.put_nowait(Event("token", text=req.releasable_text(), token_id=token, finish_reason=reason))
         if reason:
             self._release(req)
-            self.m.success.labels(self.model_name, reason).inc()
-            self._e2e.observe(now - req.created)
+            if not req.internal:
+                self.m.success.labels(self.model_name, reason).inc()
+                self._e2e.observe(now - req.created)
 
     def _fail(self, reqs: list[Request], reason: str, message: str) -> None:
         for req in reqs:

@@ -42,6 +42,8 @@ class Request:
     t_scheduled: float | None = None
     t_first: float | None = None
     t_last: float | None = None
+    internal: bool = False
+    """The server's own (its warm-up): kept out of every metric."""
 
     @property
     def prompt_len(self) -> int:

@@ -50,8 +50,13 @@ class SyntheticEngine:
         self.waiting: collections.deque[Request] = collections.deque()
         self._tasks: set[asyncio.Task] = set()
 
+    ready = True  # nothing to compile
+
     async def start(self) -> None:
         pass
+
+    async def warm_up(self) -> float:
+        return 0.0
 
     async def stop(self) -> None:
         for t in list(self._tasks):

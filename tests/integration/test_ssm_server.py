@@ -227,3 +227,47 @@ def test_vllm_bench_serve_runs_unchanged(server, tmp_path, backend, endpoint):
     assert r["completed"] == n and r.get("failed", 0) == 0, r
     assert r["total_output_tokens"] == n * out_len, r
     assert r["mean_ttft_ms"] > 0 and r["mean_itl_ms"] > 0, r
+
+
+def test_health_says_ready_only_once_warm_and_the_warm_up_is_not_counted(tmp_path):
+    """The server listens at once and answers /health 503 (an OpenAI body) while it runs its
+    own warm-up — a full prefill chunk and a short one, decode steps of both — then 200; the
+    warm-up is in no metric. A Mamba2-130m on CPU takes long enough to be seen warming."""
+    import socket
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import build_tiny
+
+    port = free_port()
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "servers.ssm_server", "--port", str(port), "--model", str(build_tiny("mamba2-130m")),
+           "--max-model-len", "4096", "--prefill-chunk-size", "2048"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    seen = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    seen.append((r.status, b""))
+                    break
+            except urllib.error.HTTPError as e:
+                seen.append((e.code, e.read()))
+            except (urllib.error.URLError, ConnectionError, socket.timeout):
+                pass
+            time.sleep(0.02)
+        assert seen and seen[-1][0] == 200, log.read_text()[-2000:]
+        for status, body in seen[:-1]:
+            assert status == 503 and "warming up" in json.loads(body)["error"]["message"]
+        assert "warmed up in" in log.read_text()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        counted = [line for line in text.splitlines() if line.startswith(
+            ("ssm:prompt_tokens_total", "ssm:generation_tokens_total", "ssm:time_to_first_token_seconds_count"))]
+        assert counted and all(line.endswith(" 0.0") for line in counted), counted
+    finally:
+        proc.terminate()
+        proc.wait(30)
