@@ -46,6 +46,7 @@ class Engine:
         self.model_name = model_name
         self.max_queue = max_queue
         self.chunk = prefill_chunk_size if backend.exact_chunking else 1 << 62
+        self.prefill_chunk_size = prefill_chunk_size
         self.max_model_len = backend.max_model_len
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -81,7 +82,7 @@ class Engine:
         from servers.ssm_server.sampling import SamplingParams
 
         t0 = time.perf_counter()
-        full = max(1, min(self.chunk, self.max_model_len - 8, 1 << 20))
+        full = max(1, min(self.prefill_chunk_size, self.max_model_len - 8))
         reqs = [Request([1 + i % 7 for i in range(n)], SamplingParams(max_tokens=4, ignore_eos=True, **kw),
                         internal=True)
                 for n, kw in ((full, {"temperature": 0.0}), (min(17, full), {"temperature": 1.0, "seed": 0}))]
@@ -92,6 +93,7 @@ class Engine:
                 pass
             if ev.kind == "error":
                 log.warning("warm-up request failed: %s", ev.text)
+        self.cache_peak = 0  # what clients' sequences hold, from here on
         self.ready = True
         took = time.perf_counter() - t0
         log.info("warmed up in %.2f s (prefill %d and %d tokens, 4 decode steps of 2 streams)",

@@ -266,7 +266,8 @@ def test_health_says_ready_only_once_warm_and_the_warm_up_is_not_counted(tmp_pat
         assert "warmed up in" in log.read_text()
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         counted = [line for line in text.splitlines() if line.startswith(
-            ("ssm:prompt_tokens_total", "ssm:generation_tokens_total", "ssm:time_to_first_token_seconds_count"))]
+            ("ssm:prompt_tokens_total", "ssm:generation_tokens_total", "ssm:time_to_first_token_seconds_count",
+             "ssm:cache_bytes_peak"))]
         assert counted and all(line.endswith(" 0.0") for line in counted), counted
     finally:
         proc.terminate()
