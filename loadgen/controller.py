@@ -47,6 +47,8 @@ class Stage:
         self.in_flight = 0
         self.issued = 0
         self.records: list[dict] = []
+        self.failed = 0
+        """Records of this stage that are not ``ok`` (counted as they come, not re-summed)."""
         self.done = gevent.event.Event()
         self.closed = False
 
@@ -118,10 +120,11 @@ class Stage:
                 self._stop(f"{self.refused} connections refused in a row")
         else:
             self.refused = 0
-        errors = sum(r["status"] != "ok" for r in self.records)
-        if len(self.records) >= 20 and errors / len(self.records) > self.max_error_rate:
-            self._stop(f"error rate {errors / len(self.records):.0%} > max_error_rate {self.max_error_rate:g} "
-                       f"after {len(self.records)} requests")
+        self.failed += rec["status"] != "ok"
+        n = len(self.records)
+        if n >= 20 and self.failed / n > self.max_error_rate:
+            self._stop(f"error rate {self.failed / n:.0%} > max_error_rate {self.max_error_rate:g} "
+                       f"after {n} requests")
 
     def _stop(self, why: str) -> None:
         if not self.closed:
