@@ -53,14 +53,20 @@ def synthetic(tmp_path):
         yield srv
 
 
+def _write_scenario(path, name: str, synthetic, tiny_models, max_tokens: int, load: dict, **extra):
+    """A scenario of one target, the synthetic server, written to ``path``."""
+    scen = {"name": name, "targets": [{"name": "syn", "url": synthetic.url, "model": "synthetic",
+                                       "engine": "synthetic", "family": "ssm",
+                                       "tokenizer": str(tiny_models["transformer"])}],
+            "output": {"max_tokens": max_tokens}, "load": load, **extra}
+    path.write_text(yaml.safe_dump(scen))
+    return path
+
+
 def test_external_worker_web_ui_and_exporter_host(synthetic, tiny_models, tmp_path):
-    scen = {"name": "ext", "targets": [{"name": "syn", "url": synthetic.url, "model": "synthetic",
-                                        "engine": "synthetic", "family": "ssm",
-                                        "tokenizer": str(tiny_models["transformer"])}],
-            "output": {"max_tokens": 10},
-            "load": {"kind": "concurrency_sweep", "prompt_tokens": 32, "users": [2, 3], "duration_s": 4},
-            "metrics": {"scrape_interval_s": 1}}
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump(scen))
+    _write_scenario(tmp_path / "s.yaml", "ext", synthetic, tiny_models, 10,
+                    {"kind": "concurrency_sweep", "prompt_tokens": 32, "users": [2, 3], "duration_s": 4},
+                    metrics={"scrape_interval_s": 1})
     master_port, web_port, exp_port = free_port(), free_port(), free_port()
     env = {**os.environ, "CTXLOAD_EXPORTER_HOST": HOST, "CTXLOAD_EXPORTER_PORT": str(exp_port)}
     master = subprocess.Popen([sys.executable, "-m", "ctxload", "run", str(tmp_path / "s.yaml"), "--runs-dir",
@@ -120,13 +126,8 @@ def test_killing_the_master_stops_its_local_workers(synthetic, tiny_models, tmp_
     """kill -9 of `ctxload run --processes 2`: its two Locust workers exit within seconds."""
     import signal
 
-    scen = {"name": "orphans", "targets": [{"name": "syn", "url": synthetic.url, "model": "synthetic",
-                                            "engine": "synthetic", "family": "ssm",
-                                            "tokenizer": str(tiny_models["transformer"])}],
-            "output": {"max_tokens": 50},
-            "load": {"kind": "context_sweep", "prompt_tokens": [64], "users": 4, "duration_s": 60}}
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(scen))
+    path = _write_scenario(tmp_path / "s.yaml", "orphans", synthetic, tiny_models, 50,
+                           {"kind": "context_sweep", "prompt_tokens": [64], "users": 4, "duration_s": 60})
     master = subprocess.Popen([sys.executable, "-m", "ctxload", "run", str(path), "--runs-dir", str(tmp_path),
                                "--run-id", "r", "--processes", "2"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, cwd=REPO)
