@@ -192,7 +192,9 @@ class ContextLimit:
     first_failed: int | None
     """The shortest length beyond ``max_ok`` where every request failed."""
     cause: str | None
-    """Most common error kind beyond ``max_ok`` (None: the limit was not reached)."""
+    """Most common error kind at ``first_failed``, the length that ended it (None: the limit was
+    not reached); longer lengths may have failed otherwise (a sweep's over-long stage rejected
+    while a probe just past ``max_ok`` timed out)."""
     message: str | None
     max_tested: int | None
     reached: bool
@@ -208,17 +210,17 @@ def context_limits(run: RunData) -> list[ContextLimit]:
         ok_lengths = [r.prompt_length for r in reqs if r.ok]
         max_ok = max(ok_lengths) if ok_lengths else None
         beyond = [r for r in reqs if not r.ok and (max_ok is None or r.prompt_length > max_ok)]
-        kinds = Counter(r.error_kind or "unknown" for r in beyond)
+        first_failed = min((r.prompt_length for r in beyond), default=None)
+        at_first = [r for r in beyond if r.prompt_length == first_failed]
+        kinds = Counter(r.error_kind or "unknown" for r in at_first)
         cause = kinds.most_common(1)[0][0] if kinds else None
-        msg = next((r.error_message for r in beyond if (r.error_kind or "unknown") == cause), None)
+        msg = next((r.error_message for r in at_first if (r.error_kind or "unknown") == cause), None)
         out.append(ContextLimit(
-            target=t, family=run.family_of(t), max_ok=max_ok,
-            first_failed=min((r.prompt_length for r in beyond), default=None),
+            target=t, family=run.family_of(t), max_ok=max_ok, first_failed=first_failed,
             cause=cause, message=(msg or "")[:200] or None,
             max_tested=max((r.prompt_length for r in reqs), default=None), reached=bool(beyond),
-            why=limit_reason(run, t) if beyond and cause == "rejected" else
-            _stalled_at_edge(run, t, min((r.prompt_length for r in beyond), default=None))
-            if beyond and cause == "timeout" else None))
+            why=limit_reason(run, t) if cause == "rejected" else
+            _stalled_at_edge(run, t, first_failed) if cause == "timeout" else None))
     return out
 
 

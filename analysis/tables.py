@@ -141,7 +141,7 @@ def limits(a: Analysis) -> Table:
     return Table("limits", "Context limits", ["target · engine", "family", "longest ok", "first failed",
                  "cause", "longest tried", "error message"], rows,
                  note="Longest ok: the longest prompt with a successful request; cause: the most "
-                      "common error kind beyond it.")
+                      "common error kind at the first failed length.")
 
 
 def memory(a: Analysis) -> Table:

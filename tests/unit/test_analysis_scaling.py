@@ -90,7 +90,17 @@ def test_context_limit_and_cause():
                          error_kind=kind, error_message=kind and f"{kind} at {n}", ttft_s=0.1, e2e_s=0.2))
     recs.append(dict(target="b", stage="prompt=1024", status="ok", prompt_tokens_requested=1024,
                      ttft_s=0.1, e2e_s=0.2, family="ssm"))
+    # what ended it is the first failed length, not the most failures beyond: a sweep's
+    # over-long stage rejected twice, a probe just past the longest served timed out once
+    for n, kind in [(3000, "timeout"), (8192, "rejected")]:
+        recs.append(dict(target="c", stage=f"prompt={n}", status="error", prompt_tokens_requested=n,
+                         error_kind=kind, error_message=kind, ttft_s=None, e2e_s=None))
+    recs.append(dict(target="c", stage="prompt=8192", status="error", prompt_tokens_requested=8192,
+                     error_kind="rejected", error_message="rejected", ttft_s=None, e2e_s=None))
+    recs.append(dict(target="c", stage="prompt=2048", status="ok", prompt_tokens_requested=2048,
+                     ttft_s=0.1, e2e_s=0.2))
     lim = {c.target: c for c in scaling.context_limits(_run(recs))}
+    assert (lim["c"].max_ok, lim["c"].first_failed, lim["c"].cause) == (2048, 3000, "timeout")
     a = lim["a"]
     assert (a.max_ok, a.first_failed, a.cause, a.reached, a.max_tested) == (2048, 4096, "oom", True, 8192)
     assert a.message == "oom at 4096"
