@@ -114,7 +114,7 @@ def crossovers(a: Analysis) -> Table:
                  ["pair", "figure", "from the data", "from the fits", "comparable"], rows,
                  note="Data: log-linear interpolation between the measured lengths that bracket "
                       "the change of sign; fits: the smallest positive root of their difference "
-                      "(searched from the shortest to 4× the longest length measured: below the data, the data decides). "
+                      "(searched from the shortest to 4× the longest length measured; within the lengths both measured, only where the data crosses too). "
                       "Comparable: both targets on one engine class; a crossover between a serving engine "
                       "and an eager research path is the engines', not the families'.",
                  empty="needs targets of two families served at common prompt lengths")
