@@ -23,7 +23,7 @@ DEFAULT_MAX_TOKENS = 16
 class Server:
     def __init__(self, engine, text, metrics, *, model_name: str, max_model_len: int,
                  vocab_size: int | None = None, api_key: str | None = None,
-                 max_request_bytes: int = 128 << 20):
+                 max_request_bytes: int = 128 << 20, profile_dir: str | None = None):
         self.api_key = api_key
         """With a key, /v1/* wants ``Authorization: Bearer <key>`` (vLLM's --api-key)."""
         self.max_request_bytes = max_request_bytes
@@ -37,6 +37,12 @@ class Server:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.created = int(time.time())
+        self.profiler = None
+        """With ``--profile-dir``: POST /start_profile and /stop_profile (``profiler.Profiler``)."""
+        if profile_dir:
+            from servers.ssm_server.profiler import Profiler
+
+            self.profiler = Profiler(engine, profile_dir)
 
     def app(self) -> web.Application:
         # client_max_size bounds the body as read, after any Content-Encoding is undone: a small
@@ -50,6 +56,8 @@ class Server:
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/openapi.json", self.openapi)
+        app.router.add_post("/start_profile", self.start_profile)
+        app.router.add_post("/stop_profile", self.stop_profile)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -68,6 +76,8 @@ class Server:
             self.engine.ready = True
 
     async def _stop(self, app):
+        if self.profiler is not None and self.profiler.running:
+            log.warning("shutting down while profiling: no trace is written (POST /stop_profile writes it)")
         await self.engine.stop()
 
     @web.middleware
@@ -128,6 +138,19 @@ class Server:
         body = P.parse(P.DetokenizeRequest, await _json(request))
         self._check_model(body.model)
         return web.json_response({"prompt": self.text.decode(P.check_ids(body.tokens, self.vocab_size, "tokens"))})
+
+    # ---- profiling (vLLM's routes; only with --profile-dir) -----------------------------------
+    async def start_profile(self, request):
+        await self.profiler_or_404().start(await _profile_prefix(request))
+        return web.json_response({})
+
+    async def stop_profile(self, request):
+        return web.json_response(await self.profiler_or_404().stop(await _profile_prefix(request)))
+
+    def profiler_or_404(self):
+        if self.profiler is None:
+            raise P.APIError(404, "profiling is off: start ssm-server with --profile-dir DIR")
+        return self.profiler
 
     # ---- completions -----------------------------------------------------------------------
     async def completions(self, request):
@@ -291,6 +314,16 @@ def _usage(req: Request) -> dict:
 
 #: Temperatures below this sample greedily (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
+
+
+async def _profile_prefix(request):
+    """The optional ``profile_prefix`` of a profiling call's body (vLLM's); any other body,
+    an empty or a non-JSON one included, is ignored."""
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except (ValueError, RecursionError, web.RequestPayloadError, zlib.error, OSError, EOFError):
+        return None
+    return body.get("profile_prefix") if isinstance(body, dict) else None
 
 
 async def _json(request):

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "/health and /metrics stay open, as in vLLM")
     p.add_argument("--max-request-bytes", default="128MiB",
                    help="largest request body, after decompression (default 128MiB: a 4M-token text prompt)")
+    p.add_argument("--profile-dir", metavar="DIR",
+                   help="turn on POST /start_profile and /stop_profile (as vLLM's): torch.profiler on the "
+                        "device thread, a Chrome trace (.pt.trace.json.gz) per session written to DIR")
     p.add_argument("--log-level", default="info")
     p.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"],
                    help="the HTTP side's event loop: uvloop where importable (auto), or asyncio's own")
@@ -60,7 +63,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         gpu_memory_budget=parse_bytes(args.gpu_memory_budget) if args.gpu_memory_budget else None,
         max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs, backend=args.backend,
         ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, schedule_from=args.schedule_from, api_key=args.api_key or None,
-        max_request_bytes=parse_bytes(args.max_request_bytes))
+        max_request_bytes=parse_bytes(args.max_request_bytes),
+        profile_dir=os.path.abspath(args.profile_dir) if getattr(args, "profile_dir", None) else None)
     if cfg.device == "auto":
         cfg.device = "cpu"
         if cfg.engine != "synthetic":
@@ -85,6 +89,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         if cfg.model not in presets.PRESETS:
             raise ValueError(f"--model {cfg.model!r} is neither a model directory nor a preset "
                              f"(presets: {', '.join(sorted(presets.PRESETS))})")
+    if cfg.profile_dir:
+        try:
+            os.makedirs(cfg.profile_dir, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--profile-dir {cfg.profile_dir}: cannot make it ({e.strerror or e})") from None
+        if not os.access(cfg.profile_dir, os.W_OK | os.X_OK):
+            raise ValueError(f"--profile-dir {cfg.profile_dir}: not writable")
     return cfg
 
 
@@ -138,7 +149,7 @@ def build_server(cfg: ServerConfig):
                  backend.state_bytes, backend.kv_bytes_per_token, backend.graphs is not None)
     holder["engine"] = engine
     return Server(engine, text, metrics, model_name=name, max_model_len=max_len, vocab_size=vocab,
-                  api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes)
+                  api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes, profile_dir=cfg.profile_dir)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -26,6 +26,9 @@ class ServerConfig:
     cuda_graphs: bool = True
     backend: str = "auto"
     """auto, hf (transformers) or mamba_ssm (native Mamba2 on CUDA)."""
+    profile_dir: str | None = None
+    """With a directory, POST /start_profile and /stop_profile run torch.profiler on the device
+    thread and write Chrome traces there (absolute; made at start-up). None: the routes are 404."""
     # synthetic engine
     ttft_ms: float = 50.0
     itl_ms: float = 10.0

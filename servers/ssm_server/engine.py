@@ -105,6 +105,11 @@ class Engine:
             self._task.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    async def run_on_device(self, fn, *args):
+        """Run ``fn(*args)`` on the device thread, between two steps (it runs one thing at a
+        time), and return its result: for what must run where the model does (the profiler)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
     def submit(self, req: Request) -> None:
         if len(self.waiting) - len(self.free_slots) >= self.max_queue:  # free slots admit at the next step
             self._count_failure("rejected")

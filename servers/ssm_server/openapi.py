@@ -16,6 +16,15 @@ def _post(summary: str, schema: str, errors=(400, 404)) -> dict:
         "responses": responses}}
 
 
+def _profile(summary: str, ok: dict) -> dict:
+    """A profiling route: an optional body, 404 without --profile-dir, 409 out of turn."""
+    body = {"type": "object", "properties": {"profile_prefix": {
+        "type": "string", "description": "file name prefix of the trace (default ssm-server)"}}}
+    responses = {**ok, **{str(code): _ERROR for code in (400, 404, 409, 500)}}
+    return {"post": {"summary": summary, "requestBody": {"required": False, "content": {
+        "application/json": {"schema": body}}}, "responses": responses}}
+
+
 def openapi_spec() -> dict:
     schemas = {}
     for model in (P.CompletionRequest, P.ChatRequest, P.TokenizeRequest, P.DetokenizeRequest):
@@ -39,6 +48,14 @@ def openapi_spec() -> dict:
             "/health": get("200 when ready"),
             "/metrics": get("Prometheus metrics (ssm: prefix)"),
             "/openapi.json": get("This description"),
+            "/start_profile": _profile("Start torch.profiler on the device thread (with --profile-dir; vLLM's route)",
+                                       {"200": {"description": "Profiling: {}"}}),
+            "/stop_profile": _profile("Stop profiling and write the Chrome trace (with --profile-dir; vLLM's route)",
+                                      {"200": {"description": "The trace written and the engine steps profiled",
+                                               "content": {"application/json": {"schema": {
+                                                   "type": "object", "properties": {
+                                                       "trace": {"type": "string"},
+                                                       "steps": {"type": "integer"}}}}}}}),
         },
         "components": {"schemas": schemas},
     }

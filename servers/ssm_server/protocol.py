@@ -12,7 +12,7 @@ class APIError(Exception):
     """An error that becomes an OpenAI error body with an HTTP status."""
 
     TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-             413: "RequestTooLargeError", 429: "RateLimitError",
+             409: "ConflictError", 413: "RequestTooLargeError", 429: "RateLimitError",
              500: "InternalServerError", 503: "ServiceUnavailableError"}
 
     def __init__(self, status: int, message: str, param: str | None = None,
