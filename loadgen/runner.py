@@ -178,7 +178,7 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
             for lt in live:
                 if lt.completed:
                     continue
-                targets.start(lt, stack, run_dir, say)
+                targets.start(lt, stack, run_dir, say, profiled=scenario.profiled(lt.spec))
         write_env(run_dir / "env.json", run_id, started, live, earlier=past.earlier)
         exporter_port = exporter.port_override()
         if exporter_port is None:
@@ -229,7 +229,7 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
                 break
             with contextlib.ExitStack() as own:  # stops the target after its stages (unless resident)
                 try:
-                    targets.start(lt, own, run_dir, say)
+                    targets.start(lt, own, run_dir, say, profiled=scenario.profiled(lt.spec))
                 except ServerFailed as e:
                     lt.error = str(e).splitlines()[0]
                     say(f"{lt.name}: not run: {e}")
@@ -419,7 +419,56 @@ def _run_target(ctx: _Ctx, lt: targets.LiveTarget, stage_index: int) -> tuple[in
             ctx.learned.known_ok = 0
         if run_deadline_passed(ctx) or not lt.alive():
             return stage_index, False
+    if ctx.scenario.profiled(lt.spec):
+        stage_index = _profile_target(ctx, lt, base, stage_index)
     return stage_index, True
+
+
+def _profile_target(ctx: _Ctx, lt: targets.LiveTarget, base: dict, stage_index: int) -> int:
+    """The scenario's profile pass on ``lt`` (loadgen.profiling): a line of operators.jsonl
+    per length × phase, written as each is taken."""
+    from loadgen import profiling
+    from loadgen.controller import build_prompt
+
+    p, say = ctx.scenario.profile, ctx.say
+    where = targets.trace_dir(ctx.run_dir, lt.name)
+    prof = profiling.Profiler(lt.url, lt.spec.model, where, chat=ctx.scenario.api == "chat",
+                              headers=profiling.auth_headers(lt.spec.api_key_env),
+                              timeout_s=ctx.scenario.request_timeout_s)
+    room = profiling.decode_tokens(p.decode_steps)  # what the decode request asks for
+    for n in p.prompt_tokens:
+        for phase in ("prefill", "decode"):
+            label = f"profile={n} {phase}"
+            err = None
+            if lt.max_model_len and n + room > lt.max_model_len:
+                err = f"not profiled: {n:,} + {room} tokens exceed the server's max_model_len {lt.max_model_len:,}"
+            elif lt.spec.max_prompt_tokens and n > lt.spec.max_prompt_tokens:
+                err = f"not profiled: longer than the target's max_prompt_tokens {lt.spec.max_prompt_tokens:,}"
+            elif not lt.alive() or run_deadline_passed(ctx):
+                err = "not profiled: its server has exited" if not lt.alive() else \
+                    "not profiled: the run's max_duration_s is spent"
+            rec = None
+            if err is None:
+                ctx.set_stage(lt, label, stage_index)
+                ctx.prog.stage(f"{lt.name} {label}", 1)
+                prompt = build_prompt(dict(base, prompt_tokens=n, seq=stage_index))
+                prefix = f"{lt.name}.{n}-{phase}"
+                try:
+                    w, files = prof.prefill(prompt, prefix) if phase == "prefill" else \
+                        prof.decode(prompt, p.decode_steps, prefix,
+                                    room=lt.max_model_len - n - 1 if lt.max_model_len else None)
+                    rec = profiling.line(lt.name, lt.spec.engine, n, phase, window=w, files=files)
+                    rec["traces"] = profiling.keep_or_delete(files, p.keep_traces, where / f"{n}-{phase}")
+                except profiling.ProfileError as e:
+                    err = str(e)
+                ctx.prog.end_stage()
+                stage_index += 1
+            if rec is None:
+                rec = profiling.line(lt.name, lt.spec.engine, n, phase, error=err)
+            with open(ctx.run_dir / "operators.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            say(f"{lt.name} {label}: " + (rec["error"] or profiling.summary(rec)))
+    return stage_index
 
 
 def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict, stage_index: int) -> tuple[int, str | None]:

@@ -252,6 +252,26 @@ class MaxContext(_Model):
 Load = Annotated[Union[ContextSweep, ConcurrencySweep, Poisson, MaxContext], Field(discriminator="kind")]
 
 
+# ---- profiling -------------------------------------------------------------------------------
+
+class Profile(_Model):
+    """Where a served target's device time goes: after its loads, one prefill and a few decode
+    steps at each length, traced by the server's own profiler (vLLM's ``--profiler-config``,
+    ssm-server's ``--profile-dir``) and summed by kernel into ``operators.jsonl``. Targets it
+    profiles are started with their profiler ready; nothing else pays for it."""
+
+    prompt_tokens: list[PositiveInt] = Field(default_factory=lambda: [4096], min_length=1)
+    """The prompt lengths profiled."""
+    decode_steps: PositiveInt = 16
+    """Decode steps traced per length (after the first token, in a request of its own)."""
+    targets: list[str] | None = None
+    """Which targets, by name (default: every target ctxload serves; a ``url:`` target's traces
+    are out of reach)."""
+    keep_traces: bool = False
+    """Keep the raw traces under ``profiles/<target>/`` (they are large); by default only the
+    per-kernel sums are kept."""
+
+
 # ---- SLOs, stop conditions, metrics ----------------------------------------------------------
 
 class Stop(_Model):
@@ -294,6 +314,8 @@ class Scenario(_Model):
     memory_budget: str | None = None
     """Device memory each served target may use (``24GiB``), unless its ``serve`` says
     otherwise; the report draws each target's own budget."""
+    profile: Profile | None = None
+    """An operator breakdown of each served target after its loads (``Profile``)."""
     keep_targets_resident: bool = False
     """Start every served target first and keep them all up for the whole run. By default
     targets run one at a time: start, warm up, run its stages, stop, then the next, so that a
@@ -313,7 +335,21 @@ class Scenario(_Model):
         for t in self.targets:
             if t.serve is not None and t.serve.memory_budget is None:
                 t.serve.memory_budget = self.memory_budget
+        if self.profile is not None and self.profile.targets is not None:
+            unknown = [n for n in self.profile.targets if n not in names]
+            if unknown:
+                raise ValueError(f"profile.targets: no target named {', '.join(unknown)}")
+            by_name = {t.name: t for t in self.targets}
+            urls = [n for n in self.profile.targets if by_name[n].serve is None]
+            if urls:
+                raise ValueError(f"profile.targets: {', '.join(urls)} not served by ctxload (a `url:` "
+                                 f"target): its server's traces are out of reach")
         return self
+
+    def profiled(self, target: "Target") -> bool:
+        """Whether the profile pass runs on ``target`` (its server starts with a profiler)."""
+        p = self.profile
+        return p is not None and target.serve is not None and (p.targets is None or target.name in p.targets)
 
     def loads(self) -> list:
         """The load shapes in the order they run on each target."""

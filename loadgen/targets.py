@@ -93,8 +93,9 @@ def _model_dir(serve: sc.Serve, log) -> tuple[Path | str, str | None]:
     return out, p.name
 
 
-def command(target: sc.Target, model: Path | str, port: int) -> list[str]:
-    """The server's command line; the model name it serves is the one the target sends."""
+def command(target: sc.Target, model: Path | str, port: int, trace_dir: Path | None = None) -> list[str]:
+    """The server's command line; the model name it serves is the one the target sends. With
+    ``trace_dir``, its profiler is ready to write there (the scenario's ``profile`` pass)."""
     serve = target.serve
     budget = serve.memory_budget_bytes()
     if serve.engine == "ssm-server":
@@ -104,11 +105,19 @@ def command(target: sc.Target, model: Path | str, port: int) -> list[str]:
             cmd.append("--random-weights")
         if budget and "--gpu-memory-budget" not in serve.args:
             cmd += ["--gpu-memory-budget", str(budget)]
+        if trace_dir is not None:
+            cmd += ["--profile-dir", str(trace_dir.resolve())]
         return cmd + list(serve.args)
     from servers import vllm_launch
 
-    return vllm_launch.command(model, port, python=_vllm_python(), extra=serve.args,
+    extra = [*(vllm_launch.profiler_args(trace_dir) if trace_dir is not None else ()), *serve.args]
+    return vllm_launch.command(model, port, python=_vllm_python(), extra=extra,
                                served_name=target.model, memory_budget_bytes=budget)
+
+
+def trace_dir(run_dir: Path, target: str) -> Path:
+    """Where a profiled target's server writes its traces: ``profiles/<target>/`` of the run."""
+    return run_dir / "profiles" / target
 
 
 def environment(target: sc.Target, model: Path | str) -> dict[str, str]:
@@ -166,15 +175,20 @@ def prepare(scenario: sc.Scenario, log) -> list[LiveTarget]:
     return live
 
 
-def start(lt: LiveTarget, stack: contextlib.ExitStack, run_dir: Path, log) -> None:
+def start(lt: LiveTarget, stack: contextlib.ExitStack, run_dir: Path, log, profiled: bool = False) -> None:
     """Start ``lt``'s server (a no-op for a URL target) and wait until it is healthy; its
-    stop is entered on ``stack`` (and may be called earlier through :func:`stop`)."""
+    stop is entered on ``stack`` (and may be called earlier through :func:`stop`). A
+    ``profiled`` target's server starts with its profiler ready (:func:`trace_dir`)."""
     if lt.served and lt.server is None:
         from servers.process import ManagedServer, free_port
 
         port = free_port()
         model = lt.model_source
-        cmd = command(lt.spec, model, port)
+        traces = None
+        if profiled:
+            traces = trace_dir(run_dir, lt.name)
+            traces.mkdir(parents=True, exist_ok=True)
+        cmd = command(lt.spec, model, port, traces)
         log(f"starting {lt.name}: {lt.spec.serve.engine} on 127.0.0.1:{port}")
         srv = ManagedServer(lt.name, cmd, port, log_path=run_dir / "servers" / f"{lt.name}.log",
                             startup_timeout_s=lt.spec.serve.startup_timeout_s, env=environment(lt.spec, model))

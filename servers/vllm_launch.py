@@ -21,6 +21,7 @@ Rules that hold for every profile:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -192,6 +193,16 @@ def command(preset_or_model_dir: str | os.PathLike, port: int, host: str = "127.
     # source or copied install (the CPU venv) may lack; both take the same arguments.
     return [str(python), "-m", "vllm.entrypoints.openai.api_server",
             *vllm_args(model, profile, port=port, host=host), *map(str, extra)]
+
+
+def profiler_args(trace_dir: str | os.PathLike) -> list[str]:
+    """vLLM's torch profiler, ready for ``POST /start_profile`` and ``/stop_profile`` (0.13 and
+    later; idle until started): worker traces only (the front end's CPU trace is not the
+    model's), no Python stacks and no summary table at stop, which only slow the flush."""
+    config = {"profiler": "torch", "torch_profiler_dir": str(Path(trace_dir).resolve()),
+              "torch_profiler_with_stack": False, "ignore_frontend": True,
+              "torch_profiler_dump_cuda_time_total": False}
+    return ["--profiler-config", json.dumps(config, separators=(",", ":"))]
 
 
 # ---- memory budgets ------------------------------------------------------------------------

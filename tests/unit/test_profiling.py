@@ -1,0 +1,89 @@
+"""The profile pass's pieces that need no server: the scenario section, the servers' command
+lines, the decode request's size, and one line of operators.jsonl from a real trace. (The pass
+itself runs against real servers: tests/integration/test_profile_run.py.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from loadgen import profiling
+from loadgen import scenario as sc
+from loadgen import targets
+from servers import traces
+
+TRACE = Path(__file__).resolve().parents[1] / "fixtures" / "traces" / "tiny-mamba2-cpu.pt.trace.json.gz"
+
+BASE = """name: p
+targets:
+  - {name: a, serve: {engine: ssm-server, preset: tiny-mamba2}}
+  - {name: b, serve: {engine: vllm, preset: tiny-llama}}
+  - {name: c, url: "http://127.0.0.1:9"}
+load: {kind: context_sweep, prompt_tokens: [64]}
+"""
+
+
+def test_the_profile_section_and_which_targets_it_takes():
+    s = sc.parse(BASE + "profile: {prompt_tokens: [128, 4096], decode_steps: 8}\n")
+    assert s.profile.keep_traces is False
+    assert [s.profiled(t) for t in s.targets] == [True, True, False]  # a url: target is out of reach
+    s = sc.parse(BASE + "profile: {targets: [b]}\n")
+    assert [s.profiled(t) for t in s.targets] == [False, True, False] and s.profile.prompt_tokens == [4096]
+    assert not any(sc.parse(BASE).profiled(t) for t in sc.parse(BASE).targets)
+
+
+@pytest.mark.parametrize("section, says", [
+    ("profile: {targets: [zz]}", "profile.targets: no target named zz"),
+    ("profile: {targets: [c]}", "profile.targets: c not served by ctxload"),
+    ("profile: {decode_steps: 0}", "profile.decode_steps: Input should be greater than 0"),
+    ("profile: {prompt_tokens: []}", "profile.prompt_tokens"),
+    ("profile: {keep: true}", "profile.keep: unknown field"),
+])
+def test_a_bad_profile_section_is_one_line_naming_the_field(section, says):
+    with pytest.raises(sc.ScenarioError) as e:
+        sc.parse(BASE + section + "\n", "s.yaml")
+    assert says in str(e.value) and str(e.value).startswith("s.yaml:")
+
+
+def test_a_profiled_server_starts_with_its_profiler_ready(tmp_path):
+    s = sc.parse(BASE)
+    ssm = targets.command(s.targets[0], "/models/m", 8000, tmp_path / "tr")
+    assert ssm[ssm.index("--profile-dir") + 1] == str((tmp_path / "tr").resolve())
+    assert "--profile-dir" not in targets.command(s.targets[0], "/models/m", 8000)
+    vllm = targets.command(s.targets[1], "tiny-llama", 8000, tmp_path / "tr")
+    config = json.loads(vllm[vllm.index("--profiler-config") + 1])
+    assert config == {"profiler": "torch", "torch_profiler_dir": str((tmp_path / "tr").resolve()),
+                      "torch_profiler_with_stack": False, "ignore_frontend": True,
+                      "torch_profiler_dump_cuda_time_total": False}
+    assert "--profiler-config" not in targets.command(s.targets[1], "tiny-llama", 8000)
+    assert targets.trace_dir(tmp_path, "b") == tmp_path / "profiles" / "b"
+
+
+def test_the_decode_request_asks_for_room_to_spare():
+    assert profiling.decode_tokens(16) == 320  # no room known: the least
+    assert profiling.decode_tokens(16, room=1535) == 1535
+    assert profiling.decode_tokens(16, room=10**6) == profiling.DECODE_ASK
+    assert profiling.decode_tokens(16, room=100) == 320  # the runner refuses such a length first
+
+
+def test_a_line_of_operators_jsonl_from_a_real_trace(tmp_path):
+    # vLLM on CPU, tiny Mamba2: a 400-token prefill and 7 decode steps, each step annotated
+    table = traces.kernel_table(TRACE)
+    assert table["steps"] == 8  # 1 prefill + 7 decode steps; the empty step does not count
+    f = tmp_path / TRACE.name
+    shutil.copy(TRACE, f)
+    (tmp_path / "rank0.profiler_out.txt").write_text("a summary table, not a trace")
+    w = profiling.Window(ttft_s=0.05, steps=5, steps_source="stream", completion_tokens=9)
+    line = profiling.line("t", "vllm", 400, "decode", window=w, files=[f, tmp_path / "rank0.profiler_out.txt"])
+    assert (line["steps"], line["steps_source"]) == (8, "trace")  # the engine's marks beat the stream
+    assert line["device"] == "cpu" and line["kernels"] == table["kernels"]
+    assert line["total_s"] == pytest.approx(table["total_s"])
+    w = profiling.Window(steps=3, steps_source="server")
+    assert profiling.line("t", "ssm-server", 400, "decode", window=w, files=[f])["steps"] == 3
+    kept = profiling.keep_or_delete([f], keep=True, into=tmp_path / "kept")
+    assert kept == [str(tmp_path / "kept" / f.name)] and not f.exists()
+    empty = profiling.line("t", "vllm", 9999, "prefill", error="not profiled: too long")
+    assert empty["kernels"] == [] and empty["device"] is None and empty["error"] == "not profiled: too long"
