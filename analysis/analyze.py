@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from analysis import claims as claims_mod
 from analysis import engines as engines_mod
 from analysis import memory, scaling, stats
+from analysis import operators as operators_mod
 from analysis.records import RunData
 from analysis.units import sig, size, tokens
 from rundir.slos import Slos
@@ -26,6 +27,8 @@ class Analysis:
     sizes: list[memory.StateSizes]
     energy: list[memory.Energy]
     claims: list[claims_mod.Claim]
+    operators: list = field(default_factory=list)
+    """The profile pass, classified (:func:`analysis.operators.rows`): where the time goes."""
     engines: dict[str, engines_mod.Engine] = field(default_factory=dict)
     """Each target's engine and engine class (:mod:`analysis.engines`)."""
     notes: list[str] = field(default_factory=list)
@@ -41,12 +44,14 @@ def analyze(run: RunData) -> Analysis:
     limits = scaling.context_limits(run)
     energy = memory.energy_per_request(run)
     engines = engines_mod.identify(run)
+    ops = operators_mod.rows(run)
     ran = {r.target for r in run.requests}  # a target the run never reached needs no note
     a = Analysis(run=run, slos=slos, stages=stats.all_stage_stats(run, slos), fits=fits,
                  ttft_pairs=scaling.family_pairs(run, "ttft", fits),
                  tpot_pairs=scaling.family_pairs(run, "tpot", fits), limits=limits, memory=mem,
                  budget=memory.budget_bytes(run), sizes=memory.state_sizes(run), energy=energy,
-                 claims=claims_mod.claims_table(run, limits, mem, energy, engines), engines=engines,
+                 claims=claims_mod.claims_table(run, limits, mem, energy, engines, ops), engines=engines,
+                 operators=ops,
                  notes=engines_mod.notes({t: e for t, e in engines.items() if t in ran},
                                          on_gpu=bool(run.env.get("gpus"))))
     if ran and all(getattr(memory.preset_of(run, t), "tiny", False) for t in ran):
@@ -124,6 +129,30 @@ def _classes(a: Analysis) -> list[tuple[str, list[str]]]:
     return list(out.items())
 
 
+def _operator_lines(a: Analysis) -> list[str]:
+    """Per profiled target: the paper's three classes' shares of device time, each length and
+    phase; and what no rule could place."""
+    out = []
+    for t in dict.fromkeys(r.target for r in a.operators):
+        mine = [r for r in a.operators if r.target == t and r.breakdown is not None]
+        if not mine:
+            continue
+        parts = []
+        for phase in ("prefill", "decode"):
+            cells = [f"{tokens(r.prompt_tokens)} " + "/".join(f"{r.breakdown.share(c):.0%}" for c in operators_mod.PAPER_CLASSES)
+                     for r in mine if r.phase == phase]
+            if cells:
+                parts.append(f"{phase} " + ", ".join(cells))
+        out.append(f"{engines_mod.tag(t, a.engines)}: device time GEMM/SSM scan/non-GEMM — " + "; ".join(parts) + ".")
+        unplaced = sorted({n for r in mine for n, _ in r.breakdown.unclassified})
+        if unplaced:
+            share = max(r.breakdown.unclassified_s / r.breakdown.total_s for r in mine if r.breakdown.total_s)
+            out.append(f"{t}: {len(unplaced)} kernel name(s) no rule places (up to {share:.0%} of a trace's time; "
+                       f"listed under the operator table): " + ", ".join(n[:60] for n in unplaced[:3])
+                       + (" …" if len(unplaced) > 3 else "") + ".")
+    return out
+
+
 def verdict(a: Analysis) -> list[str]:
     run = a.run
     tag = lambda t: engines_mod.tag(t, a.engines)  # noqa: E731
@@ -173,6 +202,7 @@ def verdict(a: Analysis) -> list[str]:
             lines.append(f"{m.target} peak memory {size(m.peak_bytes[0])} at {tokens(m.lengths[0])} → "
                          f"{size(m.peak_bytes[-1])} at {tokens(m.lengths[-1])} tokens "
                          f"(fit: {sig(per_k)} MiB per 1K tokens; {m.source} metrics).")
+    lines += _operator_lines(a)
     held = sum(c.verdict == claims_mod.HOLDS for c in a.claims)
     differ = sum(c.verdict == claims_mod.DIFFERS for c in a.claims)
     lines.append(f"Paper claims: {held} hold, {differ} differ, "

@@ -220,6 +220,43 @@ def itl_distribution(a):
     return fig
 
 
+#: One colour per operator class, SSM scan in the SSM family's red, GEMM in blues.
+OPERATOR_COLOURS = {"gemm": "#1f77b4", "attention": "#6baed6", "ssm": "#d62728", "conv1d": "#ff9896",
+                    "norm": "#2ca02c", "elementwise": "#98df8a", "memory": "#9467bd", "sampling": "#ff7f0e",
+                    "other": "#c7c7c7"}
+
+
+def operators(a):
+    """Share of device time by operator class, a stacked bar per target × length × phase
+    (the profile pass); what no rule places is the hatched grey end of its bar."""
+    from analysis.operators import FINE
+
+    rows = [r for r in a.operators if r.breakdown is not None and r.breakdown.total_s > 0]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(8.4, 1.6 + 0.32 * len(rows)), dpi=100)
+    labels = [f"{eng.tag(r.target, a.engines)} · {units.tokens(r.prompt_tokens)} {r.phase}" for r in rows]
+    y = np.arange(len(rows))[::-1]
+    left = np.zeros(len(rows))
+    for cls in FINE:
+        v = np.array([r.breakdown.share(cls) * 100 for r in rows])
+        if v.any():
+            ax.barh(y, v, left=left, color=OPERATOR_COLOURS[cls], label=cls, height=0.7)
+            left += v
+    rest = np.array([r.breakdown.unclassified_s / r.breakdown.total_s * 100 for r in rows])
+    if rest.any():
+        ax.barh(y, rest, left=left, color="#eeeeee", hatch="//", edgecolor="#999999", label="unplaced", height=0.7)
+    for yi, r in zip(y, rows):
+        ax.text(101, yi, units.duration(r.per_step_s or r.breakdown.total_s)
+                + (" a step" if r.per_step_s else ""), va="center", fontsize=7)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("share of device time (%)")
+    ax.set_title("Where the time goes: device time by operator class")
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.6 / (1 + 0.2 * len(rows))))
+    return fig
+
+
 #: (file stem, caption, builder) of every plot, in report order.
 PLOTS = (
     ("ttft_vs_prompt", "TTFT vs prompt length", lambda a: latency_vs_prompt(a, "ttft")),
@@ -227,6 +264,7 @@ PLOTS = (
     ("memory_vs_prompt", "Memory vs prompt length", memory_vs_prompt),
     ("throughput_vs_concurrency", "Throughput vs concurrency", throughput_vs_concurrency),
     ("itl_distribution", "ITL distribution", itl_distribution),
+    ("operators", "Where the time goes (operator classes)", operators),
 )
 
 

@@ -49,6 +49,53 @@ class SyntheticRun:
     gpu: bool = True
     slos: dict = field(default_factory=lambda: {"ttft_s": 2.0, "tpot_s": 0.05})
     finished: bool = True
+    profile: bool = True
+    """Write operators.jsonl: a profile pass at the shortest and longest length (KERNELS)."""
+
+
+#: A profile pass's kernels by family (names from an H200 trace, 2026-12-02): ``(name, s per
+#: prompt token in a prefill, s per decode step)``. The SSM's scan takes 6 of its 8.5 ns a
+#: token of prefill (71%); the Transformer's attention grows with the prompt (ATTN_S).
+KERNELS = {
+    "transformer": [("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT", 2.0e-9, 8.0e-4),
+                    ("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<>>>",
+                     0.0, 2.0e-4),
+                    ("triton_per_fused_add_mul_rms_norm_1", 0.3e-9, 1.0e-4),
+                    ("triton_poi_fused_mul_silu_slice_1", 0.3e-9, 1.0e-4)],
+    "ssm": [("_chunk_scan_fwd_kernel", 3.0e-9, 0.0), ("_state_passing_fwd_kernel", 2.0e-9, 0.0),
+            ("_causal_conv1d_fwd_kernel", 1.0e-9, 0.0), ("ssu", 0.0, 3.0e-4), ("conv_step", 0.0, 1.0e-4),
+            ("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT", 2.0e-9, 8.0e-4),
+            ("_layer_norm_fwd_1pass_kernel", 0.5e-9, 1.0e-4)],
+    "hybrid": [("_chunk_scan_fwd_kernel", 1.5e-9, 0.0), ("ssu", 0.0, 1.5e-4),
+               ("nvjet_sm90_tst_8x64_64x16_2x1_v_bz_TNN", 2.0e-9, 8.0e-4),
+               ("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<>>>",
+                0.0, 1.0e-4),
+               ("rms_norm_kernel", 0.3e-9, 1.0e-4)],
+}
+ATTN_S = 1.0e-14
+"""A flash-attention prefill's seconds per prompt token squared."""
+STEPS = 16
+
+
+def operator_lines(spec: SyntheticRun) -> list[dict]:
+    """operators.jsonl of a profile pass (docs/contracts.md) over ``spec``'s targets."""
+    out = []
+    for law in spec.laws:
+        for n in sorted({spec.lengths[0], spec.lengths[-1]}):
+            for phase in ("prefill", "decode"):
+                kernels = []
+                for name, per_token, per_step in KERNELS[law.family]:
+                    t = per_token * n + (ATTN_S * n * n if "flash::" in name and phase == "prefill" else 0.0) \
+                        if phase == "prefill" else per_step * STEPS
+                    if t > 0:
+                        kernels.append({"name": name, "count": 24 if phase == "prefill" else 24 * STEPS, "time_s": t})
+                kernels.sort(key=lambda k: -k["time_s"])
+                out.append(dict(schema_version=SCHEMA, time=1_700_000_000.0, target=law.preset, engine="synthetic",
+                                prompt_tokens=n, phase=phase, device="cuda" if spec.gpu else "cpu",
+                                total_s=sum(k["time_s"] for k in kernels), kernels=kernels,
+                                steps=1 if phase == "prefill" else STEPS, steps_source="server", window_s=None,
+                                ttft_s=None, e2e_s=None, completion_tokens=None, traces=[], error=None))
+    return out
 
 
 def _record(rng, law, target, stage, index, n, conc, t0, max_tokens, noise, req_id):
@@ -137,4 +184,7 @@ def write(run_dir: str | Path, spec: SyntheticRun | None = None) -> Path:
         f.writelines(json.dumps(r) + "\n" for r in reqs)
     with open(run_dir / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(s) + "\n" for s in scrapes)
+    if spec.profile:
+        with open(run_dir / "operators.jsonl", "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in operator_lines(spec))
     return run_dir

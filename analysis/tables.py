@@ -203,4 +203,40 @@ def plan(a: Analysis) -> Table:
         empty="no target with a preset, an engine and a memory_budget")
 
 
-ALL = (engines, claims, latency, throughput, fits, crossovers, speedups, limits, memory, plan, energy, errors)
+def operators(a: Analysis) -> Table:
+    from analysis.operators import FINE, PAPER_CLASSES
+
+    rows, unplaced = [], {}
+    for r in a.operators:
+        b = r.breakdown
+        if b is None:
+            rows.append([_tag(a, r.target), _tok(r.prompt_tokens), r.phase, "—", "—", "—", "—", "—",
+                         r.error or "nothing traced", "—"])
+            continue
+        time = _t(b.total_s) + (f" ({_t(r.per_step_s)} a step, {r.steps})" if r.per_step_s else "")
+        finer = ", ".join(f"{c} {units.percent(b.share(c))}" for c in FINE if b.share(c) >= 0.01)
+        top = b.top[0]
+        asked = ("TTFT " + _t(r.ttft_s)) if r.phase == "prefill" and r.ttft_s else (
+            f"{r.steps} steps" + (" (server's count)" if r.steps_source == "server" else " (streamed tokens)")
+            if r.steps else "—")
+        rows.append([_tag(a, r.target), _tok(r.prompt_tokens), r.phase, f"{r.device} {time}",
+                     *(units.percent(b.share(c)) for c in PAPER_CLASSES), finer,
+                     f"{top[0][:70]} ({units.percent(top[3])}, {top[1] or 'unplaced'})", asked])
+        for n, t in b.unclassified:
+            unplaced[n] = max(unplaced.get(n, 0.0), t / b.total_s if b.total_s else 0.0)
+    note = ("Device time of the profiled requests, from the engine's own profiler (a scenario's `profile:`; "
+            "one prefill request and one decode window per row, not in requests.jsonl): GPU kernels, or "
+            "CPU operators by self time. GEMM includes attention; SSM scan is the scan, the state update "
+            "and the causal conv1d; the finer classes and the rules are docs/analysis.md's.")
+    if unplaced:
+        note += (" Kernels no rule places (counted in the total, in no class): "
+                 + "; ".join(f"{n[:80]} ({units.percent(s)})" for n, s in
+                             sorted(unplaced.items(), key=lambda kv: -kv[1])[:12]) + ".")
+    return Table("operators", "Where the time goes (operator classes)",
+                 ["target · engine", "prompt", "phase", "device time", *PAPER_CLASSES, "finer", "top kernel",
+                  "profiled request"], rows, note=note,
+                 empty="no profile pass (a scenario's `profile:`)")
+
+
+ALL = (engines, claims, latency, throughput, fits, crossovers, speedups, limits, memory, plan, energy, operators,
+       errors)

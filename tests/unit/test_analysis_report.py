@@ -79,7 +79,10 @@ def test_claims_without_an_ssm(tmp_path):
     spec = synthetic.SyntheticRun(laws=synthetic.DEFAULT_LAWS[:1], lengths=(64, 128, 256))
     a = analyze(load_run(synthetic.write(tmp_path / "one", spec)))
     assert len(a.claims) == len(claims.TITLES)
-    assert all(c.verdict == claims.UNMEASURED and "this run has transformer" in c.why for c in a.claims)
+    pairs = [c for c in a.claims if c.claim != claims.OPERATOR_CLAIM]
+    assert all(c.verdict == claims.UNMEASURED and "this run has transformer" in c.why for c in pairs)
+    (op,) = [c for c in a.claims if c.claim == claims.OPERATOR_CLAIM]
+    assert op.verdict == claims.UNMEASURED and op.why == "no SSM target was profiled"
 
 
 def test_relative_difference():
