@@ -3,7 +3,8 @@
 # scenarios/paper-h200.yaml, with vLLM 0.26.0 carried as a 3-part kit. One device call per
 # step, back to back (a warm machine keeps /tmp only ~30 s after a call):
 #
-#   kit 1 | kit 2 | kit 3   copy .kitN/ (the parts from ../shared/gpu-reference/vllm-kit), assemble at 3
+#   kit 1 .. kit 4          copy .kitN/ (a quarter of the kit from ../shared/gpu-reference/vllm-kit:
+#                           `cat part-* | split -n 4 -d -a 2 - vk.`), assemble at the last
 #   start [SCENARIO]        install .whl/ (ctxload's wheels, mamba_ssm's sdist), start the GPU exporter,
 #                           start `ctxload run` in its own session (or --resume it), then wait
 #   wait                    wait for the run (up to WAIT_S), then `ctxload report`; each call packs
@@ -45,8 +46,15 @@ wait_run() {
 
 case "${1:-}" in
   kit)
+    # .kit1 .. .kit$KIT_CALLS: the kit's 3 parts cut into equal pieces (vk.00, vk.01, …; a call
+    # carries at most 64 MiB with the working tree); the last call joins them, cuts them back
+    # into make_kit.sh's parts and assembles
     mkdir -p /tmp/kit && cp ".kit$2"/* /tmp/kit/ && ls -la /tmp/kit
-    if [ "$2" = 3 ]; then SKIP_CHECKS=${SKIP_CHECKS:-0} bash /tmp/kit/assemble.sh 2>&1 | tail -15; fi
+    if [ "$2" = "${KIT_CALLS:-4}" ]; then
+      (cd /tmp/kit && cat vk.* > whole.tar && split -b 62914560 -a 2 whole.tar vllmkit-slim.tar.part- \
+        && rm -f vk.* whole.tar)
+      SKIP_CHECKS=${SKIP_CHECKS:-0} bash /tmp/kit/assemble.sh 2>&1 | tail -15
+    fi
     nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv ;;
   start)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

@@ -2,7 +2,7 @@
 
     python benchmarks/gpu/trim_run.py RUN_DIR OUT_DIR
 
-Copies scenario.yaml, env.json, requests.jsonl, max_context.jsonl and the servers' logs as
+Copies scenario.yaml, env.json, requests.jsonl, max_context.jsonl, operators.jsonl and the servers' logs as
 they are; every scrape of metrics.jsonl is kept (with its time, target and stage tags), but
 only its samples named below. A vLLM /metrics page is ~10 KB of histograms per scrape, and
 the analysis reads a handful of gauges.
@@ -28,7 +28,7 @@ KEEP = {
 
 def trim(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("scenario.yaml", "env.json", "requests.jsonl", "max_context.jsonl"):
+    for name in ("scenario.yaml", "env.json", "requests.jsonl", "max_context.jsonl", "operators.jsonl"):
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)
     if (src / "servers").is_dir():
