@@ -20,6 +20,7 @@ are greenlets, elsewhere threads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -198,19 +199,34 @@ class Profiler:
     def _traced(self, run, prefix: str) -> tuple[Window, list[Path]]:
         """Run ``run(start, stop)`` and return its window and the trace files the server
         wrote between the start and the stop."""
-        before = {p.name for p in self.trace_dir.iterdir()} if self.trace_dir.is_dir() else set()
+        before = self._names()
         stopped: dict = {}
+        state = {"started": False, "stopped": False}
 
         def start() -> float:
             _post(self.url, "/start_profile", {"profile_prefix": prefix}, self.headers, self.timeout_s)
+            state["started"] = True
             return time.perf_counter()
 
         def stop() -> float:
             t = time.perf_counter()
+            state["stopped"] = True
             stopped.update(_post(self.url, "/stop_profile", None, self.headers, self.timeout_s))
             return t
 
-        w = run(start, stop)
+        try:
+            w = run(start, stop)
+        except BaseException:
+            # the server's profiler is left stopped and what it wrote is gone: the next length
+            # starts clean
+            if state["started"] and not state["stopped"]:
+                with contextlib.suppress(ProfileError):
+                    _post(self.url, "/stop_profile", None, self.headers, self.timeout_s)
+            if state["started"]:
+                _wait_for_traces(self.trace_dir, before, wait_s=10.0)
+                for p in self._written_since(before):
+                    p.unlink(missing_ok=True)
+            raise
         if stopped.get("steps") is not None:  # ssm-server counts its engine steps
             w.steps, w.steps_source = int(stopped["steps"]), "server"
         files = _wait_for_traces(self.trace_dir, before)
@@ -218,9 +234,16 @@ class Profiler:
             raise ProfileError(f"the server wrote no trace in {self.trace_dir} within {TRACE_WAIT_S:.0f} s")
         # what else it wrote with them (vLLM on CPU: a summary table, *.profiler_out.txt) goes
         # where they go
-        others = [p for p in self.trace_dir.iterdir() if p.is_file() and p.name not in before
-                  and p not in files and not p.name.startswith(".")]
-        return w, files + others
+        return w, files + [p for p in self._written_since(before) if p not in files]
+
+    def _names(self) -> set[str]:
+        return {p.name for p in self.trace_dir.iterdir()} if self.trace_dir.is_dir() else set()
+
+    def _written_since(self, before: set[str]) -> list[Path]:
+        if not self.trace_dir.is_dir():
+            return []
+        return [p for p in self.trace_dir.iterdir() if p.is_file() and p.name not in before
+                and not p.name.startswith(".")]
 
     def prefill(self, prompt: str, prefix: str) -> tuple[Window, list[Path]]:
         def run(start, stop) -> Window:
@@ -239,15 +262,17 @@ class Profiler:
         def run(start, stop) -> Window:
             s = _Stream(self.url, request_body(self.model, prompt, decode_tokens(steps, room), self.chat),
                         self.headers, self.chat, self.timeout_s)
-            if not s.wait_tokens(1, self.timeout_s):
-                w = s.join(5.0)
-                raise ProfileError(f"no first token: {w.error or 'the stream ended'}")
-            t_start = start()
-            at_start = s.tokens()
-            s.wait_tokens(at_start + steps, self.timeout_s)
-            at_stop = s.tokens()
-            t_stop = stop()
-            s.drop()
+            try:
+                if not s.wait_tokens(1, self.timeout_s):
+                    w = s.join(5.0)
+                    raise ProfileError(f"no first token: {w.error or 'the stream ended'}")
+                t_start = start()
+                at_start = s.tokens()
+                s.wait_tokens(at_start + steps, self.timeout_s)
+                at_stop = s.tokens()
+                t_stop = stop()
+            finally:
+                s.drop()  # whatever happened, the request ends here
             w = s.join(self.timeout_s)
             if at_stop <= at_start:
                 raise ProfileError(f"the stream ended before the profiler had started ({at_start} tokens); "
@@ -257,10 +282,10 @@ class Profiler:
         return self._traced(run, prefix)
 
 
-def _wait_for_traces(directory: Path, before: set[str]) -> list[Path]:
+def _wait_for_traces(directory: Path, before: set[str], wait_s: float = TRACE_WAIT_S) -> list[Path]:
     """The trace files written since ``before``, once their sizes hold still (a server may
-    answer ``/stop_profile`` before its file is complete)."""
-    deadline = time.monotonic() + TRACE_WAIT_S
+    answer ``/stop_profile`` before its file is complete); none after ``wait_s``."""
+    deadline = time.monotonic() + wait_s
     sizes: dict[Path, int] = {}
     while time.monotonic() < deadline:
         files = traces.new_traces(directory, before)

@@ -138,3 +138,28 @@ def test_serving_goes_on_across_start_and_stop(servers):
     assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
     assert events[-1]["usage"]["completion_tokens"] == 200
     complete(srv)
+
+
+def test_the_profile_client_leaves_the_server_clean_after_a_failure(servers):
+    """loadgen.profiling against the real server: a window that fails once the profiler runs
+    stops it and deletes what it wrote; the next window works, and a decode window counts the
+    server's own engine steps."""
+    from loadgen import profiling
+
+    _, profiled = servers
+    prof = profiling.Profiler(profiled.url, "tiny", profiled.trace_dir)
+    before = set(os.listdir(profiled.trace_dir))
+
+    def failing(start, stop):
+        start()
+        complete(profiled)
+        raise profiling.ProfileError("the window went wrong")
+
+    with pytest.raises(profiling.ProfileError, match="went wrong"):
+        prof._traced(failing, "failing")
+    assert set(os.listdir(profiled.trace_dir)) == before  # its trace is gone
+    w, files = prof.decode(" ".join(["word"] * 40), 4, "after")  # 409 here if still running
+    assert w.steps_source == "server" and w.steps >= 4 and w.error is None
+    assert [f.name.split(".")[0] for f in files] == ["after"]
+    for f in files:
+        f.unlink()
