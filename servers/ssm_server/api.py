@@ -282,15 +282,28 @@ class Server:
         head, tail = chunk("\x00", None).split(b'"\\u0000"')
         dumps = json.dumps
 
+        # vLLM's continuous_usage_stats: every chunk says the tokens so far (a text chunk may be
+        # empty while a character's bytes are held back, so counting chunks is not counting tokens)
+        every = body.include_usage and body.stream_options.continuous_usage_stats
+        sent = 0
+
+        def usage_now():
+            return {"prompt_tokens": req.prompt_len, "completion_tokens": sent,
+                    "total_tokens": req.prompt_len + sent} if every else None
+
         if chat:
-            await resp.write(chunk(role=True))
+            await resp.write(chunk(role=True, usage=usage_now()))
         while True:
             ev = await req.out.get()
             if ev.kind == "token":
+                sent += 1
                 if ev.finish_reason:  # the last token carries the finish reason, as vLLM sends it
-                    await resp.write(chunk(ev.text, reason=ev.finish_reason))
+                    await resp.write(chunk(ev.text, reason=ev.finish_reason, usage=usage_now()))
                     break
-                await resp.write(head + dumps(ev.text).encode() + tail)
+                if every:
+                    await resp.write(chunk(ev.text, usage=usage_now()))
+                else:
+                    await resp.write(head + dumps(ev.text).encode() + tail)
             else:  # "error"
                 err = P.APIError(ev.status, ev.text).body()
                 await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")

@@ -82,6 +82,26 @@ def test_greedy_is_deterministic_and_stream_matches(client):
     assert reasons == [None] * 7 + ["length"], reasons
 
 
+def test_continuous_usage_counts_every_token_chunk(client):
+    """vLLM's stream_options.continuous_usage_stats: each chunk says the tokens so far, so a
+    client counts tokens exactly even when a chunk's text is empty (a character's bytes held)."""
+    kw = dict(model="tiny", prompt="a long context test", max_tokens=8, temperature=0,
+              extra_body={"ignore_eos": True})
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    evs = list(client.completions.create(stream=True, stream_options=opts, **kw))
+    tokens = [ev.usage.completion_tokens for ev in evs if ev.choices]
+    assert tokens == list(range(1, 9))
+    assert all(ev.usage.prompt_tokens == evs[-1].usage.prompt_tokens > 0 for ev in evs)
+    assert not evs[-1].choices and evs[-1].usage.completion_tokens == 8
+    chat = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=3, stream=True, stream_options=opts,
+                                               extra_body={"ignore_eos": True}))
+    assert [c.usage.completion_tokens for c in chat if c.choices] == [0, 1, 2, 3]  # the role chunk first
+    # without it, only the last chunk has usage (the fast path)
+    plain = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert [ev.usage is not None for ev in plain] == [False] * 8 + [True]
+
+
 def test_seeded_sampling_repeats(client):
     kw = dict(model="tiny", prompt="state space", max_tokens=6, temperature=1.0, top_p=0.9,
               seed=7, extra_body={"ignore_eos": True, "top_k": 50})
