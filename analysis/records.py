@@ -15,6 +15,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from rundir.operators import OperatorRecord  # the run directory's contract: written by loadgen
+
 FAMILIES = ("transformer", "ssm", "hybrid")
 WARMUP = "warmup"
 """The stage label loadgen gives warm-up requests (sent before a target's first stage)."""
@@ -85,42 +87,6 @@ class Scrape:
 
 
 @dataclass
-class OperatorLine:
-    """One line of operators.jsonl: the kernels of one target × length × phase of a profile
-    pass (docs/contracts.md), their times in seconds."""
-
-    target: str
-    prompt_tokens: int
-    phase: str
-    device: str | None
-    kernels: list[dict]
-    total_s: float | None
-    steps: int | None = None
-    steps_source: str | None = None
-    ttft_s: float | None = None
-    e2e_s: float | None = None
-    error: str | None = None
-    traces: list[str] = field(default_factory=list)
-
-
-def parse_operator_line(obj: dict[str, Any]) -> OperatorLine:
-    if obj.get("phase") not in ("prefill", "decode"):
-        raise ValueError(f"phase {obj.get('phase')!r} is not prefill or decode")
-    kernels = obj.get("kernels") or []
-    for k in kernels:
-        if not isinstance(k.get("name"), str) or not _finite(k.get("time_s")):
-            raise ValueError("a kernel lacks its name or time_s")
-    return OperatorLine(target=str(obj["target"]), prompt_tokens=int(obj["prompt_tokens"]), phase=obj["phase"],
-                        device=obj.get("device"), kernels=kernels, total_s=obj.get("total_s"),
-                        steps=obj.get("steps"), steps_source=obj.get("steps_source"), ttft_s=obj.get("ttft_s"),
-                        e2e_s=obj.get("e2e_s"), error=obj.get("error"), traces=list(obj.get("traces") or []))
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x) and x >= 0
-
-
-@dataclass
 class RunData:
     run_dir: Path
     requests: list[Request] = field(default_factory=list)
@@ -134,7 +100,7 @@ class RunData:
     metrics_source: str = "metrics.jsonl"
     warmup: list[Request] = field(default_factory=list)
     """Requests of the ``warmup`` stage: kept out of every figure."""
-    operators: list[OperatorLine] = field(default_factory=list)
+    operators: list[OperatorRecord] = field(default_factory=list)
     """The profile pass's lines (operators.jsonl), when the scenario had one."""
     _sweep: dict[str, int] | None = field(default=None, repr=False)
     _targets: list[str] | None = field(default=None, repr=False)
@@ -317,7 +283,7 @@ def load_run(run_dir: str | Path, scrapes: Iterable[Scrape] | None = None) -> Ru
             data.missing.append("metrics.jsonl is missing: no server or GPU metrics")
     ops = run_dir / "operators.jsonl"
     if ops.exists():
-        data.operators = read_jsonl(ops, parse_operator_line, data.problems)
+        data.operators = read_jsonl(ops, OperatorRecord.from_json, data.problems)
     if data.env and not data.env.get("finished_at"):
         data.missing.append("env.json has no finished_at: the run stopped before its end")
     if not data.requests:

@@ -31,9 +31,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rundir.operators import OperatorRecord
 from servers import traces
 
-SCHEMA_VERSION = 1
 #: How long a server may take to write its trace after ``/stop_profile`` has answered.
 TRACE_WAIT_S = 120.0
 
@@ -299,36 +299,34 @@ def _wait_for_traces(directory: Path, before: set[str], wait_s: float = TRACE_WA
 
 def line(target: str, engine: str | None, prompt_tokens: int, phase: str, *, window: Window | None = None,
          files: list[Path] = (), kept: list[str] = (), error: str | None = None) -> dict:
-    """One line of ``operators.jsonl``: the kernels of every trace file of this target ×
-    length × phase, summed by name (docs/contracts.md)."""
-    out = {"schema_version": SCHEMA_VERSION, "time": time.time(), "target": target, "engine": engine,
-           "prompt_tokens": prompt_tokens, "phase": phase, "device": None, "total_s": None, "kernels": [],
-           "steps": None, "steps_source": None, "window_s": None, "ttft_s": None, "e2e_s": None,
-           "completion_tokens": None, "traces": list(kept), "error": error}
+    """One line of ``operators.jsonl`` (:class:`rundir.operators.OperatorRecord`): the kernels
+    of every trace file of this target × length × phase, summed by name."""
+    rec = OperatorRecord(target=target, engine=engine, prompt_tokens=prompt_tokens, phase=phase,
+                         traces=list(kept), error=error)
     if window is not None:
-        out.update(steps=window.steps, steps_source=window.steps_source, window_s=window.window_s,
-                   ttft_s=window.ttft_s, e2e_s=window.e2e_s, completion_tokens=window.completion_tokens)
+        rec.steps, rec.steps_source, rec.window_s = window.steps, window.steps_source, window.window_s
+        rec.ttft_s, rec.e2e_s, rec.completion_tokens = window.ttft_s, window.e2e_s, window.completion_tokens
         if window.error and not error:
-            out["error"] = window.error
+            rec.error = window.error
     files = [p for p in files if traces.is_trace_file(p)]
     if files:
         tables = [traces.kernel_table(p) for p in files]
-        out["device"] = "cuda" if any(t["device"] == "cuda" for t in tables) else "cpu"
+        rec.device = "cuda" if any(t["device"] == "cuda" for t in tables) else "cpu"
         summed: dict[str, list] = {}
         for t in tables:
-            if t["device"] != out["device"]:
+            if t["device"] != rec.device:
                 continue  # a CPU-only trace beside the GPU worker's (a front end's): not the model's
             for k in t["kernels"]:
                 s = summed.setdefault(k["name"], [0, 0.0])
                 s[0] += k["count"]
                 s[1] += k["time_s"]
-        out["kernels"] = [{"name": n, "count": c, "time_s": t}
-                          for n, (c, t) in sorted(summed.items(), key=lambda kv: -kv[1][1])]
-        out["total_s"] = sum(k["time_s"] for k in out["kernels"])
-        marked = [t["steps"] for t in tables if t["device"] == out["device"] and t.get("steps") is not None]
-        if marked and out["steps_source"] != "server":  # the engine's own marks beat a stream's count
-            out["steps"], out["steps_source"] = max(marked), "trace"
-    return out
+        rec.kernels = [{"name": n, "count": c, "time_s": t}
+                       for n, (c, t) in sorted(summed.items(), key=lambda kv: -kv[1][1])]
+        rec.total_s = sum(k["time_s"] for k in rec.kernels)
+        marked = [t["steps"] for t in tables if t["device"] == rec.device and t.get("steps") is not None]
+        if marked and rec.steps_source != "server":  # the engine's own marks beat a stream's count
+            rec.steps, rec.steps_source = max(marked), "trace"
+    return rec.to_json()
 
 
 def keep_or_delete(files: list[Path], keep: bool, into: Path) -> list[str]:

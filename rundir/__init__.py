@@ -2,4 +2,5 @@
 analysis reads, defined once (docs/contracts.md). It imports neither of them.
 
 - ``rundir.slos``: the SLOs a request is judged against, the one percentile rule, ``meets``.
+- ``rundir.operators``: a line of ``operators.jsonl`` (a profile pass's kernels), written and read.
 """
