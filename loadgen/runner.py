@@ -41,6 +41,7 @@ from loadgen.progress import Progress
 from loadgen.records import RecordWriter
 from loadgen.scrape import Scraper, ScraperProcess
 from loadgen.user import SPARE, StreamingUser
+from rundir.max_context import MaxContextRecord
 from servers.process import ServerFailed
 
 
@@ -539,14 +540,13 @@ def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict, stage_index: 
     if stop_reason:
         say(f"{lt.name}: no more stages: {stop_reason}")
     if search is not None:
-        out = {"schema_version": 1, "target": lt.name, "max_ok_tokens": search.max_ok,
-               "min_fail_tokens": search.min_fail, "failure_kind": search.failure_kind,
-               "crashed": search.crashed, "converged": search.converged, "tolerance": load.tolerance,
-               "max_tried_tokens": search.max_tried, "server_max_model_len": lt.max_model_len,
-               "known_ok_tokens": search.known_ok,
-               "probes": search.probes, "stopped": stop_reason}
+        out = MaxContextRecord(
+            target=lt.name, max_ok_tokens=search.max_ok, min_fail_tokens=search.min_fail,
+            failure_kind=search.failure_kind, crashed=search.crashed, converged=search.converged,
+            tolerance=load.tolerance, max_tried_tokens=search.max_tried, server_max_model_len=lt.max_model_len,
+            known_ok_tokens=search.known_ok, probes=search.probes, stopped=stop_reason)
         with open(ctx.run_dir / "max_context.jsonl", "a") as f:
-            f.write(json.dumps(out) + "\n")
+            f.write(json.dumps(out.to_json()) + "\n")
         crash = " — connection lost (crash); not hit again" if search.crashed else ""
         say(f"{lt.name}: max context {search.max_ok} tokens (first failure {search.min_fail}: "
             f"{search.failure_kind}){crash}")

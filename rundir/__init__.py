@@ -2,5 +2,6 @@
 analysis reads, defined once (docs/contracts.md). It imports neither of them.
 
 - ``rundir.slos``: the SLOs a request is judged against, the one percentile rule, ``meets``.
+- ``rundir.max_context``: a line of ``max_context.jsonl`` (a max-context search's result).
 - ``rundir.operators``: a line of ``operators.jsonl`` (a profile pass's kernels), written and read.
 """

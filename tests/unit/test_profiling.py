@@ -88,18 +88,3 @@ def test_a_line_of_operators_jsonl_from_a_real_trace(tmp_path):
     empty = profiling.line("t", "vllm", 9999, "prefill", error="not profiled: too long")
     assert empty["kernels"] == [] and empty["device"] is None and empty["error"] == "not profiled: too long"
 
-
-def test_operators_jsonl_is_one_record_written_and_read(tmp_path):
-    """loadgen writes rundir.operators.OperatorRecord, analysis reads it back leniently: an
-    unknown field is ignored, a line it cannot place is named file:line and skipped."""
-    from analysis.records import load_run
-    from rundir.operators import OperatorRecord
-
-    good = profiling.line("t", "vllm", 4096, "prefill", files=[TRACE])
-    assert OperatorRecord.from_json(good).to_json() == good
-    lines = [json.dumps(dict(good, some_new_field=1)), json.dumps(dict(good, phase="warmup")),
-             json.dumps(dict(good, kernels=[{"name": "k", "time_s": -1.0}])), "not json"]
-    (tmp_path / "operators.jsonl").write_text("\n".join(lines) + "\n")
-    run = load_run(tmp_path)
-    assert [r.prompt_tokens for r in run.operators] == [4096]
-    assert [p.split(" ")[0] for p in run.problems] == ["operators.jsonl:2:", "operators.jsonl:3:", "operators.jsonl:4:"]
