@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from analysis import claims as claims_mod
 from analysis import engines as engines_mod
-from analysis import memory, scaling, stats
+from analysis import memory, reuse, scaling, stats
 from analysis import operators as operators_mod
 from analysis.records import RunData
 from analysis.units import sig, size, tokens
@@ -27,6 +27,8 @@ class Analysis:
     sizes: list[memory.StateSizes]
     energy: list[memory.Energy]
     claims: list[claims_mod.Claim]
+    reuse: list = field(default_factory=list)
+    """Prefix-cache hits per target × stage (:func:`analysis.reuse.rows`)."""
     operators: list = field(default_factory=list)
     """The profile pass, classified (:func:`analysis.operators.rows`): where the time goes."""
     engines: dict[str, engines_mod.Engine] = field(default_factory=dict)
@@ -51,7 +53,7 @@ def analyze(run: RunData) -> Analysis:
                  tpot_pairs=scaling.family_pairs(run, "tpot", fits), limits=limits, memory=mem,
                  budget=memory.budget_bytes(run), sizes=memory.state_sizes(run), energy=energy,
                  claims=claims_mod.claims_table(run, limits, mem, energy, engines, ops), engines=engines,
-                 operators=ops,
+                 operators=ops, reuse=reuse.rows(run),
                  notes=engines_mod.notes({t: e for t, e in engines.items() if t in ran},
                                          on_gpu=bool(run.env.get("gpus"))))
     if ran and all(getattr(memory.preset_of(run, t), "tiny", False) for t in ran):
@@ -129,6 +131,21 @@ def _classes(a: Analysis) -> list[tuple[str, list[str]]]:
     return list(out.items())
 
 
+def _reuse_lines(a: Analysis) -> list[str]:
+    """Per target with prefix-cache figures: how much of its prompts the cache served."""
+    out = []
+    for t in dict.fromkeys(r.target for r in a.reuse):
+        mine = [r for r in a.reuse if r.target == t]
+        n, prompt, cached = sum(r.requests for r in mine), sum(r.prompt_tokens for r in mine), sum(r.cached_tokens for r in mine)
+        shared = sum(r.shared_tokens or 0 for r in mine)
+        of_shared = f"{cached / shared:.0%} of the shared tokens, " if shared else ""
+        why = "" if cached or a.engines.get(t) is None or "ssm-server" not in a.engines[t].label else \
+            " (ssm-server keeps no prefix cache)"
+        out.append(f"{engines_mod.tag(t, a.engines)}: its prefix cache served {of_shared}{cached / prompt:.0%} of all "
+                   f"prompt tokens over {n} request(s){why}.")
+    return out
+
+
 def _operator_lines(a: Analysis) -> list[str]:
     """Per profiled target: the paper's three classes' shares of device time, each length and
     phase; and what no rule could place."""
@@ -202,6 +219,7 @@ def verdict(a: Analysis) -> list[str]:
             lines.append(f"{m.target} peak memory {size(m.peak_bytes[0])} at {tokens(m.lengths[0])} → "
                          f"{size(m.peak_bytes[-1])} at {tokens(m.lengths[-1])} tokens "
                          f"(fit: {sig(per_k)} MiB per 1K tokens; {m.source} metrics).")
+    lines += _reuse_lines(a)
     lines += _operator_lines(a)
     held = sum(c.verdict == claims_mod.HOLDS for c in a.claims)
     differ = sum(c.verdict == claims_mod.DIFFERS for c in a.claims)

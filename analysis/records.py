@@ -47,6 +47,10 @@ class Request:
     error_message: str | None
     engine: str = ""
     model: str = ""
+    shared_tokens: int | None = None
+    """Of its prompt, the tokens its group shares (a ``shared_prefix`` prompt source)."""
+    cached_tokens: int | None = None
+    """Prompt tokens the server served from its prefix cache, where its usage says."""
 
     @property
     def ok(self) -> bool:
@@ -202,6 +206,8 @@ def parse_request(obj: dict[str, Any]) -> Request:
         error_message=obj.get("error_message"),
         engine=str(obj.get("engine") or ""),
         model=str(obj.get("model") or ""),
+        shared_tokens=_int(obj.get("shared_tokens")),
+        cached_tokens=_int(obj.get("cached_tokens")),
     )
 
 

@@ -190,10 +190,11 @@ class Controller:
                     gevent.sleep(0.02)
                 continue
             st.in_flight += 1
+            st.issued += 1
             self.counter += 1
             return dict(st.base, stage=st.spec.label, stage_index=st.index, prompt_tokens=tokens,
                         concurrency=st.spec.users, request_id=f"r{self.counter:07d}", seq=self.counter,
-                        _stage=id(st))
+                        stage_seq=st.issued - 1, _stage=id(st))
         return None
 
     def take_for_remote(self, wait_s: float) -> dict | None:
@@ -210,10 +211,11 @@ class Controller:
                 gevent.sleep(0.02)
             return None
         st.in_flight += 1
+        st.issued += 1
         self.counter += 1
         return dict(st.base, stage=st.spec.label, stage_index=st.index, prompt_tokens=tokens,
                     concurrency=st.spec.users, request_id=f"r{self.counter:07d}", seq=self.counter,
-                    _stage=id(st))
+                    stage_seq=st.issued - 1, _stage=id(st))
 
     def give_back(self, job: dict) -> None:
         """A job whose user was gone before it started: its stage may issue it again."""
@@ -248,4 +250,12 @@ def build_prompt(job: dict) -> str:
         b = prompts.local_builder(tok["path"], job.get("prompt_path"))
     else:
         b = prompts.remote_builder(tok["url"], tok["model"], job.get("prompt_path"))
+    shared = job.get("shared_prefix")
+    if shared:
+        # groups of consecutive requests of one stage; no two stages' groups alike (an earlier
+        # stage's document must not be in the cache already)
+        group = job.get("stage_index", 0) * 4096 + job.get("stage_seq", job["seq"]) // shared["group_size"] % 4096
+        job["shared_tokens"] = b.shared_tokens(job["prompt_tokens"], shared["question_tokens"])
+        return b.build_shared(job["prompt_tokens"], job["seq"], shared["question_tokens"], group,
+                              job.get("unique_prefix", True))
     return b.build(job["prompt_tokens"], job["seq"], job.get("unique_prefix", True))

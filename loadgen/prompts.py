@@ -130,6 +130,37 @@ class PromptBuilder:
         return self.prefix(index, k) + self._body(n - k)
 
 
+    def shared_tokens(self, tokens: int, question_tokens: int) -> int:
+        """How many of a ``tokens``-token prompt's tokens its group shares (special tokens
+        included): all but the question, which keeps at least one token."""
+        return tokens - min(question_tokens, tokens - self.special - 1)
+
+    def build_shared(self, tokens: int, index: int, question_tokens: int, group: int,
+                     unique: bool = True) -> str:
+        """A prompt of exactly ``tokens`` tokens whose first :meth:`shared_tokens` are the
+        document of ``group`` (alike for every request of the group) and whose last are a
+        question of request ``index``'s own. The document starts with a few words that name the
+        group (``unique``), so groups share nothing; the question with a few naming the request."""
+        n = tokens - self.special
+        if n < 2:
+            raise ValueError(f"a shared-prefix prompt needs at least {self.special + 2} tokens for this tokenizer")
+        q = min(question_tokens, n - 1)
+        d = n - q
+        kd = min(PREFIX_WORDS, d) if unique else 0
+        kq = min(PREFIX_WORDS, q)
+        doc = self.prefix(group, kd) + self._body(d - kd)
+        question = self.prefix(index, kq) + self._words(q - kq, PREFIX_WORDS + d)
+        text = doc + question
+        if not self.exact:  # the boundary may merge: trim or pad the question
+            for _ in range(8):
+                diff = self.tok.count(text) - self.special - n
+                if diff == 0:
+                    break
+                words = text.split(" ")
+                text = " ".join(words[:-diff]) if diff > 0 else text + self._words(-diff)
+        return text
+
+
 @lru_cache(maxsize=32)
 def local_builder(path: str, source_path: str | None = None) -> PromptBuilder:
     return PromptBuilder(LocalTokenizer(path), source_path)

@@ -175,7 +175,17 @@ def build(job: dict, timing: Timing, *, http_status: int | None, error_kind: str
         "worker": worker,
         "response_id": t.response_id or None,
         "stamp_clock": t.stamp_clock(),
+        "shared_tokens": job.get("shared_tokens"),
+        "cached_tokens": _cached(usage),
     }
+
+
+def _cached(usage: dict) -> int | None:
+    """Prompt tokens the server took from its prefix cache, where its usage says
+    (``prompt_tokens_details.cached_tokens``: vLLM with --enable-prompt-tokens-details)."""
+    details = usage.get("prompt_tokens_details")
+    n = details.get("cached_tokens") if isinstance(details, dict) else None
+    return int(n) if isinstance(n, (int, float)) else None
 
 
 class RecordWriter:

@@ -111,7 +111,8 @@ def _job_base(scenario: sc.Scenario, lt: targets.LiveTarget) -> dict:
             "engine": lt.spec.engine, "api": scenario.api, "max_tokens": scenario.output.max_tokens,
             "ignore_eos": scenario.output.ignore_eos, "api_key_env": lt.spec.api_key_env,
             "timeout_s": scenario.request_timeout_s, "tokenizer": lt.tokenizer(),
-            "prompt_path": getattr(prompt, "path", None), "unique_prefix": prompt.unique_prefix}
+            "prompt_path": getattr(prompt, "path", None), "unique_prefix": prompt.unique_prefix,
+            "shared_prefix": prompt.shared_prefix.model_dump() if prompt.shared_prefix else None}
 
 
 def _slo_missed(scenario: sc.Scenario, res: shapes.StageResult) -> str | None:
@@ -452,7 +453,8 @@ def _profile_target(ctx: _Ctx, lt: targets.LiveTarget, base: dict, stage_index: 
             if err is None:
                 ctx.set_stage(lt, label, stage_index)
                 ctx.prog.stage(f"{lt.name} {label}", 1)
-                prompt = build_prompt(dict(base, prompt_tokens=n, seq=stage_index))
+                # a prompt of its own, shared with nothing: a cached prefix is no prefill to trace
+                prompt = build_prompt(dict(base, prompt_tokens=n, seq=stage_index, shared_prefix=None))
                 prefix = f"{lt.name}.{n}-{phase}"
                 try:
                     w, files = prof.prefill(prompt, prefix) if phase == "prefill" else \

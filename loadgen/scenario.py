@@ -117,11 +117,25 @@ class Target(_Model):
 
 # ---- prompts and output ----------------------------------------------------------------------
 
+class SharedPrefix(_Model):
+    """Long-document QA: groups of consecutive requests share one document (a prefix cache can
+    reuse it), each with a question of its own at the end. A request of ``prompt_tokens`` is a
+    document of ``prompt_tokens − question_tokens`` and a question of ``question_tokens``."""
+
+    question_tokens: PositiveInt = 256
+    """The unique end of each request."""
+    group_size: PositiveInt = 16
+    """Consecutive requests sharing one document."""
+
+
 class SyntheticPrompt(_Model):
     kind: Literal["synthetic"] = "synthetic"
     """Plain English words cycled to the exact token length."""
     unique_prefix: bool = True
-    """Start every request with a different few tokens, so prefix caching cannot skip prefill."""
+    """Start every request with a different few tokens, so prefix caching cannot skip prefill
+    (with ``shared_prefix``: every group's document)."""
+    shared_prefix: SharedPrefix | None = None
+    """Groups of requests share their first tokens (``SharedPrefix``)."""
 
 
 class FilePrompt(_Model):
@@ -130,6 +144,7 @@ class FilePrompt(_Model):
     path: str = "shipped"
     """A text file, or ``shipped`` for the text that comes with ctxload."""
     unique_prefix: bool = True
+    shared_prefix: SharedPrefix | None = None
 
 
 PromptSource = Annotated[Union[SyntheticPrompt, FilePrompt], Field(discriminator="kind")]

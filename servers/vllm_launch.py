@@ -157,6 +157,7 @@ def vllm_args(model: Model, profile: Profile, *, port: int = DEFAULT_PORT,
                 else "--no-enable-chunked-prefill")
     args.append("--enable-prefix-caching" if profile.enable_prefix_caching
                 else "--no-enable-prefix-caching")
+    args.append("--enable-prompt-tokens-details")  # usage says how many prompt tokens were cached
     if profile.cpu:
         args += ["--enforce-eager", "--kv-cache-memory-bytes", str(profile.kv_cache_memory_bytes)]
     else:

@@ -321,8 +321,12 @@ def _response_id(req: Request, chat: bool) -> str:
 
 
 def _usage(req: Request) -> dict:
+    """OpenAI's usage; ``prompt_tokens_details.cached_tokens`` is 0: ssm-server keeps no prefix
+    cache (a recurrent state is kept per sequence, not per prefix), so every prompt token is
+    computed."""
     n = len(req.generated)
-    return {"prompt_tokens": req.prompt_len, "completion_tokens": n, "total_tokens": req.prompt_len + n}
+    return {"prompt_tokens": req.prompt_len, "completion_tokens": n, "total_tokens": req.prompt_len + n,
+            "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 #: Temperatures below this sample greedily (vLLM's _SAMPLING_EPS).

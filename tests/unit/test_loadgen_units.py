@@ -41,6 +41,22 @@ def test_file_source_is_exact(builder):
     assert " light on a far out at" in text  # the shipped text's words, in its order
 
 
+@pytest.mark.parametrize("tokens, question", [(512, 32), (4096, 256), (40, 64), (3, 256)])
+def test_shared_prefix_prompts_share_exactly_their_document(builder, tokens, question):
+    """A group's requests share their first shared_tokens tokens and no more; every prompt has
+    exactly the tokens asked; the next group shares nothing with this one."""
+    ids = builder.tok._tok
+    shared = builder.shared_tokens(tokens, question)
+    group = [builder.build_shared(tokens, i, question, group=1) for i in range(4, 8)]
+    other = builder.build_shared(tokens, 8, question, group=2)
+    enc = [ids(t)["input_ids"] for t in group + [other]]
+    assert all(len(e) == tokens for e in enc)
+    for e in enc[1:4]:
+        assert e[:shared] == enc[0][:shared] and e[shared:] != enc[0][shared:]
+    assert enc[4][:shared] != enc[0][:shared]
+    assert shared == (tokens - question if tokens - question > builder.special else builder.special + 1)
+
+
 def test_million_token_prompt_is_fast_and_exact(builder):
     t0 = time.perf_counter()
     text = builder.build(1 << 20, index=9)

@@ -58,6 +58,17 @@ def test_overrides_and_hub_weights(tmp_path):
 H200 = 143771 << 20  # what NVML says of an H200
 
 
+def _flags(args: list[str]) -> dict:
+    """``--flag value`` pairs and lone boolean ``--flag``s (True)."""
+    out, i = {}, 0
+    while i < len(args):
+        if i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[args[i]], i = args[i + 1], i + 2
+        else:
+            out[args[i]], i = True, i + 1
+    return out
+
+
 def test_every_real_size_preset_under_a_24gib_budget_on_an_h200(tmp_path):
     """The launch command of every real-size preset under `memory_budget: 24GiB`: the share of
     the card, the length rule of its family, and a max_num_seqs whose state fits."""
@@ -66,8 +77,9 @@ def test_every_real_size_preset_under_a_24gib_budget_on_an_h200(tmp_path):
             continue
         cmd = vl.command(name, 1, python="PY", cache_dir=tmp_path, memory_budget_bytes=24 << 30,
                          card_bytes=H200, served_name=f"{name}-vllm")
-        args = dict(zip(cmd[3::2], cmd[4::2]))
+        args = _flags(cmd[3:])
         assert args["--served-model-name"] == f"{name}-vllm"
+        assert args["--enable-prompt-tokens-details"] is True  # usage says the cached tokens
         assert args["--gpu-memory-utilization"] == "0.171"  # 24 GiB of 140.4 GiB
         assert args["--max-model-len"] == ("1049600" if p.family == "ssm" else "auto")
         assert vl.environment(name) == ({"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"} if p.family == "ssm" else {})

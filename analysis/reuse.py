@@ -1,0 +1,60 @@
+"""Prefix reuse: how much of each target's prompts its prefix cache served.
+
+A ``shared_prefix`` prompt source (docs/scenarios.md) gives groups of requests one document;
+the server says in its usage how many prompt tokens it took from its cache
+(``prompt_tokens_details.cached_tokens``: vLLM with ``--enable-prompt-tokens-details``, which
+ctxload's launch profiles set; ssm-server reports 0, having no prefix cache). Per target ×
+stage: the hit rate over all prompt tokens and over the shared ones, and TTFT beside the
+uncached part of the prompt, which is what a prefill then has to compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from analysis.records import RunData
+from rundir.slos import percentile
+
+
+@dataclass
+class ReuseRow:
+    target: str
+    stage: str
+    requests: int
+    """Ok requests whose usage said how many tokens were cached."""
+    prompt_tokens: int
+    shared_tokens: int | None
+    """Tokens the prompt source shared across each group (None: no shared-prefix source)."""
+    cached_tokens: int
+    ttft_p50: float | None
+    uncached_p50: float | None
+    """Median prompt tokens not served from the cache: the prefill's own work."""
+
+    @property
+    def hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def shared_hit_rate(self) -> float | None:
+        return self.cached_tokens / self.shared_tokens if self.shared_tokens else None
+
+
+def rows(run: RunData) -> list[ReuseRow]:
+    """One row per target × stage with cache figures, for the targets that reused anything or
+    whose prompts were meant to be shared."""
+    keep = {r.target for r in run.requests if (r.cached_tokens or 0) > 0 or r.shared_tokens is not None}
+    by: dict[tuple[str, str], list] = {}
+    for r in run.requests:
+        if r.target in keep and r.ok and r.cached_tokens is not None and r.prompt_tokens:
+            by.setdefault((r.target, r.stage), []).append(r)
+    out = []
+    for (t, st), rs in by.items():
+        shared = [r.shared_tokens for r in rs if r.shared_tokens is not None]
+        out.append(ReuseRow(
+            target=t, stage=st, requests=len(rs), prompt_tokens=sum(r.prompt_tokens for r in rs),
+            shared_tokens=sum(shared) if shared else None, cached_tokens=sum(r.cached_tokens for r in rs),
+            ttft_p50=percentile([r.ttft_s for r in rs if r.ttft_s is not None], 50),
+            uncached_p50=percentile([r.prompt_tokens - r.cached_tokens for r in rs], 50)))
+    order = {t: i for i, t in enumerate(run.targets())}
+    out.sort(key=lambda x: (order.get(x.target, 1 << 30), min(r.stage_index for r in by[(x.target, x.stage)])))
+    return out
