@@ -102,15 +102,21 @@ class PromptBuilder:
     def _body(self, n: int) -> str:
         if n in self._cache:
             return self._cache[n]
-        text = self._words(n, PREFIX_WORDS)
-        if not self.exact:  # encode and adjust until the count is right
-            for _ in range(8):
-                diff = self.tok.count(text) - self.special - n
-                if diff == 0:
-                    break
-                words = text.split(" ")
-                text = " ".join(words[:-diff]) if diff > 0 else text + self._words(-diff)
+        text = self._adjust(self._words(n, PREFIX_WORDS), n)
         self._cache[n] = text
+        return text
+
+    def _adjust(self, text: str, n: int) -> str:
+        """``text`` trimmed or padded at its end until it encodes to ``n`` tokens (plus the
+        special ones), for a tokenizer where words do not compose exactly."""
+        if self.exact:
+            return text
+        for _ in range(8):
+            diff = self.tok.count(text) - self.special - n
+            if diff == 0:
+                break
+            words = text.split(" ")
+            text = " ".join(words[:-diff]) if diff > 0 else text + self._words(-diff)
         return text
 
     def prefix(self, index: int, k: int) -> str:
@@ -150,15 +156,7 @@ class PromptBuilder:
         kq = min(PREFIX_WORDS, q)
         doc = self.prefix(group, kd) + self._body(d - kd)
         question = self.prefix(index, kq) + self._words(q - kq, PREFIX_WORDS + d)
-        text = doc + question
-        if not self.exact:  # the boundary may merge: trim or pad the question
-            for _ in range(8):
-                diff = self.tok.count(text) - self.special - n
-                if diff == 0:
-                    break
-                words = text.split(" ")
-                text = " ".join(words[:-diff]) if diff > 0 else text + self._words(-diff)
-        return text
+        return self._adjust(doc + question, n)  # where the boundary merges: trim or pad the question
 
 
 @lru_cache(maxsize=32)

@@ -89,21 +89,33 @@ def vllm_tiny_llama(tmp_path_factory, tiny_models):
         yield srv
 
 
-def run_scenario(scenario: dict, runs_dir: Path, run_id: str, timeout_s: float = 600) -> Path:
-    """Run a scenario as a user does (`ctxload run`, in a child process) and return its run dir.
+def ctxload_cli(*args: str, env: dict | None = None, timeout_s: float = 900) -> str:
+    """``ctxload ARGS`` in a child process from the repository root, as a user runs it; its
+    stdout (the run's log lines). Fails the test, with the output's end, unless it exits 0."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "ctxload", *args], capture_output=True, text=True,
+                       cwd=REPO, timeout=timeout_s, env=env)
+    assert r.returncode == 0, f"ctxload {args[0]} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def run_scenario(scenario: dict, runs_dir: Path, run_id: str, timeout_s: float = 600, *,
+                 env: dict | None = None, report: bool = False) -> Path:
+    """Run a scenario as a user does (`ctxload run`, in a child process) and return its run dir
+    (its log lines in ``run.log`` beside it); ``report``: `ctxload report` on it after.
 
     Not in the test process: Locust monkey-patches with gevent on import, which deadlocks a
     process that already has threads (a vLLM fixture's, say).
     """
-    import subprocess
-
     import yaml
 
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     path = runs_dir / f"{run_id}.scenario.yaml"
     path.write_text(yaml.safe_dump(scenario, sort_keys=False))
-    r = subprocess.run([sys.executable, "-m", "ctxload", "run", str(path), "--runs-dir", str(runs_dir),
-                        "--run-id", run_id], capture_output=True, text=True, timeout=timeout_s)
-    assert r.returncode == 0, f"ctxload run failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    out = ctxload_cli("run", str(path), "--runs-dir", str(runs_dir), "--run-id", run_id, env=env, timeout_s=timeout_s)
+    (runs_dir / f"{run_id}.run.log").write_text(out)
+    if report:
+        ctxload_cli("report", str(runs_dir / run_id), env=env, timeout_s=300)
     return runs_dir / run_id

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-import yaml
 
 from analysis.analyze import analyze
 from analysis.records import load_run
-from tests.conftest import MODEL_CACHE, REPO, build_tiny, need_vllm
+from tests.conftest import MODEL_CACHE, build_tiny, need_vllm, run_scenario
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -35,18 +32,9 @@ def reuse_run(tmp_path_factory):
             "output": {"max_tokens": 4},
             "load": {"kind": "context_sweep", "prompt_tokens": [TOKENS], "requests": REQUESTS},
             "metrics": {"scrape_interval_s": 0.5}, "request_timeout_s": 120}
-    path = tmp / "scenario.yaml"
-    path.write_text(yaml.safe_dump(scen, sort_keys=False))
     env = {**os.environ, "CTXLOAD_MODELS": str(MODEL_CACHE), "CTXLOAD_VLLM_PYTHON": str(python),
            "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([sys.executable, "-m", "ctxload", "run", str(path), "--runs-dir", str(tmp / "runs"),
-                        "--run-id", "r"], capture_output=True, text=True, cwd=REPO, timeout=900, env=env)
-    run = tmp / "runs" / "r"
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "ctxload", "report", str(run)], capture_output=True, text=True,
-                       cwd=REPO, timeout=300, env=env)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return run
+    return run_scenario(scen, tmp / "runs", "r", 900, env=env, report=True)
 
 
 def test_each_request_says_its_shared_and_cached_tokens(reuse_run):
