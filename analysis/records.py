@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from rundir.jsonl import read_jsonl  # the one lenient reader of the run directory
 from rundir.operators import OperatorRecord  # the run directory's contract: written by loadgen
 
 FAMILIES = ("transformer", "ssm", "hybrid")
@@ -233,25 +234,6 @@ def parse_scrape(obj: dict[str, Any]) -> Scrape:
                   resident=[str(x) for x in resident] if isinstance(resident, list) else None,
                   pids={str(k): [int(p) for p in v] for k, v in pids.items() if isinstance(v, list)}
                   if isinstance(pids, dict) else None)
-
-
-def read_jsonl(path: Path, parse, problems: list[str]) -> list:
-    """Parsed records of a JSON-lines file; each bad line is named in ``problems``."""
-    out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError("not a JSON object")
-                out.append(parse(obj))
-            except (ValueError, TypeError, KeyError) as e:
-                msg = str(e).splitlines()[0][:160]
-                problems.append(f"{path.name}:{i}: skipped ({type(e).__name__}: {msg})")
-    return out
-
 
 def load_run(run_dir: str | Path, scrapes: Iterable[Scrape] | None = None) -> RunData:
     """Everything in ``run_dir`` that can be read; ``scrapes`` replaces metrics.jsonl."""

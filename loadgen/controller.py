@@ -18,6 +18,7 @@ import gevent.queue
 from loadgen import prompts
 from loadgen.records import RecordWriter
 from loadgen.shapes import StageResult, StageSpec
+from loadgen.trace import TraceEntry
 from rundir.slos import percentile
 
 
@@ -37,12 +38,12 @@ class Stage:
         self.backoff_until = 0.0
         self.stopped: str | None = None
         """Why the stage stopped issuing requests before its budget was spent."""
-        self.remaining = spec.requests if spec.duration_s is None else None
+        self.remaining = spec.requests if spec.duration_s is None and not spec.trace else None
         if spec.rate and spec.requests is not None and spec.duration_s is None:
             self.remaining = spec.requests
         self.deadline: float | None = None
         self.rng = random.Random(spec.seed)
-        self.arrivals: gevent.queue.Queue | None = gevent.queue.Queue() if spec.rate else None
+        self.arrivals: gevent.queue.Queue | None = gevent.queue.Queue() if spec.rate or spec.trace else None
         self._arrivals_done = False
         self.in_flight = 0
         self.issued = 0
@@ -59,7 +60,18 @@ class Stage:
             gevent.spawn(self._arrive)
 
     def _arrive(self) -> None:
-        """A Poisson process: exponential gaps at the stage's mean rate."""
+        """A Poisson process: exponential gaps at the stage's mean rate; or a trace's
+        requests, each at its own time."""
+        if self.spec.trace:
+            t0 = time.monotonic()
+            for e in self.spec.trace:
+                if self.closed:
+                    break
+                gevent.sleep(max(0.0, t0 + e.at_s / self.spec.speed - time.monotonic()))
+                self.arrivals.put(e)
+            self._arrivals_done = True
+            self.check()
+            return
         n = 0
         while not self.closed:
             if self.remaining is not None and n >= self.remaining:
@@ -189,12 +201,7 @@ class Controller:
                     st.check()
                     gevent.sleep(0.02)
                 continue
-            st.in_flight += 1
-            st.issued += 1
-            self.counter += 1
-            return dict(st.base, stage=st.spec.label, stage_index=st.index, prompt_tokens=tokens,
-                        concurrency=st.spec.users, request_id=f"r{self.counter:07d}", seq=self.counter,
-                        stage_seq=st.issued - 1, _stage=id(st))
+            return self._job(st, tokens)
         return None
 
     def take_for_remote(self, wait_s: float) -> dict | None:
@@ -210,12 +217,22 @@ class Controller:
                 st.check()
                 gevent.sleep(0.02)
             return None
+        return self._job(st, tokens)
+
+    def _job(self, st: Stage, item) -> dict:
+        """The job of one request of ``st``: ``item`` is its prompt length, or a trace's request
+        (its prompt and output lengths and shared blocks with it)."""
         st.in_flight += 1
         st.issued += 1
         self.counter += 1
-        return dict(st.base, stage=st.spec.label, stage_index=st.index, prompt_tokens=tokens,
-                    concurrency=st.spec.users, request_id=f"r{self.counter:07d}", seq=self.counter,
-                    stage_seq=st.issued - 1, _stage=id(st))
+        job = dict(st.base, stage=st.spec.label, stage_index=st.index, prompt_tokens=item,
+                   concurrency=st.spec.users, request_id=f"r{self.counter:07d}", seq=self.counter,
+                   stage_seq=st.issued - 1, _stage=id(st))
+        if not isinstance(item, int):  # a trace's request
+            job.update(prompt_tokens=item.input_length, max_tokens=item.output_length,
+                       hash_ids=list(item.hash_ids), shared_tokens=item.shared_tokens,
+                       block_tokens=st.spec.block_tokens)
+        return job
 
     def give_back(self, job: dict) -> None:
         """A job whose user was gone before it started: its stage may issue it again."""
@@ -225,7 +242,8 @@ class Controller:
             if st.remaining is not None:
                 st.remaining += 1
             elif st.arrivals is not None:
-                st.arrivals.put(job["prompt_tokens"])
+                st.arrivals.put(job["prompt_tokens"] if job.get("hash_ids") is None else TraceEntry(
+                    0.0, job["prompt_tokens"], job["max_tokens"], tuple(job["hash_ids"]), job["shared_tokens"]))
             st.check()
 
     def prompt(self, job: dict) -> str:
@@ -250,6 +268,8 @@ def build_prompt(job: dict) -> str:
         b = prompts.local_builder(tok["path"], job.get("prompt_path"))
     else:
         b = prompts.remote_builder(tok["url"], tok["model"], job.get("prompt_path"))
+    if job.get("hash_ids") is not None:  # a trace's request: its blocks, alike wherever their ids are
+        return b.build_blocks(job["prompt_tokens"], job["hash_ids"], job["block_tokens"])
     shared = job.get("shared_prefix")
     if shared:
         # groups of consecutive requests of one stage; no two stages' groups alike (an earlier

@@ -159,6 +159,28 @@ class PromptBuilder:
         return self._adjust(doc + question, n)  # where the boundary merges: trim or pad the question
 
 
+    def build_blocks(self, tokens: int, hash_ids: list[int], block_tokens: int) -> str:
+        """A prompt of exactly ``tokens`` tokens in blocks of ``block_tokens`` (the first
+        holding the special tokens, the last the rest), block ``j`` named by ``hash_ids[j]``:
+        two prompts whose ids agree up to a block agree token for token up to its end (a
+        trace's shared blocks, loadgen.trace)."""
+        n = tokens - self.special
+        if n < 1:
+            raise ValueError(f"a prompt needs at least {self.special + 1} tokens for this tokenizer")
+        parts, start = [], 0
+        for j, h in enumerate(hash_ids):
+            end = min(n, (j + 1) * block_tokens - self.special)
+            w = end - start
+            if w <= 0:
+                break
+            k = min(PREFIX_WORDS, w)
+            parts.append(self.prefix(h, k) + self._words(w - k, PREFIX_WORDS))
+            start = end
+        if start < n:  # ids short of the length (the reader refuses such lines): pad
+            parts.append(self._words(n - start, PREFIX_WORDS))
+        return self._adjust("".join(parts), n)
+
+
 @lru_cache(maxsize=32)
 def local_builder(path: str, source_path: str | None = None) -> PromptBuilder:
     return PromptBuilder(LocalTokenizer(path), source_path)

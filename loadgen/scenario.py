@@ -246,6 +246,44 @@ class Poisson(_Stages):
     seed: int = 0
 
 
+class Trace(_Model):
+    """Replay a request trace (loadgen.trace: Mooncake's JSONL format) in one stage: each
+    request at its time, with its prompt and output lengths, the blocks it shares with others
+    shared in its prompt too (a prefix cache can reuse them)."""
+
+    kind: Literal["trace"]
+    path: str = "shipped"
+    """A JSONL trace, or ``shipped`` for the small generated example that comes with ctxload."""
+    block_tokens: PositiveInt = 512
+    """Prompt tokens per hash id (Mooncake's: 512)."""
+    speed: PositiveFloat = 1.0
+    """Replay this many times faster than recorded."""
+    limit: PositiveInt | None = None
+    """Only the first this many requests."""
+    max_users: PositiveInt = 64
+    """At most this many requests in flight; later arrivals wait (and their wait is recorded)."""
+    warmup_requests: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _readable(self) -> "Trace":
+        self.entries()  # a scenario whose trace cannot be replayed is refused as it is read
+        return self
+
+    def entries(self):
+        """The requests to replay; ValueError names the trace's first bad line."""
+        from loadgen import trace
+
+        try:
+            rows, problems = trace.read(self.path, self.block_tokens)
+        except OSError as e:
+            raise ValueError(f"`path`: cannot read the trace {self.path}: {e.strerror or e}") from None
+        if problems:
+            raise ValueError(f"`path`: {len(problems)} bad line(s) in the trace; first: {problems[0]}")
+        if not rows:
+            raise ValueError(f"`path`: the trace {self.path} has no request")
+        return rows[:self.limit] if self.limit else rows
+
+
 class MaxContext(_Model):
     kind: Literal["max_context"]
     min_tokens: PositiveInt = 1024
@@ -264,7 +302,7 @@ class MaxContext(_Model):
         return self
 
 
-Load = Annotated[Union[ContextSweep, ConcurrencySweep, Poisson, MaxContext], Field(discriminator="kind")]
+Load = Annotated[Union[ContextSweep, ConcurrencySweep, Poisson, Trace, MaxContext], Field(discriminator="kind")]
 
 
 # ---- profiling -------------------------------------------------------------------------------
@@ -415,7 +453,7 @@ def _format(err: ValidationError, root: yaml.Node | None, source: str) -> str:
 
 
 #: Names pydantic puts in an error's location for the branch of a union, not a YAML key.
-_BRANCHES = {"context_sweep", "concurrency_sweep", "poisson", "max_context", "synthetic", "file",
+_BRANCHES = {"context_sweep", "concurrency_sweep", "poisson", "trace", "max_context", "synthetic", "file",
              "list[int]", "list[constrained-int]", "Doubling", "function-after[_order(), Doubling]"}
 
 

@@ -25,6 +25,10 @@ class StageSpec:
     rate: float | None = None
     """Poisson arrivals per second (open loop), else closed loop."""
     seed: int = 0
+    trace: tuple = ()
+    """Or: the requests of a trace (loadgen.trace.TraceEntry), each sent at its time (open loop)."""
+    speed: float = 1.0
+    block_tokens: int = 512
 
 
 @dataclass
@@ -72,6 +76,10 @@ def stages(load, max_context_len: int | None = None) -> Shape:
         for i, r in enumerate(load.rate):
             yield StageSpec(f"rate={r:g}", load.max_users, None, mix, requests=load.requests,
                             duration_s=load.duration_s, rate=r, seed=load.seed + i)
+    elif isinstance(load, sc.Trace):
+        rows = tuple(load.entries())
+        yield StageSpec("trace", load.max_users, None, requests=len(rows), trace=rows, speed=load.speed,
+                        block_tokens=load.block_tokens)
     elif isinstance(load, sc.MaxContext):
         yield from bisect(load)
     else:  # pragma: no cover - the scenario model admits no other kind

@@ -2,6 +2,7 @@
 analysis reads, defined once (docs/contracts.md). It imports neither of them.
 
 - ``rundir.slos``: the SLOs a request is judged against, the one percentile rule, ``meets``.
+- ``rundir.jsonl``: the lenient JSON-lines reader (a bad line named ``file:line``, skipped).
 - ``rundir.max_context``: a line of ``max_context.jsonl`` (a max-context search's result).
 - ``rundir.operators``: a line of ``operators.jsonl`` (a profile pass's kernels), written and read.
 """

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 #: what the code reads from its own package directory, relative to site-packages
 DATA = sorted(
     [f"loadgen/scenarios/{p.name}" for p in (REPO / "loadgen" / "scenarios").glob("*.yaml")]
-    + ["loadgen/data/long_text.txt"]
+    + ["loadgen/data/long_text.txt", "loadgen/data/example_trace.jsonl"]
     + [f"ctxload/dashboards/{p.name}" for p in (REPO / "ctxload" / "dashboards").glob("*.json")])
 
 

@@ -16,6 +16,12 @@ from tests.conftest import MODEL_CACHE, build_tiny, need_vllm, run_scenario
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 TOKENS, QUESTION, GROUP, REQUESTS = 512, 32, 4, 8
+#: A trace replayed after the sweep (Mooncake's format, blocks of 128 tokens): three requests
+#: begin with blocks 100, 101; one shares nothing.
+TRACE = [{"timestamp": 0, "input_length": 300, "output_length": 3, "hash_ids": [100, 101, 900]},
+         {"timestamp": 200, "input_length": 400, "output_length": 5, "hash_ids": [100, 101, 901, 902]},
+         {"timestamp": 300, "input_length": 200, "output_length": 2, "hash_ids": [300, 903]},
+         {"timestamp": 600, "input_length": 270, "output_length": 4, "hash_ids": [100, 101, 904]}]
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +30,7 @@ def reuse_run(tmp_path_factory):
     for p in ("tiny-mamba2", "tiny-llama"):
         build_tiny(p)
     tmp = tmp_path_factory.mktemp("reuse")
+    (tmp / "trace.jsonl").write_text("".join(json.dumps(x) + "\n" for x in TRACE))
     scen = {"name": "reuse-cpu",
             "targets": [{"name": "llama-vllm", "serve": {"engine": "vllm", "preset": "tiny-llama",
                                                          "startup_timeout_s": 400}},
@@ -31,6 +38,7 @@ def reuse_run(tmp_path_factory):
             "prompt": {"kind": "synthetic", "shared_prefix": {"question_tokens": QUESTION, "group_size": GROUP}},
             "output": {"max_tokens": 4},
             "load": {"kind": "context_sweep", "prompt_tokens": [TOKENS], "requests": REQUESTS},
+            "then": [{"kind": "trace", "path": str(tmp / "trace.jsonl"), "block_tokens": 128, "max_users": 4}],
             "metrics": {"scrape_interval_s": 0.5}, "request_timeout_s": 120}
     env = {**os.environ, "CTXLOAD_MODELS": str(MODEL_CACHE), "CTXLOAD_VLLM_PYTHON": str(python),
            "HF_HUB_OFFLINE": "1"}
@@ -52,9 +60,23 @@ def test_each_request_says_its_shared_and_cached_tokens(reuse_run):
 
 def test_the_report_reads_the_hit_rate(reuse_run):
     a = analyze(load_run(reuse_run))
-    rows = {r.target: r for r in a.reuse}
-    assert rows["llama-vllm"].hit_rate > 0.5 and rows["llama-vllm"].shared_hit_rate > 0.5
-    assert rows["mamba2-ssm"].hit_rate == 0 and rows["mamba2-ssm"].uncached_p50 == TOKENS
+    rows = {(r.target, r.stage): r for r in a.reuse}
+    sweep = f"prompt={TOKENS}"
+    assert rows[("llama-vllm", sweep)].hit_rate > 0.5 and rows[("llama-vllm", sweep)].shared_hit_rate > 0.5
+    assert rows[("mamba2-ssm", sweep)].hit_rate == 0 and rows[("mamba2-ssm", sweep)].uncached_p50 == TOKENS
+    # the trace: vLLM found every shared block in its cache (blocks of 128 here as there)
+    assert rows[("llama-vllm", "trace")].shared_hit_rate == 1.0
     md = (reuse_run / "report" / "report.md").read_text()
     assert "### Prefix reuse" in md
     assert any(v.startswith("mamba2-ssm · ssm-server") and "(ssm-server keeps no prefix cache)" in v for v in a.verdict)
+
+
+def test_a_trace_replays_with_its_lengths_and_shared_blocks(reuse_run):
+    recs = [json.loads(x) for x in (reuse_run / "requests.jsonl").read_text().splitlines()]
+    for target in ("llama-vllm", "mamba2-ssm"):
+        got = sorted((r["prompt_tokens"], r["max_tokens"], r["completion_tokens"], r["shared_tokens"])
+                     for r in recs if r["target"] == target and r["stage"] == "trace")
+        # as the trace says; shared: the leading whole blocks an earlier request began with
+        assert got == [(200, 2, 2, 0), (270, 4, 4, 256), (300, 3, 3, 0), (400, 5, 5, 256)], target
+    llama = {r["prompt_tokens"]: r["cached_tokens"] for r in recs if r["target"] == "llama-vllm" and r["stage"] == "trace"}
+    assert llama[400] == llama[270] == 256 and llama[300] == llama[200] == 0
