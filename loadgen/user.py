@@ -273,7 +273,9 @@ def send(session, job: dict, prompt: str, timeout_s: float, turn=None) -> Sent:
     except StreamClosed as e:  # parse what came: a crash mid-stream still has its tokens
         out.body, out.marks = e.body, e.marks
         kind, message = records.classify_exception(e), f"ConnectionError: {e}"[:500]
-    except BaseException as e:  # noqa: BLE001 - every failure becomes data on the record
+    except (KeyboardInterrupt, SystemExit):
+        raise  # Ctrl-C landing in this greenlet stops the run (gevent re-raises it in the main one)
+    except BaseException as e:  # noqa: BLE001 - every failure becomes data (gevent.Timeout is a BaseException)
         e = records.unwrap(e)
         kind, message = records.classify_exception(e), f"{type(e).__name__}: {e}"[:500]
     out.failed_ns = time.perf_counter_ns()

@@ -92,8 +92,10 @@ def test_vllm_cpu_serves_the_family_with_ctxloads_launch_command(preset, tmp_pat
 
         events = _stream(srv.url + "/v1/completions", body)
         usage = [e["usage"] for e in events if e.get("usage")]
+        # --enable-prompt-tokens-details: usage says the cached tokens (none: prefix caching off)
         assert usage == [{"prompt_tokens": n_prompt, "completion_tokens": MAX_TOKENS,
-                          "total_tokens": n_prompt + MAX_TOKENS}], events[-3:]
+                          "total_tokens": n_prompt + MAX_TOKENS,
+                          "prompt_tokens_details": {"cached_tokens": 0}}], events[-3:]
         choices = [c for e in events for c in e["choices"]]
         # several tokens may share one event on a busy CPU: between 1 and 8 events of text
         assert 1 <= sum(1 for c in choices if c["text"]) <= MAX_TOKENS

@@ -305,6 +305,29 @@ def test_queued_records_are_drained_in_order_when_the_run_stops():
     assert "ZeroDivisionError" in p.stderr  # the failing record is logged, not swallowed
 
 
+def test_ctrl_c_inside_a_request_is_not_recorded_as_its_failure():
+    """A Ctrl-C that lands while a user greenlet sends stops the run: it is re-raised, not
+    turned into an error record (the demo then exited 0 after finishing its sweep). A
+    timeout is still data. In a child process: importing Locust monkey-patches the interpreter."""
+    import subprocess
+
+    code = ("import gevent\n"
+            "from loadgen.user import send\n"
+            "class S:\n"
+            "    def __init__(self, e): self.e = e\n"
+            "    def request(self, *a, **k): raise self.e\n"
+            "job = {'api': 'completions', 'model': 'm', 'max_tokens': 2, 'url': 'http://127.0.0.1:9',\n"
+            "       'target': 't', 'stage': 's'}\n"
+            "assert send(S(gevent.Timeout(1)), job, 'p', 5).kind == 'timeout'\n"
+            "try:\n"
+            "    send(S(KeyboardInterrupt()), job, 'p', 5)\n"
+            "except KeyboardInterrupt:\n"
+            "    print('re-raised')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert p.returncode == 0 and "re-raised" in p.stdout, p.stdout + p.stderr
+
+
 def test_a_probes_deadline_is_extrapolated_from_what_the_target_served():
     # no length served yet: the scenario's request timeout
     assert shapes.probe_timeout({}, 1 << 20, 600) == 600
