@@ -286,12 +286,19 @@ def test_stage_opens_its_series_at_zero_before_any_request():
         assert line in text, line
 
 
+def _in_child(code: str):
+    """``code`` run by a Python child process from the repository root (importing Locust
+    monkey-patches the interpreter, which this test process must not be)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+
+
 def test_queued_records_are_drained_in_order_when_the_run_stops():
     """Records wait for the loop's spare time; a stop (Ctrl-C, the end, a worker's stop) runs
     what is still queued, in order, and one failing record does not stop the rest. In a child
     process: importing Locust monkey-patches the interpreter."""
-    import subprocess
-
     code = ("from loadgen.user import SpareTime\n"
             "s, out = SpareTime(), []\n"
             "for i in range(5):\n"
@@ -299,8 +306,7 @@ def test_queued_records_are_drained_in_order_when_the_run_stops():
             "s.drain()\n"
             "assert out == [0, 1, 3, 4] and not s.records, out\n"
             "print('drained')\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       cwd=Path(__file__).resolve().parents[2])
+    p = _in_child(code)
     assert p.returncode == 0 and "drained" in p.stdout, p.stdout + p.stderr
     assert "ZeroDivisionError" in p.stderr  # the failing record is logged, not swallowed
 
@@ -309,8 +315,6 @@ def test_ctrl_c_inside_a_request_is_not_recorded_as_its_failure():
     """A Ctrl-C that lands while a user greenlet sends stops the run: it is re-raised, not
     turned into an error record (the demo then exited 0 after finishing its sweep). A
     timeout is still data. In a child process: importing Locust monkey-patches the interpreter."""
-    import subprocess
-
     code = ("import gevent\n"
             "from loadgen.user import send\n"
             "class S:\n"
@@ -323,8 +327,7 @@ def test_ctrl_c_inside_a_request_is_not_recorded_as_its_failure():
             "    send(S(KeyboardInterrupt()), job, 'p', 5)\n"
             "except KeyboardInterrupt:\n"
             "    print('re-raised')\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       cwd=Path(__file__).resolve().parents[2])
+    p = _in_child(code)
     assert p.returncode == 0 and "re-raised" in p.stdout, p.stdout + p.stderr
 
 
