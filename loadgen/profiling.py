@@ -57,6 +57,10 @@ class ProfileError(RuntimeError):
     """The profile of one length × phase could not be taken (its line says why)."""
 
 
+class EndedEarly(ProfileError):
+    """A decode request streamed its whole output before the profiler had started."""
+
+
 @dataclass
 class Window:
     """What the client saw of the traced request."""
@@ -256,9 +260,21 @@ class Profiler:
             return w
         return self._traced(run, prefix)
 
-    def decode(self, prompt: str, steps: int, prefix: str, room: int | None = None) -> tuple[Window, list[Path]]:
+    def decode(self, prompt: str, steps: int, prefix: str, room: int | None = None,
+               attempts: int = 3) -> tuple[Window, list[Path]]:
         """Trace ``steps`` decode steps of a request of its own; ``room``: the tokens the server
-        takes after this prompt (:func:`decode_tokens`)."""
+        takes after this prompt (:func:`decode_tokens`). A request that ended before the
+        profiler had started (a small model on a busy CPU streams its whole output while vLLM
+        makes its profiler) is tried again, up to ``attempts`` in all: a later start is quicker."""
+        for attempt in range(attempts):
+            try:
+                return self._decode_once(prompt, steps, prefix, room)
+            except EndedEarly:
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _decode_once(self, prompt: str, steps: int, prefix: str, room: int | None) -> tuple[Window, list[Path]]:
         def run(start, stop) -> Window:
             s = _Stream(self.url, request_body(self.model, prompt, decode_tokens(steps, room), self.chat),
                         self.headers, self.chat, self.timeout_s)
@@ -275,8 +291,8 @@ class Profiler:
                 s.drop()  # whatever happened, the request ends here
             w = s.join(self.timeout_s)
             if at_stop <= at_start:
-                raise ProfileError(f"the stream ended before the profiler had started ({at_start} tokens); "
-                                   f"no decode step was traced")
+                raise EndedEarly(f"the stream ended before the profiler had started ({at_start} tokens); "
+                                 f"no decode step was traced")
             w.window_s, w.steps, w.steps_source = t_stop - t_start, at_stop - at_start, "stream"
             return w
         return self._traced(run, prefix)

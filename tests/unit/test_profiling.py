@@ -88,3 +88,25 @@ def test_a_line_of_operators_jsonl_from_a_real_trace(tmp_path):
     empty = profiling.line("t", "vllm", 9999, "prefill", error="not profiled: too long")
     assert empty["kernels"] == [] and empty["device"] is None and empty["error"] == "not profiled: too long"
 
+
+
+def test_a_decode_window_that_missed_its_stream_is_tried_again(tmp_path):
+    """The retry's rule alone (the race it covers needs a busy machine): a request that ended
+    before the profiler started is tried again, up to three times in all, then reported."""
+    calls = []
+
+    class Flaky(profiling.Profiler):
+        def _decode_once(self, prompt, steps, prefix, room):
+            calls.append(prefix)
+            if len(calls) < self.fails + 1:
+                raise profiling.EndedEarly("the stream ended before the profiler had started")
+            return profiling.Window(steps=steps), []
+
+    p = Flaky("http://127.0.0.1:9", "m", tmp_path)
+    p.fails = 2
+    assert p.decode("x", 4, "t").__getitem__(0).steps == 4 and len(calls) == 3
+    calls.clear()
+    p.fails = 3
+    with pytest.raises(profiling.EndedEarly):
+        p.decode("x", 4, "t")
+    assert len(calls) == 3
