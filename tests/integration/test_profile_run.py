@@ -70,10 +70,10 @@ def test_a_line_per_target_length_and_phase(profiled_run):
         if x["phase"] == "prefill":
             assert x["completion_tokens"] == 1
         else:
-            # the window holds STEPS tokens at least; the request is dropped after it, long
-            # before the tokens it asked for
+            # the window holds STEPS tokens at least; the request is dropped after it (a fast
+            # server may have streamed all it was asked for by then)
             room = 2048 - x["prompt_tokens"] - 1 if x["target"] == "llama-vllm" else None
-            assert x["steps"] >= 1 and STEPS < x["completion_tokens"] < profiling.decode_tokens(STEPS, room)
+            assert x["steps"] >= 1 and STEPS < x["completion_tokens"] <= profiling.decode_tokens(STEPS, room)
         # ssm-server counts its own engine steps; vLLM marks each of its steps in its trace
         assert x["steps_source"] == ("server" if x["target"] == "mamba2-ssm" else "trace"), x
         if x["target"] == "llama-vllm" and x["phase"] == "prefill":
