@@ -89,6 +89,13 @@ def vllm_tiny_llama(tmp_path_factory, tiny_models):
         yield srv
 
 
+def vllm_run_env() -> dict:
+    """The environment a `ctxload run` with vLLM targets gets in a test: the vLLM CPU venv
+    (skipped locally, failed under CI, when missing), the shared tiny-model cache, no hub."""
+    return {**os.environ, "CTXLOAD_MODELS": str(MODEL_CACHE), "CTXLOAD_VLLM_PYTHON": str(need_vllm()),
+            "HF_HUB_OFFLINE": "1"}
+
+
 def ctxload_cli(*args: str, env: dict | None = None, timeout_s: float = 900) -> str:
     """``ctxload ARGS`` in a child process from the repository root, as a user runs it; its
     stdout (the run's log lines). Fails the test, with the output's end, unless it exits 0."""

@@ -8,7 +8,6 @@ the stacked bar chart and the "SSM kernels dominate" claim row.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -16,7 +15,7 @@ from analysis import operators
 from analysis.analyze import analyze
 from analysis.records import load_run
 from loadgen import profiling
-from tests.conftest import MODEL_CACHE, build_tiny, need_vllm, run_scenario
+from tests.conftest import build_tiny, run_scenario, vllm_run_env
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -27,7 +26,7 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def profiled_run(tmp_path_factory):
-    python = need_vllm()
+    env = vllm_run_env()
     for p in ("tiny-mamba2", "tiny-llama"):
         build_tiny(p)
     tmp = tmp_path_factory.mktemp("profile")
@@ -40,8 +39,6 @@ def profiled_run(tmp_path_factory):
             "profile": {"prompt_tokens": LENGTHS + [TOO_LONG], "decode_steps": STEPS,
                         "targets": ["mamba2-ssm", "llama-vllm"]},
             "metrics": {"scrape_interval_s": 0.5}, "request_timeout_s": 120}
-    env = {**os.environ, "CTXLOAD_MODELS": str(MODEL_CACHE), "CTXLOAD_VLLM_PYTHON": str(python),
-           "HF_HUB_OFFLINE": "1"}
     run = run_scenario(scen, tmp / "runs", "r", 900, env=env, report=True)
     return run, (tmp / "runs" / "r.run.log").read_text()
 

@@ -5,13 +5,12 @@ Mamba2 on ssm-server; `ctxload report` reads the cache hits from the servers' us
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from analysis.analyze import analyze
 from analysis.records import load_run
-from tests.conftest import MODEL_CACHE, build_tiny, need_vllm, run_scenario
+from tests.conftest import build_tiny, run_scenario, vllm_run_env
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -26,7 +25,7 @@ TRACE = [{"timestamp": 0, "input_length": 300, "output_length": 3, "hash_ids": [
 
 @pytest.fixture(scope="module")
 def reuse_run(tmp_path_factory):
-    python = need_vllm()
+    env = vllm_run_env()
     for p in ("tiny-mamba2", "tiny-llama"):
         build_tiny(p)
     tmp = tmp_path_factory.mktemp("reuse")
@@ -40,8 +39,6 @@ def reuse_run(tmp_path_factory):
             "load": {"kind": "context_sweep", "prompt_tokens": [TOKENS], "requests": REQUESTS},
             "then": [{"kind": "trace", "path": str(tmp / "trace.jsonl"), "block_tokens": 128, "max_users": 4}],
             "metrics": {"scrape_interval_s": 0.5}, "request_timeout_s": 120}
-    env = {**os.environ, "CTXLOAD_MODELS": str(MODEL_CACHE), "CTXLOAD_VLLM_PYTHON": str(python),
-           "HF_HUB_OFFLINE": "1"}
     return run_scenario(scen, tmp / "runs", "r", 900, env=env, report=True)
 
 
