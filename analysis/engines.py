@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from analysis.records import RunData
+from servers import process
 
 SERVING, EAGER, CPU, SYNTHETIC, UNKNOWN = ("serving engine", "eager research path",
                                            "portable path (CPU)", "synthetic (no model)", "unknown")
@@ -49,16 +50,6 @@ class Engine:
     @property
     def eager(self) -> bool:
         return self.klass == EAGER
-
-
-def _arg(args: list[str], flag: str) -> str | None:
-    """The value of ``flag`` in a command line (``--flag V`` or ``--flag=V``)."""
-    for i, a in enumerate(args):
-        if a == flag and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
 
 
 def latest_info(run: RunData) -> dict[str, dict[str, str]]:
@@ -100,12 +91,12 @@ def _ssm_server(run: RunData, target: str, info: dict[str, str] | None, args: li
             return Engine(e, "ssm-server (transformers, CPU)", CPU, "no GPU in env.json", "hf", "cpu")
         return Engine(e, "ssm-server (backend unknown)", UNKNOWN,
                       "no ssm:engine_info scrape and no launch arguments in env.json")
-    if _arg(args, "--engine") == "synthetic":
+    if process.arg_value(args, "--engine") == "synthetic":
         return Engine(e, "ssm-server (synthetic)", SYNTHETIC, "--engine synthetic in launch_args", "synthetic")
     # ssm-server's default device: auto (cuda where the run had a GPU; before 2026-12, cpu)
-    device = _arg(args, "--device") or ("cuda" if run.env.get("gpus") and _auto_device(run) else "cpu")
+    device = process.arg_value(args, "--device") or ("cuda" if run.env.get("gpus") and _auto_device(run) else "cpu")
     graphs = "--no-cuda-graphs" not in args
-    backend = _arg(args, "--backend") or "auto"
+    backend = process.arg_value(args, "--backend") or "auto"
     if backend != "auto":
         return _ssm_engine(backend, device, graphs, f"--backend {backend} in launch_args")
     if device == "cpu":
@@ -135,7 +126,7 @@ def _ssm_engine(backend: str, device: str, graphs: bool, source: str) -> Engine:
 
 
 def _vllm(run: RunData, args: list[str] | None) -> Engine:
-    if not run.env.get("gpus") or (args and _arg(args, "--device") == "cpu"):
+    if not run.env.get("gpus") or (args and process.arg_value(args, "--device") == "cpu"):
         return Engine("vllm", "vLLM (CPU)", CPU, "no GPU in env.json", None, "cpu")
     if args is None:
         return Engine("vllm", "vLLM", SERVING, "launch arguments not recorded: vLLM's default "

@@ -53,6 +53,15 @@ def decode_tokens(steps: int, room: int | None = None) -> int:
     return max(least, min(DECODE_ASK, room)) if room else least
 
 
+def trace_steps(prompt_tokens: int, decode_steps: int, step_tokens: int) -> int:
+    """The most engine steps one start of a server's profiler needs to record: the prefill of
+    a ``prompt_tokens`` prompt in chunks of ``step_tokens``, or ``decode_steps`` twice over
+    (the client stops the profiler ``decode_steps`` tokens after it has started, and the
+    engine steps on meanwhile), with 8 to spare. A bound, so that a late stop costs a few
+    steps, not a trace of the whole request."""
+    return max(-(-prompt_tokens // step_tokens), 2 * decode_steps) + 8
+
+
 class ProfileError(RuntimeError):
     """The profile of one length × phase could not be taken (its line says why)."""
 

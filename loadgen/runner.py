@@ -180,7 +180,7 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
             for lt in live:
                 if lt.completed:
                     continue
-                targets.start(lt, stack, run_dir, say, profiled=scenario.profiled(lt.spec))
+                targets.start(lt, stack, run_dir, say, profile=scenario.profile_of(lt.spec))
         write_env(run_dir / "env.json", run_id, started, live, earlier=past.earlier)
         exporter_port = exporter.port_override()
         if exporter_port is None:
@@ -231,7 +231,7 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
                 break
             with contextlib.ExitStack() as own:  # stops the target after its stages (unless resident)
                 try:
-                    targets.start(lt, own, run_dir, say, profiled=scenario.profiled(lt.spec))
+                    targets.start(lt, own, run_dir, say, profile=scenario.profile_of(lt.spec))
                 except ServerFailed as e:
                     lt.error = str(e).splitlines()[0]
                     say(f"{lt.name}: not run: {e}")
@@ -423,7 +423,7 @@ def _run_target(ctx: _Ctx, lt: targets.LiveTarget, stage_index: int) -> tuple[in
             ctx.learned.known_ok = 0
         if run_deadline_passed(ctx) or not lt.alive():
             return stage_index, False
-    if ctx.scenario.profiled(lt.spec):
+    if ctx.scenario.profile_of(lt.spec) is not None:
         stage_index = _profile_target(ctx, lt, base, stage_index)
     return stage_index, True
 

@@ -399,10 +399,12 @@ class Scenario(_Model):
                                  f"target): its server's traces are out of reach")
         return self
 
-    def profiled(self, target: "Target") -> bool:
-        """Whether the profile pass runs on ``target`` (its server starts with a profiler)."""
+    def profile_of(self, target: "Target") -> Profile | None:
+        """The profile pass when it runs on ``target`` (its server starts with a profiler), else None."""
         p = self.profile
-        return p is not None and target.serve is not None and (p.targets is None or target.name in p.targets)
+        if p is not None and target.serve is not None and (p.targets is None or target.name in p.targets):
+            return p
+        return None
 
     def loads(self) -> list:
         """The load shapes in the order they run on each target."""

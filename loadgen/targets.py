@@ -93,9 +93,11 @@ def _model_dir(serve: sc.Serve, log) -> tuple[Path | str, str | None]:
     return out, p.name
 
 
-def command(target: sc.Target, model: Path | str, port: int, trace_dir: Path | None = None) -> list[str]:
+def command(target: sc.Target, model: Path | str, port: int, trace_dir: Path | None = None,
+            profile: sc.Profile | None = None) -> list[str]:
     """The server's command line; the model name it serves is the one the target sends. With
-    ``trace_dir``, its profiler is ready to write there (the scenario's ``profile`` pass)."""
+    ``trace_dir``, its profiler is ready to write there (the scenario's ``profile`` pass, which
+    on vLLM also bounds the steps each start records: :func:`loadgen.profiling.trace_steps`)."""
     serve = target.serve
     budget = serve.memory_budget_bytes()
     if serve.engine == "ssm-server":
@@ -108,11 +110,20 @@ def command(target: sc.Target, model: Path | str, port: int, trace_dir: Path | N
         if trace_dir is not None:
             cmd += ["--profile-dir", str(trace_dir.resolve())]
         return cmd + list(serve.args)
-    from servers import vllm_launch
+    from servers import process, vllm_launch
 
-    extra = [*(vllm_launch.profiler_args(trace_dir) if trace_dir is not None else ()), *serve.args]
-    return vllm_launch.command(model, port, python=_vllm_python(), extra=extra,
-                               served_name=target.model, memory_budget_bytes=budget)
+    cmd = vllm_launch.command(model, port, python=_vllm_python(), extra=serve.args,
+                              served_name=target.model, memory_budget_bytes=budget)
+    if trace_dir is not None:
+        from loadgen import profiling
+
+        max_steps = None
+        step_tokens = process.arg_value(cmd, "--max-num-batched-tokens")
+        if profile is not None and step_tokens:
+            max_steps = profiling.trace_steps(max(profile.prompt_tokens), profile.decode_steps, int(step_tokens))
+        at = len(cmd) - len(serve.args)  # before the target's own arguments, which win
+        cmd[at:at] = vllm_launch.profiler_args(trace_dir, max_steps)
+    return cmd
 
 
 def trace_dir(run_dir: Path, target: str) -> Path:
@@ -175,20 +186,22 @@ def prepare(scenario: sc.Scenario, log) -> list[LiveTarget]:
     return live
 
 
-def start(lt: LiveTarget, stack: contextlib.ExitStack, run_dir: Path, log, profiled: bool = False) -> None:
+def start(lt: LiveTarget, stack: contextlib.ExitStack, run_dir: Path, log,
+          profile: sc.Profile | None = None) -> None:
     """Start ``lt``'s server (a no-op for a URL target) and wait until it is healthy; its
-    stop is entered on ``stack`` (and may be called earlier through :func:`stop`). A
-    ``profiled`` target's server starts with its profiler ready (:func:`trace_dir`)."""
+    stop is entered on ``stack`` (and may be called earlier through :func:`stop`). With the
+    scenario's ``profile`` (for a target it profiles), the server starts with its profiler
+    ready (:func:`trace_dir`)."""
     if lt.served and lt.server is None:
         from servers.process import ManagedServer, free_port
 
         port = free_port()
         model = lt.model_source
         traces = None
-        if profiled:
+        if profile is not None:
             traces = trace_dir(run_dir, lt.name)
             traces.mkdir(parents=True, exist_ok=True)
-        cmd = command(lt.spec, model, port, traces)
+        cmd = command(lt.spec, model, port, traces, profile)
         log(f"starting {lt.name}: {lt.spec.serve.engine} on 127.0.0.1:{port}")
         srv = ManagedServer(lt.name, cmd, port, log_path=run_dir / "servers" / f"{lt.name}.log",
                             startup_timeout_s=lt.spec.serve.startup_timeout_s, env=environment(lt.spec, model))

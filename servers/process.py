@@ -26,6 +26,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def arg_value(args: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` in a command line (``--flag V`` or ``--flag=V``); the last one
+    wins, as it does for the servers' argparse."""
+    value = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
 class ServerFailed(RuntimeError):
     """The server exited or did not become healthy in time; the message holds its log's tail."""
 

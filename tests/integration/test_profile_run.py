@@ -88,7 +88,13 @@ def test_profiling_leaves_no_trace_and_no_request_record(profiled_run):
     assert not any(s.startswith("profile=") for s in stages)
     args = {t["name"]: t["launch_args"] for t in json.loads((run / "env.json").read_text())["targets"]}
     assert "--profile-dir" in args["mamba2-ssm"]
-    assert "--profiler-config" in args["llama-vllm"]
+    cfg = json.loads(args["llama-vllm"][args["llama-vllm"].index("--profiler-config") + 1])
+    # each start of vLLM's profiler records a bounded number of steps: ⌈4096 / 2048⌉ chunks of
+    # the longest prompt or twice the decode steps, + 8; vLLM says it took the bound
+    bound = profiling.trace_steps(TOO_LONG, STEPS, 2048)
+    assert cfg["max_iterations"] == bound == 16
+    assert f"will stop after {bound} worker steps" in (run / "servers" / "llama-vllm.log").read_text()
+    assert all(x["steps"] <= bound for x in _lines(run) if x["target"] == "llama-vllm" and x["steps"])
 
 
 def test_every_kernel_is_placed_or_named(profiled_run):

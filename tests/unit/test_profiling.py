@@ -29,10 +29,10 @@ load: {kind: context_sweep, prompt_tokens: [64]}
 def test_the_profile_section_and_which_targets_it_takes():
     s = sc.parse(BASE + "profile: {prompt_tokens: [128, 4096], decode_steps: 8}\n")
     assert s.profile.keep_traces is False
-    assert [s.profiled(t) for t in s.targets] == [True, True, False]  # a url: target is out of reach
+    assert [s.profile_of(t) is not None for t in s.targets] == [True, True, False]  # a url: target is out of reach
     s = sc.parse(BASE + "profile: {targets: [b]}\n")
-    assert [s.profiled(t) for t in s.targets] == [False, True, False] and s.profile.prompt_tokens == [4096]
-    assert not any(sc.parse(BASE).profiled(t) for t in sc.parse(BASE).targets)
+    assert [s.profile_of(t) is not None for t in s.targets] == [False, True, False] and s.profile.prompt_tokens == [4096]
+    assert not any(sc.parse(BASE).profile_of(t) for t in sc.parse(BASE).targets)
 
 
 @pytest.mark.parametrize("section, says", [
@@ -60,6 +60,27 @@ def test_a_profiled_server_starts_with_its_profiler_ready(tmp_path):
                       "torch_profiler_dump_cuda_time_total": False}
     assert "--profiler-config" not in targets.command(s.targets[1], "tiny-llama", 8000)
     assert targets.trace_dir(tmp_path, "b") == tmp_path / "profiles" / "b"
+
+
+def test_vllm_profiler_records_a_bounded_number_of_steps(tmp_path):
+    # the profile pass bounds each start (vLLM's max_iterations): the longest prompt's prefill
+    # in chunks of the server's step (tiny-llama on CPU: 2048 tokens), or twice the decode steps
+    s = sc.parse(BASE + "profile: {prompt_tokens: [1000, 20000], decode_steps: 4}\n")
+    b = s.targets[1]
+
+    def config(target):
+        cmd = targets.command(target, "tiny-llama", 8000, tmp_path / "tr", s.profile_of(target))
+        return json.loads(cmd[cmd.index("--profiler-config") + 1]), cmd
+
+    cfg, cmd = config(b)
+    assert cfg["max_iterations"] == 10 + 8  # ⌈20000 / 2048⌉ = 10 chunks > 2 × 4 decode steps
+    assert profiling.trace_steps(4096, 16, 8192) == 32 + 8
+    # a target's own --max-num-batched-tokens (later, so it wins) sets the chunk; its own
+    # --profiler-config still comes after ctxload's
+    own = b.model_copy(update={"serve": b.serve.model_copy(update={"args": ["--max-num-batched-tokens=512"]})})
+    cfg, cmd = config(own)
+    assert cfg["max_iterations"] == 40 + 8 and cmd[-1] == "--max-num-batched-tokens=512"
+    assert cmd.index("--profiler-config") < len(cmd) - 1
 
 
 def test_the_decode_request_asks_for_room_to_spare():
