@@ -205,6 +205,7 @@ def plan(a: Analysis) -> Table:
 
 def operators(a: Analysis) -> Table:
     from analysis.operators import FINE, PAPER_CLASSES
+    from rundir.operators import STEPS_SOURCES
 
     rows, unplaced = [], {}
     for r in a.operators:
@@ -217,7 +218,7 @@ def operators(a: Analysis) -> Table:
         finer = ", ".join(f"{c} {units.percent(b.share(c))}" for c in FINE if b.share(c) >= 0.01)
         top = b.top[0]
         asked = ("TTFT " + _t(r.ttft_s)) if r.phase == "prefill" and r.ttft_s else (
-            f"{r.steps} steps" + (" (server's count)" if r.steps_source == "server" else " (streamed tokens)")
+            f"{r.steps} steps" + (f" ({STEPS_SOURCES[r.steps_source]})" if r.steps_source in STEPS_SOURCES else "")
             if r.steps else "—")
         rows.append([_tag(a, r.target), _tok(r.prompt_tokens), r.phase, f"{r.device} {time}",
                      *(units.percent(b.share(c)) for c in PAPER_CLASSES), finer,

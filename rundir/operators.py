@@ -14,6 +14,11 @@ SCHEMA_VERSION = 1
 PHASES = ("prefill", "decode")
 
 
+#: Who counts the engine steps a profile took, and how a table says so.
+STEPS_SOURCES = {"server": "server's count", "trace": "the trace's step marks",
+                 "stream": "streamed tokens"}
+
+
 @dataclass
 class OperatorRecord:
     target: str
@@ -30,8 +35,7 @@ class OperatorRecord:
     steps: int | None = None
     """Engine steps while the profiler ran (``steps_source`` says who counted them)."""
     steps_source: str | None = None
-    """``server`` (ssm-server's count), ``trace`` (vLLM's step annotations) or ``stream``
-    (decode tokens streamed meanwhile)."""
+    """Who counted them: a key of :data:`STEPS_SOURCES`."""
     window_s: float | None = None
     ttft_s: float | None = None
     e2e_s: float | None = None

@@ -475,7 +475,7 @@ H200 = json.loads((FIXTURES / "operator_names" / "h200.json").read_text())
 
 
 def test_every_kernel_of_the_h200_trace_is_placed_as_reviewed():
-    """vLLM 0.26 (Qwen2.5-0.5B, Falcon-H1-0.5B) and ssm-server's native Mamba2 on an H200:
+    """vLLM 0.26 (Qwen2.5-0.5B, Falcon-H1-0.5B, Mamba2-780m) and ssm-server's native Mamba2 on an H200:
     no name left unplaced, each in the class reviewed by hand."""
     got = {n: operators.classify(n) for n in H200["expected"]}
     assert [n for n, c in got.items() if c is None] == []
@@ -485,4 +485,6 @@ def test_every_kernel_of_the_h200_trace_is_placed_as_reviewed():
     assert {"_chunk_scan_fwd_kernel", "_state_passing_fwd_kernel", "ssu", "conv_step"} <= ssm_names
     falcon = {n for n in H200["sources"]["falcon-h1-0.5b-vllm"] if got[n] in ("ssm", "conv1d")}
     assert {"_causal_conv1d_fwd_kernel", "_selective_scan_update_kernel"} <= falcon
+    vllm_mamba = {n for n in H200["sources"]["mamba2-780m-vllm"] if operators.paper_class(got[n]) == "SSM scan"}
+    assert {"_chunk_scan_fwd_kernel", "_state_passing_fwd_kernel", "_causal_conv1d_update_kernel"} <= vllm_mamba
     assert all(got[n] != "ssm" for n in H200["sources"]["qwen2.5-0.5b-vllm"])
