@@ -6,8 +6,10 @@ client measures beyond the set values is the client's error plus this server's l
 
 To tell the two apart, every event carries ``t_send_ns``, the server's ``perf_counter_ns()``
 just before its bytes are written (CLOCK_MONOTONIC: comparable across processes on Linux), and
-with ``--send-log PATH`` each finished stream appends ``{"id", "recv_ns", "send_ns": [...]}``
-to PATH (``recv_ns``: when the request reached its handler).  The first token's text is the
+with ``--send-log PATH`` each finished stream appends ``{"id", "recv_ns", "send_ns": [...],
+"sent_ns": [...]}`` to PATH (``recv_ns``: when the request reached its handler; ``sent_ns``:
+just after each event's write returned, so that the moment its bytes left lies between the
+two even when this process was preempted in between).  The first token's text is the
 response id (`` cmpl-…``), so a tool that keeps only generated text can still be matched.
 ssm-server's synthetic engine is the fuller version; this one has no dependency on it.
 
@@ -61,6 +63,7 @@ def make_app(ttft_s: float, itl_s: float, model: str = "synthetic", max_model_le
         counts["seq"] += 1
         rid = f"cmpl-{os.getpid()}-{counts['seq']}"
         sends: list[int] = []
+        sent: list[int] = []
         try:
             for k in range(n):
                 delay = t0 + ttft_s + k * itl_s - loop.time()
@@ -78,6 +81,7 @@ def make_app(ttft_s: float, itl_s: float, model: str = "synthetic", max_model_le
                 sends.append(time.perf_counter_ns())
                 ev["t_send_ns"] = sends[-1]
                 await resp.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
+                sent.append(time.perf_counter_ns())
             usage = {"id": rid, "model": model, "choices": [],
                      "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
                                "total_tokens": prompt_tokens + n}}
@@ -85,7 +89,7 @@ def make_app(ttft_s: float, itl_s: float, model: str = "synthetic", max_model_le
             await resp.write_eof()
             counts["ok"] += 1
             if log_fd is not None:
-                os.write(log_fd, (json.dumps({"id": rid, "recv_ns": recv_ns, "send_ns": sends}) + "\n").encode())
+                os.write(log_fd, (json.dumps({"id": rid, "recv_ns": recv_ns, "send_ns": sends, "sent_ns": sent}) + "\n").encode())
         finally:
             counts["running"] -= 1
         return resp

@@ -55,16 +55,25 @@ def stream(url: str, kernel: bool, hold: bool = True, requests: int = 3) -> list
     return [json.loads(l) for l in p.stdout.splitlines()]
 
 
-def gap_errors_ms(recs: list[dict], log: Path) -> list[list[float]]:
-    """Per request: client gap − server gap between the same two writes, in ms."""
-    sends = {s["id"]: s["send_ns"] for s in map(json.loads, log.read_text().splitlines())}
+def gap_errors_ms(recs: list[dict], log: Path, tokens: int = TOKENS) -> list[list[float]]:
+    """Per request: how far each client gap lies outside the server's gap between the same two
+    writes, in ms. Each write left between the server's stamp before it and its stamp after
+    it (17 µs apart at the median), so the true gap lies in [before₂ − after₁, after₂ −
+    before₁]; a server preempted between a stamp and its write (a busy 2-core box: once 9.7 ms)
+    moves the bytes, and is not the client's error."""
+    log_lines = {s["id"]: s for s in map(json.loads, log.read_text().splitlines())}
     out = []
     for r in recs:
         assert r["status"] == "ok", r["error_message"]
-        s = sends[r["response_id"]]
-        server_gaps = [(b - a) / 1e6 for a, b in zip(s, s[1:])]
-        assert len(server_gaps) == len(r["itl_s"]) == TOKENS - 1
-        out.append([g * 1e3 - sg for g, sg in zip(r["itl_s"], server_gaps)])
+        s = log_lines[r["response_id"]]
+        before, after = s["send_ns"], s["sent_ns"]
+        assert len(before) == len(after) == len(r["itl_s"]) + 1 == tokens
+        errs = []
+        for i, g in enumerate(r["itl_s"]):
+            lo, hi = (before[i + 1] - after[i]) / 1e6, (after[i + 1] - before[i]) / 1e6
+            g_ms = g * 1e3
+            errs.append(g_ms - hi if g_ms > hi else g_ms - lo if g_ms < lo else 0.0)
+        out.append(errs)
     return out
 
 
@@ -128,12 +137,7 @@ def test_a_closed_loop_stage_measures_every_gap_within_1ms(tiny_models, tmp_path
         assert p.returncode == 0, p.stderr[-3000:]
     recs = [json.loads(l) for l in (tmp_path / "runs" / "r" / "requests.jsonl").read_text().splitlines()]
     assert len(recs) == 180
-    sends = {s["id"]: s["send_ns"] for s in map(json.loads, log.read_text().splitlines())}
-    errs = []
-    for r in recs:
-        assert r["status"] == "ok", r["error_message"]
-        s = sends[r["response_id"]]
-        errs += [abs(g * 1e3 - (b - a) / 1e6) for g, a, b in zip(r["itl_s"], s, s[1:])]
+    errs = [abs(e) for r in gap_errors_ms(recs, log, tokens=24) for e in r]
     assert len(errs) == 180 * 23
     errs.sort()
     p99 = errs[int(0.99 * len(errs))]
