@@ -29,6 +29,8 @@ class Analysis:
     claims: list[claims_mod.Claim]
     reuse: list = field(default_factory=list)
     """Prefix-cache hits per target × stage (:func:`analysis.reuse.rows`)."""
+    turns: list = field(default_factory=list)
+    """A conversation load's turns per target (:func:`analysis.reuse.turns`)."""
     operators: list = field(default_factory=list)
     """The profile pass, classified (:func:`analysis.operators.rows`): where the time goes."""
     engines: dict[str, engines_mod.Engine] = field(default_factory=dict)
@@ -53,7 +55,7 @@ def analyze(run: RunData) -> Analysis:
                  tpot_pairs=scaling.family_pairs(run, "tpot", fits), limits=limits, memory=mem,
                  budget=memory.budget_bytes(run), sizes=memory.state_sizes(run), energy=energy,
                  claims=claims_mod.claims_table(run, limits, mem, energy, engines, ops), engines=engines,
-                 operators=ops, reuse=reuse.rows(run),
+                 operators=ops, reuse=reuse.rows(run), turns=reuse.turns(run),
                  notes=engines_mod.notes({t: e for t, e in engines.items() if t in ran},
                                          on_gpu=bool(run.env.get("gpus"))))
     if ran and all(getattr(memory.preset_of(run, t), "tiny", False) for t in ran):

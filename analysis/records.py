@@ -52,6 +52,9 @@ class Request:
     """Of its prompt, the tokens its group shares (a ``shared_prefix`` prompt source)."""
     cached_tokens: int | None = None
     """Prompt tokens the server served from its prefix cache, where its usage says."""
+    conversation: int | None = None
+    """A multi-turn load's conversation (its number in the stage), and the turn from 0."""
+    turn: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -152,6 +155,10 @@ class RunData:
         return self._sweep.get(target)
 
     def in_sweep(self, r: "Request") -> bool:
+        """Whether ``r`` is a point of its target's length curves: at the sweep's concurrency,
+        and a prompt of its own (a conversation's turn is its history plus a message)."""
+        if r.turn is not None:
+            return False
         c = self.sweep_concurrency(r.target)
         return c is None or r.concurrency is None or r.concurrency == c
 
@@ -209,6 +216,8 @@ def parse_request(obj: dict[str, Any]) -> Request:
         model=str(obj.get("model") or ""),
         shared_tokens=_int(obj.get("shared_tokens")),
         cached_tokens=_int(obj.get("cached_tokens")),
+        conversation=_int(obj.get("conversation")),
+        turn=_int(obj.get("turn")),
     )
 
 

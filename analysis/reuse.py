@@ -5,7 +5,9 @@ the server says in its usage how many prompt tokens it took from its cache
 (``prompt_tokens_details.cached_tokens``: vLLM with ``--enable-prompt-tokens-details``, which
 ctxload's launch profiles set; ssm-server reports 0, having no prefix cache). Per target ×
 stage: the hit rate over all prompt tokens and over the shared ones, and TTFT beside the
-uncached part of the prompt, which is what a prefill then has to compute.
+uncached part of the prompt, which is what a prefill then has to compute. A ``conversation``
+load's turns resend their history: per target × turn, how the prompt grows and how much of it
+the cache served.
 """
 
 from __future__ import annotations
@@ -57,4 +59,32 @@ def rows(run: RunData) -> list[ReuseRow]:
             uncached_p50=percentile([r.prompt_tokens - r.cached_tokens for r in rs], 50)))
     order = {t: i for i, t in enumerate(run.targets())}
     out.sort(key=lambda x: (order.get(x.target, 1 << 30), min(r.stage_index for r in by[(x.target, x.stage)])))
+    return out
+
+
+@dataclass
+class TurnRow:
+    target: str
+    turn: int
+    requests: int
+    """Ok turns of this index, over every conversation."""
+    prompt_p50: float | None
+    cached_p50: float | None
+    """Median cached prompt tokens (None: the server does not say)."""
+    ttft_p50: float | None
+
+
+def turns(run: RunData) -> list[TurnRow]:
+    """One row per target × turn of its conversations (ok requests only)."""
+    by: dict[tuple[str, int], list] = {}
+    for r in run.requests:
+        if r.turn is not None and r.ok:
+            by.setdefault((r.target, r.turn), []).append(r)
+    order = {t: i for i, t in enumerate(run.targets())}
+    out = []
+    for (t, k), rs in sorted(by.items(), key=lambda kv: (order.get(kv[0][0], 1 << 30), kv[0][1])):
+        cached = [r.cached_tokens for r in rs if r.cached_tokens is not None]
+        out.append(TurnRow(t, k, len(rs), percentile([r.prompt_tokens for r in rs if r.prompt_tokens], 50),
+                           percentile(cached, 50) if cached else None,
+                           percentile([r.ttft_s for r in rs if r.ttft_s is not None], 50)))
     return out

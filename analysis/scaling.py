@@ -222,7 +222,7 @@ class ContextLimit:
 def context_limits(run: RunData) -> list[ContextLimit]:
     out = []
     for t in run.targets():
-        reqs = [r for r in run.requests if r.target == t and r.prompt_length is not None]
+        reqs = [r for r in run.requests if r.target == t and r.prompt_length is not None and r.turn is None]
         ok_lengths = [r.prompt_length for r in reqs if r.ok]
         max_ok = max(ok_lengths) if ok_lengths else None
         beyond = [r for r in reqs if not r.ok and (max_ok is None or r.prompt_length > max_ok)]

@@ -254,5 +254,18 @@ def reuse(a: Analysis) -> Table:
                  empty="no prefix-cache figures (a shared_prefix prompt source, a server reporting cached tokens)")
 
 
+def turns(a: Analysis) -> Table:
+    rows = [[_tag(a, r.target), str(r.turn + 1), str(r.requests),
+             _tok(round(r.prompt_p50)) if r.prompt_p50 is not None else "—",
+             _tok(round(r.cached_p50)) if r.cached_p50 is not None else "—", _t(r.ttft_p50)]
+            for r in a.turns]
+    return Table("turns", "Conversations, turn by turn", ["target · engine", "turn", "requests",
+                 "prompt tokens p50", "cached tokens p50", "TTFT p50"], rows,
+                 note="Each turn resends the conversation so far (every user message and the reply streamed "
+                      "to it) with a new message: the prompt grows turn by turn, and a prefix cache can serve "
+                      "the history.",
+                 empty="no conversation load")
+
+
 ALL = (engines, claims, latency, throughput, fits, crossovers, speedups, limits, memory, plan, energy, reuse,
-       operators, errors)
+       turns, operators, errors)

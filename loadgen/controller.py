@@ -16,6 +16,7 @@ import gevent.event
 import gevent.queue
 
 from loadgen import prompts
+from loadgen.conversation import Conversations, Turn
 from loadgen.records import RecordWriter
 from loadgen.shapes import StageResult, StageSpec
 from loadgen.trace import TraceEntry
@@ -38,12 +39,15 @@ class Stage:
         self.backoff_until = 0.0
         self.stopped: str | None = None
         """Why the stage stopped issuing requests before its budget was spent."""
-        self.remaining = spec.requests if spec.duration_s is None and not spec.trace else None
+        self.remaining = spec.requests if spec.duration_s is None and not spec.trace and not spec.conversation \
+            else None
         if spec.rate and spec.requests is not None and spec.duration_s is None:
             self.remaining = spec.requests
         self.deadline: float | None = None
         self.rng = random.Random(spec.seed)
-        self.arrivals: gevent.queue.Queue | None = gevent.queue.Queue() if spec.rate or spec.trace else None
+        self.conversations = Conversations(spec.conversation) if spec.conversation else None
+        self.arrivals: gevent.queue.Queue | None = gevent.queue.Queue() \
+            if spec.rate or spec.trace or self.conversations else None
         self._arrivals_done = False
         self.in_flight = 0
         self.issued = 0
@@ -56,7 +60,10 @@ class Stage:
     def open(self) -> None:
         if self.spec.duration_s is not None:
             self.deadline = time.monotonic() + self.spec.duration_s
-        if self.arrivals is not None:
+        if self.conversations is not None:
+            for t in self.conversations.first_turns():
+                self.arrivals.put(t)
+        elif self.arrivals is not None:
             gevent.spawn(self._arrive)
 
     def _arrive(self) -> None:
@@ -93,14 +100,17 @@ class Stage:
     def exhausted(self) -> bool:
         if self.closed:
             return True
+        if self.conversations is not None:
+            return self.conversations.finished and self.arrivals.empty()
         if self.arrivals is not None:
             return self._arrivals_done and self.arrivals.empty()
         if self.remaining is not None:
             return self.remaining <= 0
         return time.monotonic() >= (self.deadline or 0)
 
-    def take(self, wait_s: float) -> int | None:
-        """A prompt length to send now, or None (nothing for now)."""
+    def take(self, wait_s: float):
+        """A prompt length to send now (or a trace's request, or a conversation's turn), or None
+        (nothing for now)."""
         if self.closed:
             return None
         if time.monotonic() < self.backoff_until:
@@ -137,6 +147,23 @@ class Stage:
         if n >= 20 and self.failed / n > self.max_error_rate:
             self._stop(f"error rate {self.failed / n:.0%} > max_error_rate {self.max_error_rate:g} "
                        f"after {n} requests")
+
+    def turn_done(self, job: dict, rec: dict, reply: str | None) -> None:
+        """A conversation's turn ended: queue the next turn, at once or after the think time."""
+        nxt, delay = self.conversations.done(job, rec, reply)
+        if nxt is None:
+            return
+        if delay <= 0:
+            self._queue_turn(nxt)
+        else:
+            gevent.spawn_later(delay, self._queue_turn, nxt)
+
+    def _queue_turn(self, t: Turn) -> None:
+        if self.closed:
+            self.conversations.abandon(t)
+        else:
+            self.arrivals.put(t)
+        self.check()
 
     def _stop(self, why: str) -> None:
         if not self.closed:
@@ -220,15 +247,20 @@ class Controller:
         return self._job(st, tokens)
 
     def _job(self, st: Stage, item) -> dict:
-        """The job of one request of ``st``: ``item`` is its prompt length, or a trace's request
-        (its prompt and output lengths and shared blocks with it)."""
+        """The job of one request of ``st``: ``item`` is its prompt length, a trace's request
+        (its prompt and output lengths and shared blocks with it) or a conversation's turn (its
+        history, and its new message built here: the next turn resends it)."""
         st.in_flight += 1
         st.issued += 1
         self.counter += 1
         job = dict(st.base, stage=st.spec.label, stage_index=st.index, prompt_tokens=item,
                    concurrency=st.spec.users, request_id=f"r{self.counter:07d}", seq=self.counter,
                    stage_seq=st.issued - 1, _stage=id(st))
-        if not isinstance(item, int):  # a trace's request
+        if isinstance(item, Turn):
+            job.update(st.conversations.job_fields(item))
+            text = build_prompt(dict(job, messages=None))
+            job["messages"].append({"role": "user", "content": text})
+        elif not isinstance(item, int):  # a trace's request
             job.update(prompt_tokens=item.input_length, max_tokens=item.output_length,
                        hash_ids=list(item.hash_ids), shared_tokens=item.shared_tokens,
                        block_tokens=st.spec.block_tokens)
@@ -241,6 +273,8 @@ class Controller:
             st.in_flight -= 1
             if st.remaining is not None:
                 st.remaining += 1
+            elif job.get("conversation") is not None:
+                st.arrivals.put(Turn(job["conversation"], job["turn"]))
             elif st.arrivals is not None:
                 st.arrivals.put(job["prompt_tokens"] if job.get("hash_ids") is None else TraceEntry(
                     0.0, job["prompt_tokens"], job["max_tokens"], tuple(job["hash_ids"]), job["shared_tokens"]))
@@ -250,6 +284,7 @@ class Controller:
         return build_prompt(job)
 
     def finish(self, job: dict, rec: dict) -> None:
+        reply = rec.pop("_reply", None)  # a conversation's: resent with its history, not recorded
         self.writer.write(rec)
         self.total += 1
         self.errors += rec["status"] != "ok"
@@ -257,12 +292,16 @@ class Controller:
         if st is not None and id(st) == job.get("_stage"):
             st.record(rec)
             st.in_flight -= 1
+            if job.get("conversation") is not None:
+                st.turn_done(job, rec, reply)
             st.check()
         if self.on_record:
             self.on_record(rec)
 
 
 def build_prompt(job: dict) -> str:
+    if job.get("messages"):  # a conversation's turn: its new message, built when it was issued
+        return job["messages"][-1]["content"]
     tok = job["tokenizer"]
     if tok["kind"] == "local":
         b = prompts.local_builder(tok["path"], job.get("prompt_path"))

@@ -36,6 +36,8 @@ class Timing:
     events: int = 0
     response_id: str | None = None
     """The stream's ``id`` (from its first event), when the server gives one."""
+    text: list[str] | None = None
+    """The generated text, piece by piece, when kept (a list given; a chat stream only)."""
 
     def feed(self, line: bytes, now_ns: int, chat: bool, kernel: bool = False) -> str | None:
         """Take one SSE line stamped ``now_ns`` (``kernel``: a kernel receive stamp); returns an
@@ -76,6 +78,8 @@ class Timing:
                 self.token_ns.append(now_ns)
                 self.empty.append(text == "")
                 self.kernel.append(kernel)
+                if self.text is not None and isinstance(text, str):
+                    self.text.append(text)
         return None
 
     def settle(self) -> None:
@@ -177,6 +181,8 @@ def build(job: dict, timing: Timing, *, http_status: int | None, error_kind: str
         "stamp_clock": t.stamp_clock(),
         "shared_tokens": job.get("shared_tokens"),
         "cached_tokens": _cached(usage),
+        "conversation": job.get("conversation"),
+        "turn": job.get("turn"),
     }
 
 

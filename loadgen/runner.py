@@ -264,6 +264,8 @@ def _prepare(stage: Stage, runner=None) -> None:
     lengths = [spec.prompt_tokens] if spec.prompt_tokens else [n for n, _ in spec.mix]
     if spec.trace:  # its builder, at least (each request's blocks are its own)
         lengths = [spec.trace[0].input_length]
+    if spec.conversation:
+        lengths = [spec.conversation.first_tokens, spec.conversation.turn_tokens]
     jobs = [dict(stage.base, prompt_tokens=n, seq=0) for n in lengths]
     for job in jobs:
         build_prompt(job)
@@ -409,7 +411,8 @@ def _run_target(ctx: _Ctx, lt: targets.LiveTarget, stage_index: int) -> tuple[in
     base = _job_base(ctx.scenario, lt)
     loads = ctx.scenario.loads()
     first = loads[0]
-    if isinstance(first, (sc.ContextSweep, sc.ConcurrencySweep, sc.Poisson, sc.Trace)) and first.warmup_requests:
+    if isinstance(first, (sc.ContextSweep, sc.ConcurrencySweep, sc.Poisson, sc.Trace, sc.Conversation)) \
+            and first.warmup_requests:
         spec = shapes.StageSpec("warmup", 1, _first_length(first), requests=first.warmup_requests)
         ctx.set_stage(lt, spec.label, stage_index)
         ctx.prog.stage(f"{lt.name} warmup", spec.requests)
@@ -568,6 +571,8 @@ def _first_length(load) -> int:
         return load.prompt_tokens
     if isinstance(load, sc.Trace):
         return load.entries()[0].input_length
+    if isinstance(load, sc.Conversation):
+        return load.first_tokens
     return load.mix[0].prompt_tokens
 
 

@@ -302,7 +302,35 @@ class MaxContext(_Model):
         return self
 
 
-Load = Annotated[Union[ContextSweep, ConcurrencySweep, Poisson, Trace, MaxContext], Field(discriminator="kind")]
+class Conversation(_Model):
+    """Multi-turn chat in one stage: ``users`` conversations at a time, each of ``turns``
+    requests to ``/v1/chat/completions`` that resend the whole history — every earlier user
+    message and the reply the server streamed to it — with a new user message at the end,
+    ``think_time_s`` after the previous reply; a new conversation starts when one ends. A
+    prefix cache can reuse the history (each record's ``shared_tokens``)."""
+
+    kind: Literal["conversation"]
+    conversations: PositiveInt = 8
+    """Conversations in all."""
+    turns: int = Field(4, ge=1)
+    """Requests per conversation."""
+    first_tokens: PositiveInt = 4096
+    """The first user message (a document, from the scenario's prompt source)."""
+    turn_tokens: PositiveInt = 256
+    """Each later user message."""
+    think_time_s: float = Field(0.0, ge=0)
+    """Between a reply's end and the next turn of its conversation."""
+    users: PositiveInt = 1
+    """Conversations under way at once."""
+    warmup_requests: int = Field(0, ge=0)
+
+    @property
+    def requests(self) -> int:
+        return self.conversations * self.turns
+
+
+Load = Annotated[Union[ContextSweep, ConcurrencySweep, Poisson, Trace, Conversation, MaxContext],
+                 Field(discriminator="kind")]
 
 
 # ---- profiling -------------------------------------------------------------------------------

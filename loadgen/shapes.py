@@ -29,6 +29,8 @@ class StageSpec:
     """Or: the requests of a trace (loadgen.trace.TraceEntry), each sent at its time (open loop)."""
     speed: float = 1.0
     block_tokens: int = 512
+    conversation: "sc.Conversation | None" = None
+    """Or: multi-turn chat (closed loop, ``users`` conversations at a time)."""
 
 
 @dataclass
@@ -80,6 +82,8 @@ def stages(load, max_context_len: int | None = None) -> Shape:
         rows = tuple(load.entries())
         yield StageSpec("trace", load.max_users, None, requests=len(rows), trace=rows, speed=load.speed,
                         block_tokens=load.block_tokens)
+    elif isinstance(load, sc.Conversation):
+        yield StageSpec("conversation", load.users, None, requests=load.requests, conversation=load)
     elif isinstance(load, sc.MaxContext):
         yield from bisect(load)
     else:  # pragma: no cover - the scenario model admits no other kind
@@ -89,7 +93,7 @@ def stages(load, max_context_len: int | None = None) -> Shape:
 def planned_requests(load, label: str) -> int:
     """The requests a stage of ``load`` labelled ``label`` sends in full (1 for a timed stage):
     a resumed run runs again only the stages that got fewer."""
-    if load.duration_s or not getattr(load, "requests", None):
+    if getattr(load, "duration_s", None) or not getattr(load, "requests", None):
         return 1
     if isinstance(load, sc.ContextSweep) and label.startswith("prompt="):
         return load.requests_at(int(label.split("=", 1)[1])) or 1

@@ -36,7 +36,9 @@ def request_body(job: dict, prompt: str) -> bytes:
             "stream_options": {"include_usage": True}, "temperature": 0.0}
     if job.get("ignore_eos"):
         body["ignore_eos"] = True
-    if job["api"] == "chat":
+    if job.get("messages"):  # a conversation's turn: its history and new message
+        body["messages"] = job["messages"]
+    elif job["api"] == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
@@ -231,8 +233,11 @@ class Sent:
                 self.message, self.kind = stream_err[:500], records.classify_http(500, stream_err)
         if t.end_ns is None and t.token_ns:
             t.end_ns = self.failed_ns
-        return records.build(self.job, t, http_status=self.status, error_kind=self.kind,
-                             error_message=self.message, start_time=self.start_time, worker=WORKER)
+        rec = records.build(self.job, t, http_status=self.status, error_kind=self.kind,
+                            error_message=self.message, start_time=self.start_time, worker=WORKER)
+        if t.text is not None:  # a conversation's reply, resent with its next turn (not recorded)
+            rec["_reply"] = "".join(t.text)
+        return rec
 
 
 def send(session, job: dict, prompt: str, timeout_s: float, turn=None) -> Sent:
@@ -248,13 +253,14 @@ def send(session, job: dict, prompt: str, timeout_s: float, turn=None) -> Sent:
     out = Sent()
     out.job, out.chat, out.body, out.marks, out.cancelled = job, chat, None, None, False
     out.start_time = time.time()
-    timing = out.timing = records.Timing(sent_ns=time.perf_counter_ns())
+    keep = [] if job.get("messages") else None  # a conversation's reply is its next turn's history
+    timing = out.timing = records.Timing(sent_ns=time.perf_counter_ns(), text=keep)
     status = kind = message = None
     try:
         if turn is not None:
             turn()
             out.start_time = time.time()
-            timing = out.timing = records.Timing(sent_ns=time.perf_counter_ns())
+            timing = out.timing = records.Timing(sent_ns=time.perf_counter_ns(), text=keep)
         with gevent.Timeout(timeout_s, TimeoutError(f"no end of stream after {timeout_s:g} s")):
             resp = session.request("POST", job["url"] + path, data=data, headers=headers, stream=True,
                                    name=f"{job['target']} {job['stage']}")
