@@ -143,8 +143,9 @@ def _reuse_lines(a: Analysis) -> list[str]:
         of_shared = f"{cached / shared:.0%} of the shared tokens, " if shared else ""
         why = "" if cached or a.engines.get(t) is None or "ssm-server" not in a.engines[t].label else \
             " (ssm-server keeps no prefix cache)"
+        setting = engines_mod.prefix_caching(a.run.target_info(t).get("launch_args") or [])
         out.append(f"{engines_mod.tag(t, a.engines)}: its prefix cache served {of_shared}{cached / prompt:.0%} of all "
-                   f"prompt tokens over {n} request(s){why}.")
+                   f"prompt tokens over {n} request(s){why}" + (f" ({setting})" if setting else "") + ".")
     return out
 
 

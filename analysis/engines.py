@@ -220,3 +220,15 @@ def notes(engines: dict[str, Engine], on_gpu: bool) -> list[str]:
                    + ". Comparisons involving " + ("it" if len(unknown) == 1 else "them")
                    + " are not decided.")
     return out
+
+
+def prefix_caching(args: list[str]) -> str | None:
+    """vLLM's prefix-cache setting, as its command line says (the last flag wins), with the
+    Mamba cache mode where one is given; None for a command line that is not vLLM's."""
+    flags = [a for a in args if a in ("--enable-prefix-caching", "--no-enable-prefix-caching")]
+    if not flags:
+        return None
+    if flags[-1] == "--no-enable-prefix-caching":
+        return "vLLM prefix caching off"
+    mode = process.arg_value(args, "--mamba-cache-mode")
+    return "vLLM prefix caching on" + (f", Mamba cache mode {mode}" if mode else "")

@@ -180,7 +180,8 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
             for lt in live:
                 if lt.completed:
                     continue
-                targets.start(lt, stack, run_dir, say, profile=scenario.profile_of(lt.spec))
+                targets.start(lt, stack, run_dir, say, profile=scenario.profile_of(lt.spec),
+                              reuse=scenario.reuses_prefixes())
         write_env(run_dir / "env.json", run_id, started, live, earlier=past.earlier)
         exporter_port = exporter.port_override()
         if exporter_port is None:
@@ -231,7 +232,8 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
                 break
             with contextlib.ExitStack() as own:  # stops the target after its stages (unless resident)
                 try:
-                    targets.start(lt, own, run_dir, say, profile=scenario.profile_of(lt.spec))
+                    targets.start(lt, own, run_dir, say, profile=scenario.profile_of(lt.spec),
+                                  reuse=scenario.reuses_prefixes())
                 except ServerFailed as e:
                     lt.error = str(e).splitlines()[0]
                     say(f"{lt.name}: not run: {e}")

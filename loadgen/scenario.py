@@ -407,6 +407,12 @@ class Scenario(_Model):
     def _size(cls, v):
         return Serve._size(v)
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _synthetic_by_default(cls, v):
+        """A prompt section without a ``kind`` is the synthetic source's, as no section is."""
+        return {"kind": "synthetic", **v} if isinstance(v, dict) and "kind" not in v else v
+
     @model_validator(mode="after")
     def _unique_names(self) -> "Scenario":
         names = [t.name for t in self.targets]
@@ -433,6 +439,12 @@ class Scenario(_Model):
         if p is not None and target.serve is not None and (p.targets is None or target.name in p.targets):
             return p
         return None
+
+    def reuses_prefixes(self) -> bool:
+        """Whether requests share prompt prefixes (a ``shared_prefix`` source, a trace, a
+        conversation): then prefix caching is on for every vLLM target it serves."""
+        return self.prompt.shared_prefix is not None or any(
+            isinstance(x, (Trace, Conversation)) for x in self.loads())
 
     def loads(self) -> list:
         """The load shapes in the order they run on each target."""

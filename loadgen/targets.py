@@ -94,10 +94,12 @@ def _model_dir(serve: sc.Serve, log) -> tuple[Path | str, str | None]:
 
 
 def command(target: sc.Target, model: Path | str, port: int, trace_dir: Path | None = None,
-            profile: sc.Profile | None = None) -> list[str]:
+            profile: sc.Profile | None = None, reuse: bool = False) -> list[str]:
     """The server's command line; the model name it serves is the one the target sends. With
     ``trace_dir``, its profiler is ready to write there (the scenario's ``profile`` pass, which
-    on vLLM also bounds the steps each start records: :func:`loadgen.profiling.trace_steps`)."""
+    on vLLM also bounds the steps each start records: :func:`loadgen.profiling.trace_steps`).
+    ``reuse``: the scenario shares prefixes, so vLLM caches them whatever the family
+    (:func:`servers.vllm_launch.prefix_caching`)."""
     serve = target.serve
     budget = serve.memory_budget_bytes()
     if serve.engine == "ssm-server":
@@ -113,7 +115,8 @@ def command(target: sc.Target, model: Path | str, port: int, trace_dir: Path | N
     from servers import process, vllm_launch
 
     cmd = vllm_launch.command(model, port, python=_vllm_python(), extra=serve.args,
-                              served_name=target.model, memory_budget_bytes=budget)
+                              served_name=target.model, memory_budget_bytes=budget,
+                              **(vllm_launch.prefix_caching() if reuse else {}))
     if trace_dir is not None:
         from loadgen import profiling
 
@@ -187,7 +190,7 @@ def prepare(scenario: sc.Scenario, log) -> list[LiveTarget]:
 
 
 def start(lt: LiveTarget, stack: contextlib.ExitStack, run_dir: Path, log,
-          profile: sc.Profile | None = None) -> None:
+          profile: sc.Profile | None = None, reuse: bool = False) -> None:
     """Start ``lt``'s server (a no-op for a URL target) and wait until it is healthy; its
     stop is entered on ``stack`` (and may be called earlier through :func:`stop`). With the
     scenario's ``profile`` (for a target it profiles), the server starts with its profiler
@@ -201,7 +204,7 @@ def start(lt: LiveTarget, stack: contextlib.ExitStack, run_dir: Path, log,
         if profile is not None:
             traces = trace_dir(run_dir, lt.name)
             traces.mkdir(parents=True, exist_ok=True)
-        cmd = command(lt.spec, model, port, traces, profile)
+        cmd = command(lt.spec, model, port, traces, profile, reuse)
         log(f"starting {lt.name}: {lt.spec.serve.engine} on 127.0.0.1:{port}")
         srv = ManagedServer(lt.name, cmd, port, log_path=run_dir / "servers" / f"{lt.name}.log",
                             startup_timeout_s=lt.spec.serve.startup_timeout_s, env=environment(lt.spec, model))

@@ -11,7 +11,9 @@ image, so that there is one source of these arguments.
 Rules that hold for every profile:
 
 - the served model name is the preset's name (what scenarios and dashboards call it);
-- hybrids and SSMs run with prefix caching off (vLLM cannot cache their recurrent state);
+- hybrids and SSMs run with prefix caching off, unless a scenario reuses prefixes (shared
+  documents, a trace, conversations: :func:`prefix_caching`), when vLLM keeps their recurrent
+  state at chunk ends in its ``align`` Mamba cache mode;
 - a model directory without weights (``ctxload models build PRESET --no-weights``) is served
   with ``--load-format dummy``: random weights at the real size, nothing downloaded;
 - the CPU profile (tiny presets, or ``--cpu``) adds ``--enforce-eager`` and sizes the KV cache
@@ -58,7 +60,9 @@ class Profile:
     max_num_seqs: int = 64
     """Sequences decoded together at most."""
     enable_prefix_caching: bool = True
-    """Off for hybrids and SSMs: their recurrent state cannot be reused from a cache."""
+    """Off for hybrids and SSMs unless asked (:func:`prefix_caching`)."""
+    mamba_cache_mode: str | None = None
+    """With prefix caching on for an SSM or hybrid: vLLM's ``--mamba-cache-mode``."""
     cpu: bool = False
     """The CPU profile: eager mode, KV cache sized in bytes."""
     kv_cache_memory_bytes: int = 128 << 20
@@ -146,6 +150,16 @@ def resolve(preset_or_model_dir: str | os.PathLike, *, weights: str = "auto",
     return Model(str(out), preset.name, preset.family, preset.tiny, preset.tiny, preset.name)
 
 
+def prefix_caching() -> dict:
+    """Profile overrides for a scenario that reuses prefixes: prefix caching on for every
+    family. vLLM 0.26 caches a Mamba layer's state in one of two modes (``--mamba-cache-mode``,
+    experimental): ``all`` keeps a state at every block boundary of every sequence (for
+    Mamba2-780m 39 MB each, every block_size tokens), ``align`` only at the end of a scheduler
+    step that falls on a block boundary — with chunked prefill, at each chunk's end. ctxload
+    takes ``align``: a few states per long prompt, where ``all`` would keep thousands."""
+    return {"enable_prefix_caching": True, "mamba_cache_mode": "align"}
+
+
 def vllm_args(model: Model, profile: Profile, *, port: int = DEFAULT_PORT,
               host: str = "127.0.0.1") -> list[str]:
     """vLLM's OpenAI-server arguments for ``model`` under ``profile``."""
@@ -157,6 +171,8 @@ def vllm_args(model: Model, profile: Profile, *, port: int = DEFAULT_PORT,
                 else "--no-enable-chunked-prefill")
     args.append("--enable-prefix-caching" if profile.enable_prefix_caching
                 else "--no-enable-prefix-caching")
+    if profile.enable_prefix_caching and profile.mamba_cache_mode and model.family in ("ssm", "hybrid"):
+        args += ["--mamba-cache-mode", profile.mamba_cache_mode]
     args.append("--enable-prompt-tokens-details")  # usage says how many prompt tokens were cached
     if profile.cpu:
         args += ["--enforce-eager", "--kv-cache-memory-bytes", str(profile.kv_cache_memory_bytes)]

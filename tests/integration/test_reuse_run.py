@@ -72,6 +72,8 @@ def test_the_report_reads_the_hit_rate(reuse_run):
     md = (reuse_run / "report" / "report.md").read_text()
     assert "### Prefix reuse" in md
     assert any(v.startswith("mamba2-ssm · ssm-server") and "(ssm-server keeps no prefix cache)" in v for v in a.verdict)
+    # the verdict names vLLM's setting, from the command line it was started with
+    assert any(v.startswith("llama-vllm · vLLM") and v.endswith("(vLLM prefix caching on).") for v in a.verdict)
 
 
 def test_a_trace_replays_with_its_lengths_and_shared_blocks(reuse_run):

@@ -123,3 +123,36 @@ def test_the_controller_issues_every_turn_with_its_history():
     assert [m["role"] for m in second["messages"]] == ["user", "assistant", "user"]
     assert second["messages"][0] == jobs[0]["messages"][0] and second["messages"][1]["content"] == " reply 1"
     assert second["shared_tokens"] == 7 + 4
+
+
+def test_a_scenario_that_reuses_prefixes_caches_them_on_every_vllm_target():
+    """Prefix caching on for SSMs and hybrids too, in vLLM's `align` Mamba cache mode, when the
+    scenario shares prefixes; the report names the setting."""
+    from analysis import engines
+    from loadgen import targets
+
+    text = """name: r
+targets:
+  - {name: t, serve: {engine: vllm, preset: tiny-llama}}
+  - {name: h, serve: {engine: vllm, preset: tiny-falcon-h1}}
+  - {name: m, serve: {engine: vllm, preset: tiny-mamba2}}
+load: {kind: context_sweep, prompt_tokens: [64]}
+"""
+    plain = sc.parse(text)
+    assert not plain.reuses_prefixes()
+    assert sc.parse(text + "then: [{kind: conversation}]\n").reuses_prefixes()
+    assert sc.parse(text + "prompt: {shared_prefix: {question_tokens: 8}}\n").reuses_prefixes()
+    for t in plain.targets:
+        build_tiny(t.serve.preset)
+        off = targets.command(t, t.serve.preset, 8000)
+        on = targets.command(t, t.serve.preset, 8000, reuse=True)
+        assert "--enable-prefix-caching" in on and "--no-enable-prefix-caching" not in on
+        if t.name == "t":  # a Transformer caches prefixes in every scenario
+            assert off == on and "--mamba-cache-mode" not in on
+            assert engines.prefix_caching(on[1:]) == "vLLM prefix caching on"
+        else:
+            assert "--no-enable-prefix-caching" in off and "--mamba-cache-mode" not in off
+            assert on[on.index("--mamba-cache-mode") + 1] == "align"
+            assert engines.prefix_caching(on[1:]) == "vLLM prefix caching on, Mamba cache mode align"
+            assert engines.prefix_caching(off[1:]) == "vLLM prefix caching off"
+    assert engines.prefix_caching(["--model", "m"]) is None  # not vLLM's
