@@ -63,7 +63,7 @@ def analyze(run: RunData) -> Analysis:
                        "weights). Only the direction of each effect carries over to real models — a "
                        "quadratic attention prefill against a linear scan, a KV cache that grows against "
                        "a constant state — not the sizes, the times or where the lines cross.")
-    a.missing = list(run.missing) + _missing_figures(a)
+    a.missing = list(run.missing) + _missing_figures(a) + memory.kv_gauge_caveats(run)
     a.verdict = verdict(a)
     return a
 
@@ -134,7 +134,8 @@ def _classes(a: Analysis) -> list[tuple[str, list[str]]]:
 
 
 def _reuse_lines(a: Analysis) -> list[str]:
-    """Per target with prefix-cache figures: how much of its prompts the cache served."""
+    """Per target with prefix-cache figures: how much of its prompts the cache served, and
+    where it could not reuse what was shared."""
     out = []
     for t in dict.fromkeys(r.target for r in a.reuse):
         mine = [r for r in a.reuse if r.target == t]
@@ -146,7 +147,7 @@ def _reuse_lines(a: Analysis) -> list[str]:
         setting = engines_mod.prefix_caching(a.run.target_info(t).get("launch_args") or [])
         out.append(f"{engines_mod.tag(t, a.engines)}: its prefix cache served {of_shared}{cached / prompt:.0%} of all "
                    f"prompt tokens over {n} request(s){why}" + (f" ({setting})" if setting else "") + ".")
-    return out
+    return out + [f"⚠ {w}" for w in reuse.warnings(a.run, a.reuse)]
 
 
 def _operator_lines(a: Analysis) -> list[str]:

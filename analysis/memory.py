@@ -84,9 +84,36 @@ class Reading:
     is then placed at no prompt length, never guessed from the time."""
 
 
+def cache_info(run: RunData, target: str) -> dict | None:
+    """The labels of the latest ``vllm:cache_config_info`` a target's server gave (block_size,
+    enable_prefix_caching, mamba_cache_mode, kv_cache_size_tokens, …), or None."""
+    for s in reversed(run.scrapes):
+        if s.target == target:
+            lab = next((lab for n, lab, _ in s.samples if n == VLLM_CACHE_INFO), None)
+            if lab:
+                return lab
+    return None
+
+
+def kv_gauge_caveats(run: RunData) -> list[str]:
+    """Where a vLLM KV-usage gauge counts more than KV: an SSM's or a hybrid's Mamba state lives
+    in the same block pool, so ``vllm:kv_cache_usage_perc`` counts its state blocks too."""
+    out = []
+    for t in run.targets():
+        if run.family_of(t) not in ("ssm", "hybrid") or run.target_info(t).get("engine") != "vllm":
+            continue
+        if any(sample_value(s, VLLM_KV_USAGE) for s in run.scrapes if s.target == t):
+            out.append(f"{t}: vllm:kv_cache_usage_perc counts its Mamba state blocks with its KV blocks "
+                       "(one pool): not read as KV cache; its memory is computed from config sizes × tokens")
+    return out
+
+
 def _vllm_bytes(run: RunData, target: str, s: Scrape) -> float | None:
     """Weights + KV cache in use of a vLLM server, from one scrape of its ``/metrics`` that
-    caught a request in flight (the gauge is 0 between requests)."""
+    caught a request in flight (the gauge is 0 between requests). Not for an SSM or a hybrid:
+    the gauge counts their Mamba state blocks too (:func:`kv_gauge_caveats`)."""
+    if run.family_of(target) in ("ssm", "hybrid"):
+        return None
     usage = sample_value(s, VLLM_KV_USAGE)
     info = next((lab for n, lab, _ in s.samples if n == VLLM_CACHE_INFO), None)
     weights, per_token = _weight_bytes(run, target), kv_bytes_per_token_of(run, target)
@@ -117,7 +144,9 @@ def _vllm_stage_bytes(run: RunData, target: str) -> list["Reading"]:
     out = []
     for index, rs in by.items():
         users = max(r.concurrency or 1 for r in rs)
-        tokens = max(r.prompt_length + (r.completion_tokens or 0) for r in rs)
+        # a conversation's turn holds its whole history, not the new message's length
+        tokens = max((r.prompt_tokens if r.turn is not None and r.prompt_tokens else r.prompt_length)
+                     + (r.completion_tokens or 0) for r in rs)
         need = p.weight_bytes() + users * (tokens * per_token + state)
         out.append(Reading(max(r.start_time or 0.0 for r in rs), target, "vllm", float(need), index, rs[0].stage, True))
     return out

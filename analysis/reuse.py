@@ -88,3 +88,34 @@ def turns(run: RunData) -> list[TurnRow]:
                            percentile(cached, 50) if cached else None,
                            percentile([r.ttft_s for r in rs if r.ttft_s is not None], 50)))
     return out
+
+
+def warnings(run: RunData, rows_: list[ReuseRow]) -> list[str]:
+    """Where a vLLM target could not reuse what its prompts shared: prefix caching off, or a
+    shared part shorter than its cache's unit — the block (a hybrid's is an attention block
+    sized to its Mamba state's page: 800 tokens for Falcon-H1-0.5B on vLLM 0.26)."""
+    from analysis.memory import cache_info
+
+    out = []
+    for t in dict.fromkeys(r.target for r in rows_):
+        info = cache_info(run, t)
+        if not info:
+            continue
+        mine = [r for r in rows_ if r.target == t and r.shared_tokens]
+        if not mine:
+            continue
+        if str(info.get("enable_prefix_caching")) == "False":
+            out.append(f"{t}: its prompts shared prefixes, but vLLM ran with prefix caching off: it could "
+                       "reuse none of them")
+            continue
+        try:
+            block = int(info.get("block_size") or 0)
+        except ValueError:
+            continue
+        for r in mine:
+            shared = r.shared_tokens / r.requests
+            if block and shared < block:
+                out.append(f"{t} {r.stage}: the shared part of its prompts ({shared:,.0f} tokens a request) is "
+                           f"shorter than its prefix cache's block ({block:,} tokens): vLLM reuses whole blocks "
+                           "only")
+    return out
