@@ -257,6 +257,36 @@ def operators(a):
     return fig
 
 
+def ttft_vs_uncached(a):
+    """TTFT against the prompt tokens a prefill computed (the prompt less what the prefix cache
+    served), every ok request whose server said what it cached, of targets with reuse figures."""
+    run = a.run
+    keep = {r.target for r in a.reuse}
+    fig, ax = _new("TTFT vs the uncached part of the prompt", "uncached prompt tokens", "TTFT")
+    all_n, all_y = [], []
+    for t in run.targets():
+        if t not in keep:
+            continue
+        pts = [(r.prompt_tokens - r.cached_tokens, r.ttft_s) for r in run.requests
+               if r.target == t and r.ok and r.cached_tokens is not None and r.prompt_tokens and r.ttft_s]
+        if not pts:
+            continue
+        n, y = zip(*pts)
+        st = _style(a, t)
+        st.pop("linestyle")
+        ax.scatter(n, y, color=st["color"], marker=st["marker"], label=st["label"], s=14, alpha=0.7)
+        all_n += n
+        all_y += y
+    if not all_n:
+        plt.close(fig)
+        return None
+    ax.set_xscale("symlog", linthresh=64)
+    ax.xaxis.set_major_formatter(FuncFormatter(_tokens_fmt))
+    _plain(ax, "y", _TIME)
+    ax.legend(fontsize=8)
+    return fig
+
+
 #: (file stem, caption, builder) of every plot, in report order.
 PLOTS = (
     ("ttft_vs_prompt", "TTFT vs prompt length", lambda a: latency_vs_prompt(a, "ttft")),
@@ -264,6 +294,7 @@ PLOTS = (
     ("memory_vs_prompt", "Memory vs prompt length", memory_vs_prompt),
     ("throughput_vs_concurrency", "Throughput vs concurrency", throughput_vs_concurrency),
     ("itl_distribution", "ITL distribution", itl_distribution),
+    ("ttft_vs_uncached", "TTFT vs the uncached part of the prompt", ttft_vs_uncached),
     ("operators", "Where the time goes (operator classes)", operators),
 )
 

@@ -155,9 +155,10 @@ class RunData:
         return self._sweep.get(target)
 
     def in_sweep(self, r: "Request") -> bool:
-        """Whether ``r`` is a point of its target's length curves: at the sweep's concurrency,
-        and a prompt of its own (a conversation's turn is its history plus a message)."""
-        if r.turn is not None:
+        """Whether ``r`` is a point of its target's one-shot length curves: at the sweep's
+        concurrency, and a prompt that shares nothing (a conversation's turn is its history
+        plus a message; a shared prefix may come from a cache: the reuse tables show those)."""
+        if r.turn is not None or (r.shared_tokens or 0) > 0:
             return False
         c = self.sweep_concurrency(r.target)
         return c is None or r.concurrency is None or r.concurrency == c

@@ -31,6 +31,10 @@ class ReuseRow:
     ttft_p50: float | None
     uncached_p50: float | None
     """Median prompt tokens not served from the cache: the prefill's own work."""
+    speedup: float | None = None
+    """Median TTFT of its requests the cache served nothing of over that of those it served
+    most of (at least half their shared tokens), when both are there at one prompt length
+    (within 10%): how much faster reuse made the first token. None otherwise."""
 
     @property
     def hit_rate(self) -> float:
@@ -39,6 +43,18 @@ class ReuseRow:
     @property
     def shared_hit_rate(self) -> float | None:
         return self.cached_tokens / self.shared_tokens if self.shared_tokens else None
+
+
+def _speedup(rs: list) -> float | None:
+    cold = [r for r in rs if r.cached_tokens == 0 and r.ttft_s]
+    warm = [r for r in rs if r.cached_tokens and r.ttft_s and
+            (r.shared_tokens is None or r.cached_tokens >= r.shared_tokens / 2)]
+    if not cold or not warm:
+        return None
+    pc, pw = percentile([r.prompt_tokens for r in cold], 50), percentile([r.prompt_tokens for r in warm], 50)
+    if not pc or not pw or abs(pc - pw) > 0.1 * max(pc, pw):
+        return None  # not one length: a conversation's later turns are longer than its first
+    return percentile([r.ttft_s for r in cold], 50) / percentile([r.ttft_s for r in warm], 50)
 
 
 def rows(run: RunData) -> list[ReuseRow]:
@@ -56,7 +72,8 @@ def rows(run: RunData) -> list[ReuseRow]:
             target=t, stage=st, requests=len(rs), prompt_tokens=sum(r.prompt_tokens for r in rs),
             shared_tokens=sum(shared) if shared else None, cached_tokens=sum(r.cached_tokens for r in rs),
             ttft_p50=percentile([r.ttft_s for r in rs if r.ttft_s is not None], 50),
-            uncached_p50=percentile([r.prompt_tokens - r.cached_tokens for r in rs], 50)))
+            uncached_p50=percentile([r.prompt_tokens - r.cached_tokens for r in rs], 50),
+            speedup=_speedup(rs)))
     order = {t: i for i, t in enumerate(run.targets())}
     out.sort(key=lambda x: (order.get(x.target, 1 << 30), min(r.stage_index for r in by[(x.target, x.stage)])))
     return out

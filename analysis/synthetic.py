@@ -50,6 +50,9 @@ class SyntheticRun:
     slos: dict = field(default_factory=lambda: {"ttft_s": 2.0, "tpot_s": 0.05})
     finished: bool = True
     profile: bool = True
+    reuse: bool = True
+    """A shared-prefix stage after the sweeps: groups of ``per_stage`` requests share all but
+    256 tokens of their prompt; Transformers and hybrids find it cached after the first."""
     """Write operators.jsonl: a profile pass at the shortest and longest length (KERNELS)."""
 
 
@@ -98,7 +101,12 @@ def operator_lines(spec: SyntheticRun) -> list[dict]:
     return out
 
 
-def _record(rng, law, target, stage, index, n, conc, t0, max_tokens, noise, req_id):
+def rec_in_group(reqs: list[dict], target: str) -> bool:
+    """Whether ``target`` already sent a request of the shared stage (its document is cached)."""
+    return any(r["target"] == target and r["stage"] == "shared" for r in reqs)
+
+
+def _record(rng, law, target, stage, index, n, conc, t0, max_tokens, noise, req_id, cached=None):
     a, b, c = law.ttft
     jitter = lambda: 1.0 + rng.uniform(-noise, noise)  # noqa: E731
     base = dict(schema_version=SCHEMA, request_id=req_id, target=target, model=target,
@@ -112,13 +120,16 @@ def _record(rng, law, target, stage, index, n, conc, t0, max_tokens, noise, req_
                     error_message=f"CUDA out of memory while allocating KV cache for {n} tokens")
         return base, 0.05
     slow = 1.0 + 0.3 * (conc - 1)
-    ttft = (a + b * n + c * n * n) * jitter() * slow
+    m = n - (cached or 0)  # what the prefill computes
+    ttft = (a + b * m + c * m * n) * jitter() * slow
     step = (law.tpot[0] + law.tpot[1] * n) * slow
     itl = [step * jitter() for _ in range(max_tokens - 1)]
     e2e = ttft + sum(itl)
     base.update(prompt_tokens=n + 1, completion_tokens=max_tokens, token_count_source="usage",
                 ttft_s=ttft, itl_s=itl, tpot_s=(e2e - ttft) / (max_tokens - 1), e2e_s=e2e,
                 status="ok", http_status=200, error_kind=None, error_message=None)
+    if cached is not None:
+        base.update(shared_tokens=n - 256, cached_tokens=cached)
     return base, e2e
 
 
@@ -142,14 +153,19 @@ def write(run_dir: str | Path, spec: SyntheticRun | None = None) -> Path:
     for law, target in zip(spec.laws, targets):
         stages = [(f"prompt={n}", n, 1) for n in spec.lengths]
         stages += [(f"users={c}", spec.lengths[0], c) for c in spec.concurrency_levels]
+        if spec.reuse:
+            stages.append(("shared", spec.lengths[min(2, len(spec.lengths) - 1)], 1))
         for index, (stage, n, conc) in enumerate(stages):
             mem = law.weights_bytes + law.kv_bytes_per_token * n * conc
             for _ in range(spec.per_stage // conc * conc or conc):
                 batch_end = t
                 for _ in range(conc):
                     k += 1
+                    cached = None
+                    if stage == "shared":  # the group's first computes the document; a cache serves the rest
+                        cached = (n - 256) // 16 * 16 if law.family != "ssm" and rec_in_group(reqs, target) else 0
                     rec, dur = _record(rng, law, target, stage, index, n, conc, t,
-                                       spec.max_tokens, spec.noise, f"r{k}")
+                                       spec.max_tokens, spec.noise, f"r{k}", cached)
                     reqs.append(rec)
                     batch_end = max(batch_end, t + dur)
                 watts = 150.0 + 100.0 * conc
