@@ -12,8 +12,10 @@ conversation (there is no reply to resend) and the next one starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from loadgen import scenario as sc
+if TYPE_CHECKING:
+    from loadgen import scenario as sc
 
 
 @dataclass(frozen=True)

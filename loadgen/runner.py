@@ -383,7 +383,8 @@ class Resumed:
                     stages.setdefault((r["target"], r["stage"], r.get("stage_index")), []).append(r)
         scenario = sc.load(run_dir / "scenario.yaml")
         for (t, label), n in counts.items():
-            if label != "warmup" and n >= shapes.planned_requests(scenario.load, label):
+            planned = next((k for load in scenario.loads() if (k := load.planned_requests(label)) is not None), None)
+            if label != "warmup" and planned is not None and n >= planned:
                 out.stages_done.setdefault(t, set()).add(label)
         for (t, label, _), recs in stages.items():
             n = recs[0].get("prompt_tokens_requested")
@@ -413,9 +414,8 @@ def _run_target(ctx: _Ctx, lt: targets.LiveTarget, stage_index: int) -> tuple[in
     base = _job_base(ctx.scenario, lt)
     loads = ctx.scenario.loads()
     first = loads[0]
-    if isinstance(first, (sc.ContextSweep, sc.ConcurrencySweep, sc.Poisson, sc.Trace, sc.Conversation)) \
-            and first.warmup_requests:
-        spec = shapes.StageSpec("warmup", 1, _first_length(first), requests=first.warmup_requests)
+    spec = first.warmup()
+    if spec is not None:
         ctx.set_stage(lt, spec.label, stage_index)
         ctx.prog.stage(f"{lt.name} warmup", spec.requests)
         _run_stage(ctx.runner, ctx.controller, Stage(spec, stage_index, base), 1, ctx.scenario.request_timeout_s)
@@ -492,9 +492,7 @@ def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict, stage_index: 
         hint = lt.max_model_len - scenario.output.max_tokens if lt.max_model_len else None
         gen = shapes.bisect(load, search, hint=hint, cap=cap, known_ok=ctx.learned.known_ok or None)
     else:
-        if isinstance(load, sc.ContextSweep) and lt.spec.prompt_tokens is not None:
-            load = load.model_copy(update={"prompt_tokens": lt.spec.prompt_tokens})
-        gen = shapes.stages(load)
+        gen = load.for_target(lt.spec).stages()
     res = None
     stop_reason = None
     try:
@@ -564,18 +562,6 @@ def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict, stage_index: 
 
 def run_deadline_passed(ctx: _Ctx) -> bool:
     return bool(ctx.run_deadline and time.monotonic() > ctx.run_deadline)
-
-
-def _first_length(load) -> int:
-    if isinstance(load, sc.ContextSweep):
-        return sc.sweep_values(load.prompt_tokens)[0]
-    if isinstance(load, sc.ConcurrencySweep):
-        return load.prompt_tokens
-    if isinstance(load, sc.Trace):
-        return load.entries()[0].input_length
-    if isinstance(load, sc.Conversation):
-        return load.first_tokens
-    return load.mix[0].prompt_tokens
 
 
 def _summary(target: str, label: str, r: shapes.StageResult) -> str:

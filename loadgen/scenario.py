@@ -16,6 +16,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
                       model_validator)
 
+from loadgen.shapes import Shape, StageSpec, bisect
 from rundir.slos import Slos  # the run directory's contract: loadgen and analysis judge alike
 
 SCHEMA_VERSION = 1
@@ -189,7 +190,38 @@ def sweep_values(s: Sweep) -> list[int]:
     return s.values() if isinstance(s, Doubling) else list(s)
 
 
-class _Stages(_Model):
+class _Load(_Model):
+    """A load kind: it owns its stages (what :func:`loadgen.runner` runs, one after another),
+    the warm-up before them and how many requests each stage sends in full."""
+
+    def stages(self) -> Shape:
+        """The stages, as a generator that is sent each stage's result (loadgen.shapes)."""
+        raise NotImplementedError
+
+    def first_length(self) -> int | None:
+        """The prompt length of the warm-up requests (None: no warm-up)."""
+        return None
+
+    def for_target(self, target: "Target") -> "_Load":
+        """This load as ``target`` runs it (a target may set its own prompt lengths)."""
+        return self
+
+    def warmup(self) -> StageSpec | None:
+        """The warm-up stage before a target's first stage, when there is one."""
+        n, k = self.first_length(), getattr(self, "warmup_requests", 0)
+        return StageSpec("warmup", 1, n, requests=k) if n and k else None
+
+    def planned_requests(self, label: str) -> int | None:
+        """The requests its stage labelled ``label`` sends in full (1 for a timed stage), or
+        None when no stage of this load has that label: a resumed run runs again only the
+        stages that got fewer."""
+        return None
+
+    def _planned(self) -> int:
+        return 1 if getattr(self, "duration_s", None) or not getattr(self, "requests", None) else self.requests
+
+
+class _Stages(_Load):
     requests: PositiveInt | None = None
     """Requests per stage (all users together)."""
     duration_s: PositiveFloat | None = None
@@ -221,6 +253,24 @@ class ContextSweep(_Stages):
             return self.requests
         return max(1, min(self.requests, self.max_stage_tokens // prompt_tokens))
 
+    def stages(self) -> Shape:
+        for n in sweep_values(self.prompt_tokens):
+            yield StageSpec(f"prompt={n}", self.users, n, requests=self.requests_at(n), duration_s=self.duration_s)
+
+    def first_length(self) -> int:
+        return sweep_values(self.prompt_tokens)[0]
+
+    def for_target(self, target: "Target") -> "ContextSweep":
+        """The target's own ``prompt_tokens``, where it sets them, instead of the scenario's."""
+        return self.model_copy(update={"prompt_tokens": target.prompt_tokens}) if target.prompt_tokens is not None else self
+
+    def planned_requests(self, label: str) -> int | None:
+        if not label.startswith("prompt="):
+            return None
+        if self.duration_s or not self.requests:
+            return 1
+        return self.requests_at(int(label.split("=", 1)[1])) or 1
+
 
 class ConcurrencySweep(_Stages):
     kind: Literal["concurrency_sweep"]
@@ -228,6 +278,16 @@ class ConcurrencySweep(_Stages):
     """The one prompt length of every request."""
     users: Sweep
     """Concurrent streams, one stage each."""
+
+    def stages(self) -> Shape:
+        for u in sweep_values(self.users):
+            yield StageSpec(f"users={u}", u, self.prompt_tokens, requests=self.requests, duration_s=self.duration_s)
+
+    def first_length(self) -> int:
+        return self.prompt_tokens
+
+    def planned_requests(self, label: str) -> int | None:
+        return self._planned() if label.startswith("users=") else None
 
 
 class MixEntry(_Model):
@@ -245,8 +305,20 @@ class Poisson(_Stages):
     """At most this many requests in flight; later arrivals wait (and their wait is recorded)."""
     seed: int = 0
 
+    def stages(self) -> Shape:
+        mix = tuple((m.prompt_tokens, m.weight) for m in self.mix)
+        for i, r in enumerate(self.rate):
+            yield StageSpec(f"rate={r:g}", self.max_users, None, mix, requests=self.requests,
+                            duration_s=self.duration_s, rate=r, seed=self.seed + i)
 
-class Trace(_Model):
+    def first_length(self) -> int:
+        return self.mix[0].prompt_tokens
+
+    def planned_requests(self, label: str) -> int | None:
+        return self._planned() if label.startswith("rate=") else None
+
+
+class Trace(_Load):
     """Replay a request trace (loadgen.trace: Mooncake's JSONL format) in one stage: each
     request at its time, with its prompt and output lengths, the blocks it shares with others
     shared in its prompt too (a prefix cache can reuse them)."""
@@ -283,8 +355,19 @@ class Trace(_Model):
             raise ValueError(f"`path`: the trace {self.path} has no request")
         return rows[:self.limit] if self.limit else rows
 
+    def stages(self) -> Shape:
+        rows = tuple(self.entries())
+        yield StageSpec("trace", self.max_users, None, requests=len(rows), trace=rows, speed=self.speed,
+                        block_tokens=self.block_tokens)
 
-class MaxContext(_Model):
+    def first_length(self) -> int:
+        return self.entries()[0].input_length
+
+    def planned_requests(self, label: str) -> int | None:
+        return len(self.entries()) if label == "trace" else None
+
+
+class MaxContext(_Load):
     kind: Literal["max_context"]
     min_tokens: PositiveInt = 1024
     """A length expected to work (checked first)."""
@@ -301,8 +384,15 @@ class MaxContext(_Model):
             raise ValueError("`max_tokens` must be >= `min_tokens`")
         return self
 
+    def stages(self) -> Shape:
+        """The plain search; the runner gives it what it learned (:func:`loadgen.shapes.bisect`)."""
+        return bisect(self)
 
-class Conversation(_Model):
+    def planned_requests(self, label: str) -> int | None:
+        return self.requests_per_probe if label.startswith("probe=") else None
+
+
+class Conversation(_Load):
     """Multi-turn chat in one stage: ``users`` conversations at a time, each of ``turns``
     requests to ``/v1/chat/completions`` that resend the whole history — every earlier user
     message and the reply the server streamed to it — with a new user message at the end,
@@ -327,6 +417,15 @@ class Conversation(_Model):
     @property
     def requests(self) -> int:
         return self.conversations * self.turns
+
+    def stages(self) -> Shape:
+        yield StageSpec("conversation", self.users, None, requests=self.requests, conversation=self)
+
+    def first_length(self) -> int:
+        return self.first_tokens
+
+    def planned_requests(self, label: str) -> int | None:
+        return self.requests if label == "conversation" else None
 
 
 Load = Annotated[Union[ContextSweep, ConcurrencySweep, Poisson, Trace, Conversation, MaxContext],

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Generator
+from typing import TYPE_CHECKING, Generator
 
-from loadgen import scenario as sc
+if TYPE_CHECKING:  # the scenario's load kinds build their stages from these (loadgen.scenario)
+    from loadgen import scenario as sc
 
 
 @dataclass(frozen=True)
@@ -63,41 +64,6 @@ class StageResult:
 
 
 Shape = Generator[StageSpec, StageResult, None]
-
-
-def stages(load, max_context_len: int | None = None) -> Shape:
-    if isinstance(load, sc.ContextSweep):
-        for n in sc.sweep_values(load.prompt_tokens):
-            yield StageSpec(f"prompt={n}", load.users, n, requests=load.requests_at(n), duration_s=load.duration_s)
-    elif isinstance(load, sc.ConcurrencySweep):
-        for u in sc.sweep_values(load.users):
-            yield StageSpec(f"users={u}", u, load.prompt_tokens, requests=load.requests,
-                            duration_s=load.duration_s)
-    elif isinstance(load, sc.Poisson):
-        mix = tuple((m.prompt_tokens, m.weight) for m in load.mix)
-        for i, r in enumerate(load.rate):
-            yield StageSpec(f"rate={r:g}", load.max_users, None, mix, requests=load.requests,
-                            duration_s=load.duration_s, rate=r, seed=load.seed + i)
-    elif isinstance(load, sc.Trace):
-        rows = tuple(load.entries())
-        yield StageSpec("trace", load.max_users, None, requests=len(rows), trace=rows, speed=load.speed,
-                        block_tokens=load.block_tokens)
-    elif isinstance(load, sc.Conversation):
-        yield StageSpec("conversation", load.users, None, requests=load.requests, conversation=load)
-    elif isinstance(load, sc.MaxContext):
-        yield from bisect(load)
-    else:  # pragma: no cover - the scenario model admits no other kind
-        raise TypeError(f"unknown load kind {type(load).__name__}")
-
-
-def planned_requests(load, label: str) -> int:
-    """The requests a stage of ``load`` labelled ``label`` sends in full (1 for a timed stage):
-    a resumed run runs again only the stages that got fewer."""
-    if getattr(load, "duration_s", None) or not getattr(load, "requests", None):
-        return 1
-    if isinstance(load, sc.ContextSweep) and label.startswith("prompt="):
-        return load.requests_at(int(label.split("=", 1)[1])) or 1
-    return load.requests
 
 
 def _probe(n: int, load: "sc.MaxContext") -> StageSpec:

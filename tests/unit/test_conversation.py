@@ -25,10 +25,10 @@ load: {kind: conversation, conversations: 3, turns: 2, first_tokens: 300, turn_t
 
 def test_the_conversation_load_and_its_stage():
     s = sc.parse(BASE)
-    (spec,) = list(shapes.stages(s.load))
+    (spec,) = list(s.load.stages())
     assert spec.label == "conversation" and spec.users == 2 and spec.requests == 6
     assert spec.prompt_tokens is None  # no one length: the turns' prompts grow
-    assert shapes.planned_requests(s.load, "conversation") == 6
+    assert s.load.planned_requests("conversation") == 6
 
 
 @pytest.mark.parametrize("field, says", [
@@ -94,7 +94,7 @@ def test_the_controller_issues_every_turn_with_its_history():
 
     path = build_tiny("tiny-llama")
     load = sc.parse(BASE.replace("think_time_s: 0.5", "think_time_s: 0.05")).load
-    (spec,) = list(shapes.stages(load))
+    (spec,) = list(load.stages())
     base = {"tokenizer": {"kind": "local", "path": str(path)}, "api": "completions", "max_tokens": 4,
             "target": "a", "model": "a"}
     w = Writer()

@@ -362,7 +362,7 @@ def test_a_timeout_under_the_http_clients_retry_wrapper_is_a_timeout():
 def test_max_stage_tokens_sends_fewer_requests_at_the_long_end_and_resume_counts_them():
     load = sc.ContextSweep(kind="context_sweep", prompt_tokens=[256, 8192, 16384, 32768, 65536], requests=3,
                            max_stage_tokens=32768)
-    assert [s.requests for s in shapes.stages(load)] == [3, 3, 2, 1, 1]
-    assert [shapes.planned_requests(load, f"prompt={n}") for n in (256, 16384, 65536)] == [3, 2, 1]
+    assert [s.requests for s in load.stages()] == [3, 3, 2, 1, 1]
+    assert [load.planned_requests(f"prompt={n}") for n in (256, 16384, 65536)] == [3, 2, 1]
     plain = sc.ContextSweep(kind="context_sweep", prompt_tokens=[256, 65536], requests=3)
-    assert [s.requests for s in shapes.stages(plain)] == [3, 3]
+    assert [s.requests for s in plain.stages()] == [3, 3]

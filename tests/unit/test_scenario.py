@@ -123,3 +123,33 @@ def test_more_loads_after_the_first_and_a_targets_own_lengths():
     assert s.targets[0].prompt_tokens == [64, 128] and s.targets[0].max_prompt_tokens == 100000
     msg = _error(GOOD + "then:\n  - {kind: max_context, max_tokenz: 4096}\n")
     assert "x.yaml:9: then.0.max_tokenz: unknown field" in msg
+
+
+def test_every_load_kind_owns_its_stages():
+    """Stages, warm-up and the requests a finished stage holds come from the load kind itself:
+    a resumed run asks each load of the scenario, and a label not its own is None."""
+    s = sc.parse("""name: k
+targets: [{name: a, url: "http://127.0.0.1:1"}]
+load: {kind: context_sweep, prompt_tokens: [64, 128], requests: 2, warmup_requests: 1}
+then:
+  - {kind: concurrency_sweep, prompt_tokens: 64, users: [1, 2], duration_s: 5}
+  - {kind: poisson, rate: [1], mix: [{prompt_tokens: 96}], requests: 4}
+  - {kind: conversation, conversations: 2, turns: 3, first_tokens: 200}
+  - {kind: max_context, min_tokens: 64, max_tokens: 256, requests_per_probe: 2}
+""")
+    sweep, conc, pois, conv, maxc = s.loads()
+    assert [x.label for x in sweep.stages()] == ["prompt=64", "prompt=128"]
+    assert [x.label for x in conc.stages()] == ["users=1", "users=2"]
+    assert [x.label for x in pois.stages()] == ["rate=1"] and next(iter(maxc.stages())).label == "probe=64"
+    assert sweep.warmup().requests == 1 and sweep.warmup().prompt_tokens == 64
+    assert conc.warmup() is None and maxc.warmup() is None  # no warm-up asked; a search has none
+    assert [sweep.planned_requests("prompt=128"), conc.planned_requests("users=2"), pois.planned_requests("rate=1"),
+            conv.planned_requests("conversation"), maxc.planned_requests("probe=512")] == [2, 1, 4, 6, 2]
+    for load in s.loads():  # each answers for its own labels only
+        others = {"prompt=64", "users=1", "rate=1", "conversation", "probe=64"} - {next(iter(load.stages())).label}
+        assert all(load.planned_requests(label) is None for label in others), type(load).__name__
+    t = sc.parse("""name: k
+targets: [{name: a, url: "http://127.0.0.1:1", prompt_tokens: [32]}]
+load: {kind: context_sweep, prompt_tokens: [64, 128]}
+""")
+    assert [x.label for x in t.load.for_target(t.targets[0]).stages()] == ["prompt=32"]

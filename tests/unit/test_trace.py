@@ -61,7 +61,7 @@ def test_the_trace_kind_is_one_open_loop_stage(tmp_path):
     p = _write(tmp_path, GOOD)
     s = sc.parse(f"name: t\ntargets: [{{name: a, url: 'http://127.0.0.1:9'}}]\n"
                  f"load: {{kind: trace, path: {p}, block_tokens: 100, speed: 2, limit: 3, max_users: 4}}\n")
-    (spec,) = list(shapes.stages(s.load))
+    (spec,) = list(s.load.stages())
     assert spec.label == "trace" and spec.users == 4 and spec.requests == 3 and spec.speed == 2
     assert [e.input_length for e in spec.trace] == [250, 300, 200]
     broken = _write(tmp_path, GOOD + ["{"])
