@@ -103,9 +103,9 @@ RULES: list[tuple[str, str, str]] = [
     ("ssm", _ops("mamba_mixer", "mamba_mixer2"),
      "vLLM's Mamba mixer custom op: its self time is the Python inside the mixer"),
     # ---- causal conv1d --------------------------------------------------------------------
-    ("conv1d", r"causal_conv1d|conv1d|convolution|^conv_step$|conv_depthwise|slow_conv|thnn_conv|"
-               r"_fprop_",
-     "causal_conv1d kernels (vLLM, causal-conv1d), ssm-server's conv_step, aten::conv1d and its "
+    ("conv1d", r"causal_conv1d|conv1d|convolution|^conv_step$|^conv_chunk$|conv_depthwise|slow_conv|"
+               r"thnn_conv|_fprop_",
+     "causal_conv1d kernels (vLLM, causal-conv1d), ssm-server's conv_step and conv_chunk, aten::conv1d and its "
      "chain (_convolution, mkldnn_convolution…), cuDNN forward-propagation (fprop) kernels"),
     # ---- specific vLLM kernels whose names say 'gemm', 'embedding' or 'attn' --------------
     ("elementwise", r"act_and_mul|silu_and_mul|gelu_and_mul|silu_mul|swiglu|activation_kernel",

@@ -97,6 +97,80 @@ def conv_ref(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias, i
 
 
 @functools.cache
+def _conv_chunk_kernel():
+    """Compiled on first use, as ``_conv_kernel``."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def conv_chunk(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, L, dim, stride_xt, stride_sd, stride_ot,
+                   W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   FRESH: tl.constexpr):
+        """The depthwise causal conv of a prefill chunk, a [BLOCK_T, BLOCK_C] tile of it:
+        out[t, c] = silu(bias[c] + sum_k w[c, k] * x[t + k - (W-1), c]), where a position before
+        the chunk reads the carried window (state[c, W + pos]: its last W-1 inputs), or 0 for a
+        fresh sequence. Reads x where it lies (a strided view of in_proj's output): no copy
+        of the chunk, no concatenation with the window."""
+        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mt = offs_t < L
+        mc = offs_c < dim
+        acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for k in tl.static_range(W):
+            src = offs_t - (W - 1) + k
+            in_chunk = src >= 0
+            xv = tl.load(x_ptr + src[:, None].to(tl.int64) * stride_xt + offs_c[None, :],
+                         mask=(mt & in_chunk)[:, None] & mc[None, :], other=0.0).to(tl.float32)
+            if not FRESH:
+                sv = tl.load(state_ptr + offs_c[None, :] * stride_sd + (W + src)[:, None],
+                             mask=(mt & (src < 0))[:, None] & mc[None, :], other=0.0).to(tl.float32)
+                xv = tl.where(in_chunk[:, None], xv, sv)
+            wk = tl.load(w_ptr + offs_c * W + k, mask=mc, other=0.0).to(tl.float32)
+            acc += xv * wk[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_c, mask=mc, other=0.0).to(tl.float32)[None, :]
+        out = acc / (1.0 + tl.exp(-acc))
+        tl.store(out_ptr + offs_t[:, None].to(tl.int64) * stride_ot + offs_c[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mt[:, None] & mc[None, :])
+
+    return conv_chunk
+
+
+def conv_chunk(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               fresh: bool) -> torch.Tensor:
+    """silu(causal depthwise conv) of a prefill chunk ``x`` [L, D] (unit inner stride: a slice of
+    in_proj's output), continuing the carried window ``state`` [D, W] (its last W-1 inputs; a
+    ``fresh`` sequence has none), which then holds the chunk's last W inputs. ``weight`` [D, W]
+    contiguous. Returns [L, D] contiguous in x's dtype."""
+    length, dim = x.shape
+    width = state.shape[-1]
+    assert x.stride(-1) == 1 and state.stride(-1) == 1 and weight.is_contiguous()
+    out = torch.empty((length, dim), dtype=x.dtype, device=x.device)
+    bt, bc = 64, 128
+    grid = ((length + bt - 1) // bt, (dim + bc - 1) // bc)
+    _conv_chunk_kernel()[grid](x, state, weight, bias if bias is not None else weight, out, length, dim,
+                               x.stride(0), state.stride(0), out.stride(0), W=width, BLOCK_T=bt, BLOCK_C=bc,
+                               HAS_BIAS=bias is not None, FRESH=fresh, num_warps=4)
+    # the window after the chunk (enqueued after the kernel, which read the old one)
+    if length >= width:
+        state.copy_(x[length - width:].transpose(0, 1))
+    else:
+        prev = torch.zeros_like(state) if fresh else state.clone()
+        state.copy_(torch.cat([prev, x.transpose(0, 1).to(state.dtype)], dim=1)[:, -width:])
+    return out
+
+
+def conv_chunk_ref(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias, fresh: bool):
+    """The PyTorch path ``conv_chunk`` replaces (concatenate, F.conv1d, silu), for checks."""
+    width = state.shape[-1]
+    prev = torch.zeros_like(state[None, :, 1:]) if fresh else state[None, :, 1:]
+    xcat = torch.cat([prev, x.transpose(0, 1)[None].to(state.dtype)], dim=-1)
+    state.copy_(xcat[0, :, -width:])
+    y = torch.nn.functional.conv1d(xcat, weight[:, None, :], bias, groups=x.shape[1])
+    return torch.nn.functional.silu(y)[0].transpose(0, 1).to(x.dtype)
+
+
+@functools.cache
 def _ssu_kernel():
     """Compiled on first use, as ``_conv_kernel``."""
     import triton

@@ -150,6 +150,7 @@ MAMBA_SSM_CUDA = {
 # ssm-server's own Triton kernels (servers/ssm_server/mamba_kernels.py, @triton.jit)
 SSM_SERVER_TRITON = {
     "conv_step": "conv1d",
+    "conv_chunk": "conv1d",
     "ssu": "ssm",
 }
 # vLLM 0.26 wheel, @triton.jit kernels: model_executor/layers/mamba/ops/*.py,
