@@ -20,6 +20,7 @@ from loadgen.conversation import Conversations, Turn
 from loadgen.records import RecordWriter
 from loadgen.shapes import StageResult, StageSpec
 from loadgen.trace import TraceEntry
+from rundir.errors import ErrorKind
 from rundir.slos import percentile
 
 
@@ -135,7 +136,7 @@ class Stage:
         """A request of this stage ended: keep it, and stop issuing when the server is gone
         (connections refused in a row, with a growing wait between) or errors pass the bound."""
         self.records.append(rec)
-        if rec.get("error_kind") == "connection":
+        if rec.get("error_kind") == ErrorKind.CONNECTION:
             self.refused += 1
             self.backoff_until = time.monotonic() + min(2.0, BACKOFF_S * 2 ** (self.refused - 1))
             if self.refused >= REFUSED_IN_A_ROW:

@@ -12,7 +12,7 @@ from http.server import ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from loadgen.records import ERROR_KINDS
+from rundir.errors import ERROR_KINDS
 from servers.metrics_http import serve_registry
 from servers import settings
 

@@ -15,8 +15,9 @@ import re
 import socket
 from dataclasses import dataclass, field
 
+from rundir.errors import ErrorKind
+
 SCHEMA_VERSION = 1
-ERROR_KINDS = ("rejected", "oom", "timeout", "connection", "server_error", "cancelled")
 _OOM = re.compile(r"out of memory|\boom\b|outofmemory|cannot allocate|memory.*exhausted|"
                   r"not enough (kv|memory|state)|no (free )?state slot", re.I)
 
@@ -105,8 +106,8 @@ class Timing:
 
 def classify_http(status: int, message: str) -> str:
     if _OOM.search(message or ""):
-        return "oom"
-    return "rejected" if 400 <= status < 500 else "server_error"
+        return ErrorKind.OOM.value
+    return (ErrorKind.REJECTED if 400 <= status < 500 else ErrorKind.SERVER_ERROR).value
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -120,12 +121,12 @@ def classify_exception(exc: BaseException) -> str:
     exc = unwrap(exc)
     text = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, (socket.timeout, TimeoutError)) or "timeout" in text.lower() or "timed out" in text.lower():
-        return "timeout"
+        return ErrorKind.TIMEOUT.value
     if _OOM.search(text):
-        return "oom"
+        return ErrorKind.OOM.value
     if isinstance(exc, (ConnectionError, OSError)) or "connection" in text.lower() or "closed" in text.lower():
-        return "connection"
-    return "server_error"
+        return ErrorKind.CONNECTION.value
+    return ErrorKind.SERVER_ERROR.value
 
 
 def build(job: dict, timing: Timing, *, http_status: int | None, error_kind: str | None,
@@ -144,11 +145,11 @@ def build(job: dict, timing: Timing, *, http_status: int | None, error_kind: str
         completion, source = len(t.token_ns), "events"
     tpot = (e2e - ttft) / (completion - 1) if (e2e is not None and ttft is not None and completion > 1) else None
     if error_kind is None and not t.token_ns:
-        error_kind, error_message = "server_error", error_message or "the stream carried no token"
+        error_kind, error_message = ErrorKind.SERVER_ERROR.value, error_message or "the stream carried no token"
     if error_kind is None and job.get("ignore_eos") and source == "usage" and completion < job["max_tokens"]:
         # asked for exactly max_tokens: a server that stops short (vLLM shortens the output of a
         # prompt that leaves less room than asked) did not serve this prompt as asked
-        error_kind = "truncated"
+        error_kind = ErrorKind.TRUNCATED.value
         error_message = (f"the server generated {completion} of the {job['max_tokens']} tokens asked "
                          "with ignore_eos (its context limit cut the output)")
     return {

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generator
 
+from rundir.errors import ErrorKind
+
 if TYPE_CHECKING:  # the scenario's load kinds build their stages from these (loadgen.scenario)
     from loadgen import scenario as sc
 
@@ -54,13 +56,13 @@ class StageResult:
 
     @property
     def crashed(self) -> bool:
-        return self.errors.get("connection", 0) > 0
+        return self.errors.get(ErrorKind.CONNECTION.value, 0) > 0
 
     @property
     def failure_kind(self) -> str | None:
         if self.ok == self.requests and self.requests:
             return None
-        return max(self.errors, key=self.errors.get) if self.errors else "server_error"
+        return max(self.errors, key=self.errors.get) if self.errors else ErrorKind.SERVER_ERROR.value
 
 
 Shape = Generator[StageSpec, StageResult, None]

@@ -26,6 +26,7 @@ from locust import constant, task
 from locust.contrib.fasthttp import FastHttpUser
 
 from loadgen import records
+from rundir.errors import ErrorKind
 from servers import settings
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
@@ -274,7 +275,7 @@ def send(session, job: dict, prompt: str, timeout_s: float, turn=None) -> Sent:
             else:
                 out.body, out.marks = read_events(resp._response, timing)
     except gevent.GreenletExit:
-        kind, message = "cancelled", "the load generator stopped the request"
+        kind, message = ErrorKind.CANCELLED.value, "the load generator stopped the request"
         out.cancelled = True
     except StreamClosed as e:  # parse what came: a crash mid-stream still has its tokens
         out.body, out.marks = e.body, e.marks
@@ -412,7 +413,7 @@ class StreamingUser(FastHttpUser):
         if sent.cancelled:  # the run is stopping: no stream left to time
             after()
             raise gevent.GreenletExit()
-        if sent.kind == "connection":  # refused: counted before this user takes another job,
+        if sent.kind == ErrorKind.CONNECTION:  # refused: counted before this user takes another job,
             after()                    # so a dead server's stage stops (Stage.record)
             return
         SPARE.later(after)  # the next request need not wait for this one's record

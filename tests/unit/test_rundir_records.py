@@ -38,3 +38,20 @@ def test_max_context_jsonl_is_one_record():
     for obj in lines:
         assert MaxContextRecord.from_json(obj).to_json() == obj
     assert MaxContextRecord.from_json({"target": "t", "new_field": 1}).max_ok_tokens is None
+
+
+def test_error_kinds_are_defined_once_and_documented():
+    """requests.jsonl's error_kind: the kinds loadgen writes are rundir.errors', the contract
+    lists exactly those, and the client's exporter opens a counter for each (truncated too)."""
+    import re
+    from pathlib import Path
+
+    from loadgen import records
+    from rundir.errors import ERROR_KINDS, ErrorKind
+
+    contract = (Path(__file__).resolve().parents[2] / "docs" / "contracts.md").read_text()
+    row = next(line for line in contract.splitlines() if line.strip().startswith("| `error_kind`"))
+    assert tuple(re.findall(r"`([a-z_]+)`", row.split("|")[2])) == ERROR_KINDS
+    assert records.classify_http(413, "too long") == ErrorKind.REJECTED == "rejected"
+    assert records.classify_http(500, "CUDA out of memory") == "oom"
+    assert records.classify_exception(ConnectionRefusedError("refused")) == ErrorKind.CONNECTION
