@@ -31,6 +31,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadgen.openai_request import streamed_body
 from rundir.operators import OperatorRecord
 from servers import traces
 
@@ -189,13 +190,8 @@ class _Stream:
 
 
 def request_body(model: str, prompt: str, max_tokens: int, chat: bool) -> dict:
-    body = {"model": model, "max_tokens": max_tokens, "stream": True, "temperature": 0.0, "ignore_eos": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
-    if chat:
-        body["messages"] = [{"role": "user", "content": prompt}]
-    else:
-        body["prompt"] = prompt
-    return body
+    """The profiled request: exactly ``max_tokens``, the usage on every event (its tokens so far)."""
+    return streamed_body(model, max_tokens, chat=chat, prompt=prompt, ignore_eos=True, continuous_usage=True)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from locust import constant, task
 from locust.contrib.fasthttp import FastHttpUser
 
 from loadgen import records
+from loadgen.openai_request import streamed_body
 from rundir.errors import ErrorKind
 from servers import settings
 
@@ -33,17 +34,9 @@ WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def request_body(job: dict, prompt: str) -> bytes:
-    body = {"model": job["model"], "max_tokens": job["max_tokens"], "stream": True,
-            "stream_options": {"include_usage": True}, "temperature": 0.0}
-    if job.get("ignore_eos"):
-        body["ignore_eos"] = True
-    if job.get("messages"):  # a conversation's turn: its history and new message
-        body["messages"] = job["messages"]
-    elif job["api"] == "chat":
-        body["messages"] = [{"role": "user", "content": prompt}]
-    else:
-        body["prompt"] = prompt
-    return json.dumps(body).encode()
+    return json.dumps(streamed_body(job["model"], job["max_tokens"], chat=job["api"] == "chat", prompt=prompt,
+                                    messages=job.get("messages"),
+                                    ignore_eos=bool(job.get("ignore_eos")))).encode()
 
 
 def _error_message(resp) -> str:
