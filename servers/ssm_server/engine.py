@@ -30,6 +30,7 @@ import time
 import torch
 
 from servers.ssm_server.protocol import APIError
+from servers.ssm_server.protocols import DeviceSampling, PipelinedBackend
 from servers.ssm_server.request import Event, Request
 from servers.ssm_server.sampling import new_generator, sample
 from servers.ssm_server.textio import Detokenizer
@@ -41,6 +42,8 @@ class Engine:
     def __init__(self, backend, text, metrics, *, max_queue: int, prefill_chunk_size: int,
                  model_name: str):
         self.b = backend
+        self._pipelined = isinstance(backend, PipelinedBackend)
+        self._device_sampling = isinstance(backend, DeviceSampling)
         self.text = text
         self.m = metrics
         self.model_name = model_name
@@ -167,7 +170,7 @@ class Engine:
             inflight = set(pending[0]) if pending else ()
             decode = [r for r in self.running if r.prefilled and not self._ends_inflight(r, inflight)]
             banned = self._banned(decode, inflight)
-            launch = (decode and hasattr(self.b, "decode_launch")
+            launch = (decode and self._pipelined
                       and self.b.can_launch([r.generator for r in decode], banned))
             if decode and not launch and pending is not None:
                 prefill, decode = None, []  # a synchronous step needs the in-flight tokens first
@@ -237,7 +240,7 @@ class Engine:
                     reqs.append(prefill)
         if pending is not None:  # the previous step's tokens (usually ready by now)
             out = list(zip(pending[0], self.b.decode_collect(pending[1])))
-        if decode and not launch and hasattr(self.b, "decode_sample"):  # seeded rows: synchronous
+        if decode and not launch and self._device_sampling:  # seeded rows: synchronous
             tokens = self.b.decode_sample([r.slot for r in decode], [r.generated[-1] for r in decode],
                                           [r.params for r in decode], banned,
                                           [r.generator for r in decode])

@@ -82,3 +82,20 @@ def test_parse_bytes(text, value):
 def test_parse_bytes_rejects(text):
     with pytest.raises(ValueError):
         parse_bytes(text)
+
+
+def test_each_backend_states_the_interfaces_it_offers():
+    """The engine reads a backend's abilities from the protocols (servers/ssm_server/protocols.py),
+    not from hasattr: the native Mamba2 backend pipelines its decode steps and samples on the
+    device; the transformers backend only returns logits."""
+    from servers.ssm_server import protocols
+    from servers.ssm_server.backend_hf import HFBackend
+    from servers.ssm_server.backend_mamba import MambaBackend
+    from servers.ssm_server.engine import Engine
+    from servers.ssm_server.synthetic import SyntheticEngine
+
+    for cls, pipelined in ((MambaBackend, True), (HFBackend, False)):
+        assert issubclass(cls, protocols.DeviceSampling) is pipelined, cls
+        assert issubclass(cls, protocols.PipelinedBackend) is pipelined, cls
+    for cls in (Engine, SyntheticEngine):
+        assert all(callable(getattr(cls, m, None)) for m in ("start", "stop", "submit", "cancel", "state")), cls
