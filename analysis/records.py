@@ -17,6 +17,7 @@ import yaml
 
 from rundir.jsonl import read_jsonl  # the one lenient reader of the run directory
 from rundir.operators import OperatorRecord  # the run directory's contract: written by loadgen
+from rundir.requests import RequestRecord
 
 FAMILIES = ("transformer", "ssm", "hybrid")
 WARMUP = "warmup"
@@ -26,52 +27,8 @@ WARMUP = "warmup"
 REQUIRED_REQUEST_FIELDS = ("target", "stage", "status")
 
 
-@dataclass
-class Request:
-    """One finished request, as loadgen wrote it (durations in seconds)."""
-
-    target: str
-    family: str
-    stage: str
-    stage_index: int
-    status: str
-    prompt_tokens_requested: int | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    concurrency: int | None
-    start_time: float | None
-    ttft_s: float | None
-    itl_s: list[float]
-    tpot_s: float | None
-    e2e_s: float | None
-    error_kind: str | None
-    error_message: str | None
-    engine: str = ""
-    model: str = ""
-    shared_tokens: int | None = None
-    """Of its prompt, the tokens its group shares (a ``shared_prefix`` prompt source)."""
-    cached_tokens: int | None = None
-    """Prompt tokens the server served from its prefix cache, where its usage says."""
-    conversation: int | None = None
-    """A multi-turn load's conversation (its number in the stage), and the turn from 0."""
-    turn: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    @property
-    def prompt_length(self) -> int | None:
-        """The length under test: the requested one (server-reported counts add a template)."""
-        if self.prompt_tokens_requested is not None:
-            return self.prompt_tokens_requested
-        return self.prompt_tokens
-
-    @property
-    def end_time(self) -> float | None:
-        if self.start_time is None:
-            return None
-        return self.start_time + (self.e2e_s or 0.0)
+Request = RequestRecord
+"""One finished request, as loadgen wrote it (durations in seconds): the contract's record."""
 
 
 @dataclass
@@ -197,6 +154,14 @@ def parse_request(obj: dict[str, Any]) -> Request:
     if tpot is None and ttft is not None and e2e is not None and completion and completion > 1:
         tpot = (e2e - ttft) / (completion - 1)
     return Request(
+        request_id=str(obj.get("request_id") or ""),
+        api=str(obj.get("api") or "completions"),
+        max_tokens=_int(obj.get("max_tokens")),
+        token_count_source=obj.get("token_count_source"),
+        http_status=_int(obj.get("http_status")),
+        worker=obj.get("worker"),
+        response_id=obj.get("response_id"),
+        stamp_clock=obj.get("stamp_clock"),
         target=str(obj["target"]),
         family=str(obj.get("family") or ""),
         stage=str(obj["stage"]),

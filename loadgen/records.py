@@ -16,8 +16,8 @@ import socket
 from dataclasses import dataclass, field
 
 from rundir.errors import ErrorKind
+from rundir.requests import RequestRecord
 
-SCHEMA_VERSION = 1
 _OOM = re.compile(r"out of memory|\boom\b|outofmemory|cannot allocate|memory.*exhausted|"
                   r"not enough (kv|memory|state)|no (free )?state slot", re.I)
 
@@ -152,39 +152,18 @@ def build(job: dict, timing: Timing, *, http_status: int | None, error_kind: str
         error_kind = ErrorKind.TRUNCATED.value
         error_message = (f"the server generated {completion} of the {job['max_tokens']} tokens asked "
                          "with ignore_eos (its context limit cut the output)")
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "request_id": job["request_id"],
-        "target": job["target"],
-        "model": job["model"],
-        "family": job.get("family"),
-        "engine": job.get("engine"),
-        "stage": job["stage"],
-        "stage_index": job["stage_index"],
-        "api": job["api"],
-        "prompt_tokens_requested": job["prompt_tokens"],
-        "prompt_tokens": usage.get("prompt_tokens"),
-        "completion_tokens": completion,
-        "max_tokens": job["max_tokens"],
-        "token_count_source": source,
-        "concurrency": job.get("concurrency", 1),
-        "start_time": start_time,
-        "ttft_s": ttft,
-        "itl_s": itl,
-        "tpot_s": tpot,
-        "e2e_s": e2e if error_kind is None else (e2e if t.token_ns else None),
-        "status": "ok" if error_kind is None else "error",
-        "http_status": http_status,
-        "error_kind": error_kind,
-        "error_message": error_message,
-        "worker": worker,
-        "response_id": t.response_id or None,
-        "stamp_clock": t.stamp_clock(),
-        "shared_tokens": job.get("shared_tokens"),
-        "cached_tokens": _cached(usage),
-        "conversation": job.get("conversation"),
-        "turn": job.get("turn"),
-    }
+    return RequestRecord(
+        request_id=job["request_id"], target=job["target"], model=job["model"], family=job.get("family"),
+        engine=job.get("engine"), stage=job["stage"], stage_index=job["stage_index"], api=job["api"],
+        prompt_tokens_requested=job["prompt_tokens"], prompt_tokens=usage.get("prompt_tokens"),
+        completion_tokens=completion, max_tokens=job["max_tokens"], token_count_source=source,
+        concurrency=job.get("concurrency", 1), start_time=start_time, ttft_s=ttft, itl_s=itl, tpot_s=tpot,
+        e2e_s=e2e if error_kind is None else (e2e if t.token_ns else None),
+        status="ok" if error_kind is None else "error", http_status=http_status, error_kind=error_kind,
+        error_message=error_message, worker=worker, response_id=t.response_id or None,
+        stamp_clock=t.stamp_clock(), shared_tokens=job.get("shared_tokens"), cached_tokens=_cached(usage),
+        conversation=job.get("conversation"), turn=job.get("turn"),
+    ).to_json()
 
 
 def _cached(usage: dict) -> int | None:
