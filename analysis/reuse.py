@@ -31,6 +31,10 @@ class ReuseRow:
     ttft_p50: float | None
     uncached_p50: float | None
     """Median prompt tokens not served from the cache: the prefill's own work."""
+    metrics_hit_rate: float | None = None
+    """vLLM's own count over the stage: the rise of ``vllm:prefix_cache_hits_total`` over that
+    of ``vllm:prefix_cache_queries_total`` (tokens), from the scrape before the stage to the
+    one as it ended. None where the server exports no such counters."""
     speedup: float | None = None
     """Median TTFT of its requests the cache served nothing of over that of those it served
     most of (at least half their shared tokens), when both are there at one prompt length
@@ -43,6 +47,28 @@ class ReuseRow:
     @property
     def shared_hit_rate(self) -> float | None:
         return self.cached_tokens / self.shared_tokens if self.shared_tokens else None
+
+
+HITS, QUERIES = "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"
+
+
+def _counters(s) -> tuple[float, float] | None:
+    hits = sum(v for n, _, v in s.samples if n == HITS)
+    queries = [v for n, _, v in s.samples if n == QUERIES]
+    return (hits, sum(queries)) if queries else None
+
+
+def _metrics_hit_rate(run: RunData, target: str, rs: list) -> float | None:
+    index = rs[0].stage_index
+    t0 = min((r.start_time for r in rs if r.start_time is not None), default=None)
+    mine = sorted((s for s in run.scrapes if s.target == target and s.ok and _counters(s)), key=lambda s: s.time)
+    after = [s for s in mine if s.stage_index == index]
+    if not after or t0 is None:
+        return None
+    before = [s for s in mine if s.time < t0]
+    h0, q0 = _counters(before[-1]) if before else (0.0, 0.0)
+    h1, q1 = _counters(after[-1])
+    return (h1 - h0) / (q1 - q0) if q1 > q0 else None
 
 
 def _speedup(rs: list) -> float | None:
@@ -73,7 +99,7 @@ def rows(run: RunData) -> list[ReuseRow]:
             shared_tokens=sum(shared) if shared else None, cached_tokens=sum(r.cached_tokens for r in rs),
             ttft_p50=percentile([r.ttft_s for r in rs if r.ttft_s is not None], 50),
             uncached_p50=percentile([r.prompt_tokens - r.cached_tokens for r in rs], 50),
-            speedup=_speedup(rs)))
+            metrics_hit_rate=_metrics_hit_rate(run, t, rs), speedup=_speedup(rs)))
     order = {t: i for i, t in enumerate(run.targets())}
     out.sort(key=lambda x: (order.get(x.target, 1 << 30), min(r.stage_index for r in by[(x.target, x.stage)])))
     return out

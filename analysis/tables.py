@@ -243,15 +243,19 @@ def reuse(a: Analysis) -> Table:
     rows = [[_tag(a, r.target), r.stage, str(r.requests), _tok(r.prompt_tokens // max(r.requests, 1)),
              _tok(r.shared_tokens // r.requests) if r.shared_tokens is not None else "—",
              units.percent(r.hit_rate), units.percent(r.shared_hit_rate) if r.shared_hit_rate is not None else "—",
+             units.percent(r.metrics_hit_rate) if r.metrics_hit_rate is not None else "—",
              _tok(round(r.uncached_p50)) if r.uncached_p50 is not None else "—", _t(r.ttft_p50),
              f"{r.speedup:.2f}×" if r.speedup is not None else "—"]
             for r in a.reuse]
     return Table("reuse", "Prefix reuse", ["target · engine", "stage", "requests", "prompt tokens (mean)",
-                 "shared tokens (mean)", "cached / prompt", "cached / shared", "uncached tokens p50", "TTFT p50",
+                 "shared tokens (mean)", "cached / prompt", "cached / shared", "hit rate (server's metrics)",
+                 "uncached tokens p50", "TTFT p50",
                  "faster with reuse"],
                  rows, note="Cached: the prompt tokens the server says it took from its prefix cache "
                             "(usage.prompt_tokens_details.cached_tokens); shared: the tokens each request's "
-                            "group shares (a shared_prefix prompt source). TTFT stands beside the uncached part, "
+                            "group shares (a shared_prefix prompt source). Hit rate (server's metrics): vLLM's "
+                            "own count over the stage, vllm:prefix_cache_hits_total over "
+                            "vllm:prefix_cache_queries_total. TTFT stands beside the uncached part, "
                             "what the prefill computed. Faster with reuse: median TTFT of the stage's requests "
                             "the cache served nothing of (a group's first) over that of those it served at least "
                             "half their shared tokens, at one prompt length.",

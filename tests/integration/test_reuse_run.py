@@ -69,6 +69,9 @@ def test_the_report_reads_the_hit_rate(reuse_run):
     assert rows[("mamba2-ssm", sweep)].hit_rate == 0 and rows[("mamba2-ssm", sweep)].uncached_p50 == TOKENS
     # the trace: vLLM found every shared block in its cache (blocks of 128 here as there)
     assert rows[("llama-vllm", "trace")].shared_hit_rate == 1.0
+    # vLLM's own counters say it too, over each stage; ssm-server exports none
+    assert rows[("llama-vllm", sweep)].metrics_hit_rate > 0.5 and rows[("mamba2-ssm", sweep)].metrics_hit_rate is None
+    assert 0 < rows[("llama-vllm", "conversation")].metrics_hit_rate < 1
     # a group's first request against the ones that found its document cached, at one length;
     # no cache, no comparison
     assert rows[("llama-vllm", sweep)].speedup > 0 and rows[("mamba2-ssm", sweep)].speedup is None
