@@ -17,6 +17,7 @@ import gevent.queue
 
 from loadgen import prompts
 from loadgen.conversation import Conversations, Turn
+from loadgen.job import Job
 from loadgen.records import RecordWriter
 from loadgen.shapes import StageResult, StageSpec
 from loadgen.trace import TraceEntry
@@ -247,7 +248,7 @@ class Controller:
             return None
         return self._job(st, tokens)
 
-    def _job(self, st: Stage, item) -> dict:
+    def _job(self, st: Stage, item) -> Job:
         """The job of one request of ``st``: ``item`` is its prompt length, a trace's request
         (its prompt and output lengths and shared blocks with it) or a conversation's turn (its
         history, and its new message built here: the next turn resends it)."""
@@ -300,7 +301,7 @@ class Controller:
             self.on_record(rec)
 
 
-def build_prompt(job: dict) -> str:
+def build_prompt(job: Job) -> str:
     if job.get("messages"):  # a conversation's turn: its new message, built when it was issued
         return job["messages"][-1]["content"]
     tok = job["tokenizer"]

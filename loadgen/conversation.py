@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from loadgen.job import Job
+
 if TYPE_CHECKING:
     from loadgen import scenario as sc
 
@@ -60,7 +62,7 @@ class Conversations:
         self._state[c] = _State()
         return Turn(c, 0)
 
-    def job_fields(self, t: Turn) -> dict:
+    def job_fields(self, t: Turn) -> Job:
         """What a turn's job carries besides the stage's: the new message's length, the history
         to resend (the new message is appended once built) and how much of it the server has
         counted before. Always the chat API: a conversation is its messages."""

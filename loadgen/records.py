@@ -15,6 +15,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 
+from loadgen.job import Job
 from rundir.errors import ErrorKind
 from rundir.requests import RequestRecord
 
@@ -129,7 +130,7 @@ def classify_exception(exc: BaseException) -> str:
     return ErrorKind.SERVER_ERROR.value
 
 
-def build(job: dict, timing: Timing, *, http_status: int | None, error_kind: str | None,
+def build(job: Job, timing: Timing, *, http_status: int | None, error_kind: str | None,
           error_message: str | None, start_time: float, worker: str) -> dict:
     """The ``requests.jsonl`` record (docs/contracts.md §4)."""
     t = timing

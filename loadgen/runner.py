@@ -38,6 +38,7 @@ from loadgen import exporter, shapes, targets
 from loadgen.controller import REFUSED_IN_A_ROW, Controller, Stage
 from loadgen.exporter import ClientMetrics
 from loadgen.progress import Progress
+from loadgen.job import Job
 from loadgen.records import RecordWriter
 from loadgen.scrape import Scraper, ScraperProcess
 from loadgen.user import SPARE, StreamingUser
@@ -105,7 +106,7 @@ def _tick(prog: Progress) -> None:
         prog.tick()
 
 
-def _job_base(scenario: sc.Scenario, lt: targets.LiveTarget) -> dict:
+def _job_base(scenario: sc.Scenario, lt: targets.LiveTarget) -> Job:
     prompt = scenario.prompt
     return {"target": lt.name, "url": lt.url, "model": lt.spec.model, "family": lt.spec.family,
             "engine": lt.spec.engine, "api": scenario.api, "max_tokens": scenario.output.max_tokens,

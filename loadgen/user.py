@@ -26,6 +26,7 @@ from locust import constant, task
 from locust.contrib.fasthttp import FastHttpUser
 
 from loadgen import records
+from loadgen.job import Job
 from loadgen.openai_request import streamed_body
 from rundir.errors import ErrorKind
 from servers import settings
@@ -33,7 +34,7 @@ from servers import settings
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
-def request_body(job: dict, prompt: str) -> bytes:
+def request_body(job: Job, prompt: str) -> bytes:
     return json.dumps(streamed_body(job["model"], job["max_tokens"], chat=job["api"] == "chat", prompt=prompt,
                                     messages=job.get("messages"),
                                     ignore_eos=bool(job.get("ignore_eos")))).encode()

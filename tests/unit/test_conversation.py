@@ -115,6 +115,9 @@ def test_the_controller_issues_every_turn_with_its_history():
             gevent.sleep(0.1)  # a conversation thinking
     assert [(j["conversation"], j["turn"]) for j in jobs] == [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (2, 1)]
     assert all("_reply" not in r for r in w.lines)  # the reply is resent, not recorded
+    from loadgen.job import Job
+
+    assert all(set(j) <= set(Job.__annotations__) for j in jobs)  # every key a job carries is declared
     tok = LocalTokenizer(str(path))
     for j in jobs:
         assert j["api"] == "chat" and j["messages"][-1]["role"] == "user"
