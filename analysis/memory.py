@@ -84,17 +84,6 @@ class Reading:
     is then placed at no prompt length, never guessed from the time."""
 
 
-def cache_info(run: RunData, target: str) -> dict | None:
-    """The labels of the latest ``vllm:cache_config_info`` a target's server gave (block_size,
-    enable_prefix_caching, mamba_cache_mode, kv_cache_size_tokens, …), or None."""
-    for s in reversed(run.scrapes):
-        if s.target == target:
-            lab = next((lab for n, lab, _ in s.samples if n == VLLM_CACHE_INFO), None)
-            if lab:
-                return lab
-    return None
-
-
 def kv_gauge_caveats(run: RunData) -> list[str]:
     """Where a vLLM KV-usage gauge counts more than KV: an SSM's or a hybrid's Mamba state lives
     in the same block pool, so ``vllm:kv_cache_usage_perc`` counts its state blocks too."""

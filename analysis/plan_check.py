@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from analysis import memory
 from analysis.records import RunData
-from analysis.scaling import ContextLimit
+from analysis.scaling import ContextLimit, kv_cache_tokens
 
 
 @dataclass
@@ -63,7 +63,7 @@ def checks(run: RunData, limits: list[ContextLimit]) -> list[Check]:
             planned = p.budget_bytes if engine == "vllm" else p.weights_bytes + p.runtime_bytes + p.slots_bytes
             out.append(Check(t, "memory held (per process)", planned, held[t], "bytes",
                              "GPU exporter, the server's processes"))
-        cap = _kv_capacity(run, t)
+        cap = kv_cache_tokens(run, t)
         if cap is not None and p.kv_cache_tokens:
             out.append(Check(t, "KV cache capacity", p.kv_cache_tokens, cap, "tokens",
                              "vllm:cache_config_info kv_cache_size_tokens"))
@@ -76,12 +76,3 @@ def checks(run: RunData, limits: list[ContextLimit]) -> list[Check]:
             out.append(Check(t, "longest context", None, c.max_ok, "tokens",
                              "the plan sets no limit (constant state); the run's longest success"))
     return out
-
-
-def _kv_capacity(run: RunData, target: str) -> int | None:
-    for s in reversed(run.scrapes):
-        if s.target == target:
-            lab = next((lab for n, lab, _ in s.samples if n == memory.VLLM_CACHE_INFO), None)
-            if lab and str(lab.get("kv_cache_size_tokens", "")).isdigit():
-                return int(lab["kv_cache_size_tokens"])
-    return None

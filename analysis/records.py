@@ -120,6 +120,17 @@ class RunData:
         c = self.sweep_concurrency(r.target)
         return c is None or r.concurrency is None or r.concurrency == c
 
+    def latest_labels(self, target: str, metric: str, where=None) -> dict[str, str] | None:
+        """The labels of the latest sample of ``metric`` (an info metric, e.g. vLLM's
+        ``vllm:cache_config_info``) a target's server gave — the latest whose labels pass
+        ``where``, when given — or None."""
+        for s in reversed(self.scrapes):
+            if s.target == target:
+                lab = next((lab for n, lab, _ in s.samples if n == metric), None)
+                if lab and (where is None or where(lab)):
+                    return lab
+        return None
+
     def target_info(self, target: str) -> dict[str, Any]:
         for t in self.env.get("targets", []):
             if t.get("name") == target:

@@ -61,13 +61,14 @@ def _counters(s) -> tuple[float, float] | None:
 def _metrics_hit_rate(run: RunData, target: str, rs: list) -> float | None:
     index = rs[0].stage_index
     t0 = min((r.start_time for r in rs if r.start_time is not None), default=None)
-    mine = sorted((s for s in run.scrapes if s.target == target and s.ok and _counters(s)), key=lambda s: s.time)
-    after = [s for s in mine if s.stage_index == index]
+    mine = sorted(((s, c) for s in run.scrapes if s.target == target and s.ok and (c := _counters(s))),
+                  key=lambda sc: sc[0].time)
+    after = [c for s, c in mine if s.stage_index == index]
     if not after or t0 is None:
         return None
-    before = [s for s in mine if s.time < t0]
-    h0, q0 = _counters(before[-1]) if before else (0.0, 0.0)
-    h1, q1 = _counters(after[-1])
+    before = [c for s, c in mine if s.time < t0]
+    h0, q0 = before[-1] if before else (0.0, 0.0)
+    h1, q1 = after[-1]
     return (h1 - h0) / (q1 - q0) if q1 > q0 else None
 
 
@@ -137,11 +138,11 @@ def warnings(run: RunData, rows_: list[ReuseRow]) -> list[str]:
     """Where a vLLM target could not reuse what its prompts shared: prefix caching off, or a
     shared part shorter than its cache's unit — the block (a hybrid's is an attention block
     sized to its Mamba state's page: 800 tokens for Falcon-H1-0.5B on vLLM 0.26)."""
-    from analysis.memory import cache_info
+    from analysis.memory import VLLM_CACHE_INFO
 
     out = []
     for t in dict.fromkeys(r.target for r in rows_):
-        info = cache_info(run, t)
+        info = run.latest_labels(t, VLLM_CACHE_INFO)
         if not info:
             continue
         mine = [r for r in rows_ if r.target == t and r.shared_tokens]

@@ -252,6 +252,14 @@ def _stalled_at_edge(run: RunData, target: str, first_failed: int | None) -> str
             f"preempt it and leave it waiting)")
 
 
+def kv_cache_tokens(run: RunData, target: str) -> int | None:
+    """The tokens a vLLM server's KV cache holds (``vllm:cache_config_info``'s
+    ``kv_cache_size_tokens``), or None."""
+    lab = run.latest_labels(target, "vllm:cache_config_info",
+                            where=lambda lab: str(lab.get("kv_cache_size_tokens", "")).isdigit())
+    return int(lab["kv_cache_size_tokens"]) if lab else None
+
+
 def limit_reason(run: RunData, target: str) -> str | None:
     """Why a server rejects longer prompts: its max_model_len, and what bounds that — the
     KV cache it holds under its memory share (vLLM's ``kv_cache_size_tokens``) or the model's
@@ -260,13 +268,7 @@ def limit_reason(run: RunData, target: str) -> str | None:
     mml = info.get("max_model_len")
     if not mml:
         return None
-    cap = None
-    for s in reversed(run.scrapes):
-        if s.target == target:
-            lab = next((lab for n, lab, _ in s.samples if n == "vllm:cache_config_info"), None)
-            if lab and str(lab.get("kv_cache_size_tokens", "")).isdigit():
-                cap = int(lab["kv_cache_size_tokens"])
-                break
+    cap = kv_cache_tokens(run, target)
     text = f"the server's max_model_len {int(mml):,}"
     if run.family_of(target) == "ssm":  # nothing in the model bounds it: its launch profile does
         return f"{text} (set at launch: a pure SSM has no position limit and its state does not grow)"
