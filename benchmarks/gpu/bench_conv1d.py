@@ -4,7 +4,10 @@ slice of an in_proj-shaped output as the backend has it (Mamba2-780m: conv_dim 3
 bf16). Checks the two agree (outputs within bf16 rounding, the carried window exactly) for a
 fresh sequence and a continued one, chunks shorter than the window included, then times both.
 
-    python benchmarks/gpu/bench_conv1d.py            # prints a table, the ratio last
+    PYTHONPATH=/tmp/site:. python benchmarks/gpu/bench_conv1d.py    # prints a table, the ratio last
+
+Last, with mamba_ssm importable, the whole model: a 128K prefill of Mamba2-780m on the native
+backend with each of the two (the PyTorch path timed before and after; the faster counts).
 
 The H200 profile of a 128K prefill (docs/analysis.md, "Operators") spent 24.5% of ssm-server's
 device time in ATen's generic depthwise convolution and 19% in copies and fills.
@@ -76,8 +79,42 @@ def bench() -> None:
               f"{(ref - ours) * 48 * 1e3:.1f} ms")
 
 
+def prefill(tokens: int = 131072, chunk: int = 32768) -> None:
+    """The whole model: a ``tokens`` prefill of Mamba2-780m (random weights, bf16) in ``chunk``s
+    on the native backend, with conv_chunk and with the PyTorch path swapped back in."""
+    from servers.ssm_server import backend_mamba
+    from servers.ssm_server.config import ServerConfig
+    from servers.ssm_server.mamba_kernels import import_mamba_ssm
+
+    why = import_mamba_ssm()
+    if why:
+        print(f"prefill: skipped ({why})")
+        return
+    b = backend_mamba.MambaBackend(ServerConfig(model="mamba2-780m", device="cuda", dtype="bfloat16",
+                                                random_weights=True, max_num_seqs=2, prefill_chunk_size=chunk,
+                                                cuda_graphs=False))
+    ids = torch.randint(0, b.vocab_size, (tokens,)).tolist()
+
+    def run() -> None:
+        for s in range(0, tokens, chunk):
+            b.prefill_chunk(0, ids[s:s + chunk], s)
+
+    times, logits = {}, {}
+    for name, fn in (("PyTorch path", conv_chunk_ref), ("conv_chunk", conv_chunk), ("PyTorch path ", conv_chunk_ref)):
+        backend_mamba.conv_chunk = fn
+        times[name] = _time(run, 3)
+        logits[name.strip()] = b.prefill_chunk(1, ids[:chunk], 0)
+    backend_mamba.conv_chunk = conv_chunk
+    ref = min(times["PyTorch path"], times["PyTorch path "])
+    d = (logits["conv_chunk"] - logits["PyTorch path"]).abs().max().item()
+    print(f"prefill {tokens} tokens in {chunk}-token chunks (48 layers): PyTorch path {ref * 1e3:.1f} ms, "
+          f"conv_chunk {times['conv_chunk'] * 1e3:.1f} ms, ratio {times['conv_chunk'] / ref:.2f}x "
+          f"(last logits max |Δ| {d:.3f} of scale {logits['PyTorch path'].abs().max().item():.1f})")
+
+
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(0), "torch", torch.__version__)
     problems = check()
     bench()
+    prefill()
     sys.exit(1 if problems else 0)

@@ -3,6 +3,7 @@
 # scenarios/paper-h200.yaml, with vLLM 0.26.0 carried as a 3-part kit. One device call per
 # step, back to back (a warm machine keeps /tmp only ~30 s after a call):
 #
+#   gpu-checks              (no kit) tests/gpu and benchmarks/gpu/bench_conv1d.py, carrying .whl/
 #   kit 1 .. kit 4          copy .kitN/ (a quarter of the kit from ../shared/gpu-reference/vllm-kit:
 #                           `cat part-* | split -n 4 -d -a 2 - vk.`), assemble at the last
 #   start [SCENARIO]        install .whl/ (ctxload's wheels, mamba_ssm's sdist), start the GPU exporter,
@@ -44,6 +45,14 @@ wait_run() {
   echo "== still running after ${WAIT_S}s"; pack
 }
 
+install_site() {  # ctxload's wheels and mamba_ssm's Python (its Triton kernels) into /tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
+  python3 -c "import typing_extensions as t, importlib.metadata as m; import sys; sys.exit(m.version('typing_extensions') < '4.14.1')" \
+    || python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/cond/*.whl
+  mkdir -p /tmp/build && tar xzf .whl/src/mamba_ssm-*.tar.gz -C /tmp/build && cp -r /tmp/build/mamba_ssm-*/mamba_ssm /tmp/site/
+  python3 .whl/check_deps.py || echo "(check_deps: see above)"
+}
+
 case "${1:-}" in
   kit)
     # .kit1 .. .kit$KIT_CALLS: the kit's 3 parts cut into equal pieces (vk.00, vk.01, …; a call
@@ -56,12 +65,13 @@ case "${1:-}" in
       SKIP_CHECKS=${SKIP_CHECKS:-0} bash /tmp/kit/assemble.sh 2>&1 | tail -15
     fi
     nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv ;;
+  gpu-checks)
+    # no kit needed: the native backend's GPU tests and the prefill conv benchmark
+    install_site || exit 1
+    python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15
+    python3 benchmarks/gpu/bench_conv1d.py ;;
   start)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    python3 -c "import typing_extensions as t, importlib.metadata as m; import sys; sys.exit(m.version('typing_extensions') < '4.14.1')" \
-      || python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/cond/*.whl
-    mkdir -p /tmp/build && tar xzf .whl/src/mamba_ssm-*.tar.gz -C /tmp/build && cp -r /tmp/build/mamba_ssm-*/mamba_ssm /tmp/site/
-    python3 .whl/check_deps.py || echo "(check_deps: see above)"
+    install_site || exit 1
     printf '#!/bin/sh\nPYTHONPATH=/tmp/vsite:$PYTHONPATH exec python3 "$@"\n' > /tmp/vpy && chmod +x /tmp/vpy
     /tmp/vpy -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1
     python3 -c "import locust, pydantic; print('locust', locust.__version__, 'pydantic', pydantic.__version__)"
@@ -75,5 +85,5 @@ case "${1:-}" in
     wait_run; tail -25 /tmp/run.log ;;
   wait)
     wait_run; tail -30 /tmp/run.log ;;
-  *) echo "usage: $0 kit N | start [SCENARIO] | wait"; exit 2 ;;
+  *) echo "usage: $0 kit N | gpu-checks | start [SCENARIO] | wait"; exit 2 ;;
 esac

@@ -25,12 +25,11 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from servers import sizes
 from servers.ssm_server.backend_hf import HFBackend, ModelLoadError, resolve_model_dir
 from servers.ssm_server.config import ServerConfig
-from servers.ssm_server.mamba_kernels import import_mamba_ssm
+from servers.ssm_server.mamba_kernels import conv_chunk, import_mamba_ssm
 
 log = logging.getLogger("ssm_server")
 
@@ -149,6 +148,9 @@ class MambaBackend:
         self.conv_dim = self.d_ssm + 2 * self.ngroups * self.d_state
         if m0.in_proj.out_features != self.d_ssm + self.conv_dim + self.nheads:
             raise ModelLoadError("Mamba2 with a gated MLP part (d_ssm < d_inner) is not supported natively")
+        # each layer's depthwise conv weight as the conv kernels take it: [conv_dim, d_conv], contiguous
+        self.conv_weights = [layer.mixer.conv1d.weight.reshape(self.conv_dim, self.d_conv).contiguous()
+                             for layer in self.layers]
         self.chunk_tokens = cfg.prefill_chunk_size
         self._size_pool(cfg)
         self.graphs = None
@@ -231,12 +233,9 @@ class MambaBackend:
         L = u.shape[1]
         zxbcdt = m.in_proj(u)
         z, xBC, dt = torch.split(zxbcdt, [self.d_ssm, self.conv_dim, self.nheads], dim=-1)
-        xt = xBC.transpose(1, 2)  # [1, conv_dim, L]
-        prev = (torch.zeros_like(conv_state[None, :, 1:]) if fresh else conv_state[None, :, 1:])
-        xcat = torch.cat([prev, xt], dim=-1)  # [1, conv_dim, d_conv - 1 + L]
-        conv_state.copy_(xcat[0, :, -self.d_conv:])
-        xBC = F.silu(F.conv1d(xcat, m.conv1d.weight, m.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
-        del xcat
+        # silu(causal depthwise conv) read in place from in_proj's output, continuing the carried
+        # window (one Triton kernel: no concatenation, no copy of the chunk; bench_conv1d.py)
+        xBC = conv_chunk(xBC[0], conv_state, self.conv_weights[i], m.conv1d.bias, fresh)[None]
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         A = -torch.exp(m.A_log.float())
         kw = {} if m.dt_limit == (0.0, float("inf")) else dict(dt_limit=m.dt_limit)

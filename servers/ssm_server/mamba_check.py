@@ -28,7 +28,8 @@ def _fresh_ids(vocab: int, n: int, seed: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def check_native(b, prompt: int = 5000, steps: int = 6, chunks=(1024, 1000, 4096, 8192), seed: int = 0) -> dict:
-    """Chunked prefill at several chunk sizes (one not dividing the prompt, one larger than it),
+    """Chunked prefill at several chunk sizes (one not dividing the prompt, one larger than it,
+    ragged ones shorter than the conv window),
     graph decode, eager decode and a padded batched graph decode, each against one full forward."""
     res: dict = {}
     ids = _fresh_ids(b.vocab_size, prompt + steps, seed)
@@ -39,6 +40,11 @@ def check_native(b, prompt: int = 5000, steps: int = 6, chunks=(1024, 1000, 4096
         for s in range(0, prompt, c):
             last = b.prefill_chunk(0, ids[0, s:min(s + c, prompt)].tolist(), s)
         res[f"prefill_chunk_{c}"] = (last - full[prompt - 1]).abs().max().item()
+    # ragged chunks, some shorter than the conv window (2, 1, 3 tokens), between longer ones
+    cuts = [0, 2, 3, 1000, 1003, prompt]
+    for s, e in zip(cuts, cuts[1:]):
+        last = b.prefill_chunk(0, ids[0, s:e].tolist(), s)
+    res["prefill_ragged"] = (last - full[prompt - 1]).abs().max().item()
     b.conv_pool[:, 1].copy_(b.conv_pool[:, 0])
     b.ssm_pool[:, 1].copy_(b.ssm_pool[:, 0])
     d_graph = d_eager = d_ge = 0.0

@@ -69,14 +69,14 @@ class NativeDecoder:
         self.own_ssu = settings.own_state_update()
         self.ssu_block: dict[int, int] = {}
         self.consts = []
-        for layer in backend.layers:
+        for i, layer in enumerate(backend.layers):
             m = layer.mixer
             A = -torch.exp(m.A_log.float())
             if self.own_ssu:  # [H] scalars per head
                 ssu = (A.contiguous(), m.D.reshape(H).contiguous(), m.dt_bias.reshape(H).contiguous())
             else:  # stride-0 head_dim: mamba_ssm's tied-head_dim fast path
                 ssu = (A[:, None, None].expand(H, P, N), m.D[:, None].expand(H, P), m.dt_bias[:, None].expand(H, P))
-            self.consts.append(ssu + (m.conv1d.weight.reshape(backend.conv_dim, backend.d_conv).contiguous(),))
+            self.consts.append(ssu + (backend.conv_weights[i],))
 
     def bucket(self, n: int) -> int | None:
         return next((x for x in self.buckets if x >= n), None)

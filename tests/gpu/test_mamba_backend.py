@@ -30,7 +30,7 @@ def test_chunked_prefill_and_graph_decode_match_one_forward(backend):
     print(r)
     scale = r["logit_scale"]
     for key in ("prefill_chunk_1024", "prefill_chunk_1000", "prefill_chunk_4096", "prefill_chunk_8192",
-                "graph_decode", "eager_decode", "batched_graph_decode"):
+                "prefill_ragged", "graph_decode", "eager_decode", "batched_graph_decode"):
         assert r[key] <= TOL * scale, (key, r)
     assert r["graph_vs_eager"] <= TOL * scale, r
     assert r["device_greedy_matches_argmax"] == "3/3", r
