@@ -250,12 +250,18 @@ def energy_claim(run: RunData, energy, e) -> list[Claim]:
         return [Claim(text, paper, "—", UNMEASURED, "no GPU energy or power "
                       "(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION / DCGM_FI_DEV_POWER_USAGE) in the metrics")]
 
+    # one-shot prefills only: a stage whose prompts share a prefix (a cache may serve it), a
+    # conversation or a stage above the sweep's concurrency measures something else
+    other = {(r.target, r.stage) for r in run.requests if not run.in_sweep(r)}
+    energy = [x for x in energy if (x.target, x.stage) not in other]
+
     def judge(t, s) -> Claim:
         et = {x.prompt_tokens: x for x in energy if x.target == t and x.prompt_tokens}
         es = {x.prompt_tokens: x for x in energy if x.target == s and x.prompt_tokens}
         common = sorted(set(et) & set(es))
         if not common:
-            return Claim(text, paper, "—", UNMEASURED, f"no prompt length with energy for both {t} and {s}")
+            return Claim(text, paper, "—", UNMEASURED, f"no prompt length with energy for both {t} and {s} "
+                         "(one-shot prefills at the sweep's concurrency; reuse stages left out)")
         n = common[-1]
         a, b = et[n].per_request_j, es[n].per_request_j
         figs = [Figure(x.target, e[x.target].label, "J per request", n, x.per_request_j,

@@ -62,7 +62,11 @@ class RequestRecord:
 
     @property
     def prompt_length(self) -> int | None:
-        """The length under test: the requested one (server-reported counts add a template)."""
+        """The length under test: the requested one (server-reported counts add a template);
+        for a conversation's turn, the whole prompt the server counted (its history resent with
+        the new message, whose length is the one requested)."""
+        if self.turn is not None and self.prompt_tokens is not None:
+            return self.prompt_tokens
         if self.prompt_tokens_requested is not None:
             return self.prompt_tokens_requested
         return self.prompt_tokens

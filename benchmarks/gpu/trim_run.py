@@ -21,7 +21,9 @@ KEEP = {
     "ssm:device_memory_allocated_bytes", "ssm:device_memory_peak_allocated_bytes",
     "ssm:state_slots_total", "ssm:state_slots_used", "ssm:state_bytes_per_sequence",
     "ssm:kv_cache_bytes_used", "ssm:num_requests_running", "ssm:engine_info",
+    "ssm:cache_bytes_peak", "ssm:weight_bytes",
     "vllm:kv_cache_usage_perc", "vllm:cache_config_info", "vllm:num_requests_running",
+    "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
     "process_resident_memory_bytes",
 }
 
