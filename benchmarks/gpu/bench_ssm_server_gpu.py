@@ -236,7 +236,7 @@ def correctness():
         r[f"backend_step_b{n}_ms"] = dt * 1e3
         r[f"backend_piped_b{n}_ms"] = dp * 1e3
         emit(what="backend_decode_step", batch=n, sync_ms=round(dt * 1e3, 3), piped_ms=round(dp * 1e3, 3),
-             tok_s_piped=round(n / dp), ssu_block=b.decoder.ssu_block.get(b.decoder.bucket(n)))
+             tok_s_piped=round(n / dp), ssu_block=b.decoder.ssu_block.get(b.decoder.set.bucket(n)))
     try:
         r["mamba_ssu_step_ms"] = decode_step_mamba_ssu(b, g)
     except Exception as e:

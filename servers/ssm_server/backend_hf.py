@@ -193,13 +193,15 @@ class HFBackend:
                 total = torch.cuda.get_device_properties(self.device).total_memory
                 torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.gpu_memory_budget / total), self.device)
         self.num_slots = slots
+        # one row past the slots: the scratch row a graph's padding rows read and write
+        self.scratch_slot = slots
         self.conv_pool: list[torch.Tensor] = []
         self.rec_pool: list[torch.Tensor | None] = []
         self.caches: list = [None] * slots
         if self.pooled:
             for conv_shape, rec_shape, dt in self.state_shapes:
-                self.conv_pool.append(torch.zeros((slots, *conv_shape), dtype=dt, device=self.device))
-                self.rec_pool.append(torch.zeros((slots, *rec_shape), dtype=dt, device=self.device)
+                self.conv_pool.append(torch.zeros((slots + 1, *conv_shape), dtype=dt, device=self.device))
+                self.rec_pool.append(torch.zeros((slots + 1, *rec_shape), dtype=dt, device=self.device)
                                      if rec_shape else None)
 
     # ---- slots ----------------------------------------------------------------------------

@@ -163,7 +163,7 @@ class MambaBackend:
 
             t = time.perf_counter()
             self.decoder.capture_all()  # Triton JIT and capture now, not in the first requests
-            log.info("captured %d decode graphs in %.1f s", len(self.decoder.graphs), time.perf_counter() - t)
+            log.info("captured %d decode graphs in %.1f s", len(self.decoder.set), time.perf_counter() - t)
 
     # ---- state pool -------------------------------------------------------------------------
     def _size_pool(self, cfg: ServerConfig) -> None:

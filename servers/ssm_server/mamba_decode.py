@@ -21,16 +21,12 @@ generator path (``sampling.sample``) from the graph's logits (synchronous).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from servers.ssm_server.cuda_graphs import BUCKETS
+from servers.ssm_server.cuda_graphs import GraphSet
 from servers.ssm_server.mamba_kernels import conv_step, pick_ssu_block, sample_on_device, ssu_step
 from servers.ssm_server.sampling import sample
 from servers import settings
-
-log = logging.getLogger("ssm_server")
 
 
 class NativeDecoder:
@@ -42,11 +38,9 @@ class NativeDecoder:
         self._ssu = selective_state_update
         self.b = backend
         self.use_graphs = use_graphs
-        self.failed = False
-        self.buckets = [x for x in BUCKETS if x < max_batch] + [max_batch]
-        self.max = self.buckets[-1]
+        self.set = GraphSet(max_batch)  # keyed (batch size, greedy only)
+        self.max = self.set.sizes[-1]
         dev = backend.device
-        self.graphs: dict[tuple[int, bool], tuple] = {}
         # one static input block: rows 0..3 long (slot, input token or -1, top-k, banned id),
         # row 4 holds two float32 rows (temperature, top-p) in its bits
         self.d_in = torch.zeros((5, self.max), dtype=torch.long, device=dev)
@@ -77,9 +71,6 @@ class NativeDecoder:
             else:  # stride-0 head_dim: mamba_ssm's tied-head_dim fast path
                 ssu = (A[:, None, None].expand(H, P, N), m.D[:, None].expand(H, P), m.dt_bias[:, None].expand(H, P))
             self.consts.append(ssu + (backend.conv_weights[i],))
-
-    def bucket(self, n: int) -> int | None:
-        return next((x for x in self.buckets if x >= n), None)
 
     def block(self, size: int) -> int:
         """The state-update block for this batch size, timed once (never inside a capture)."""
@@ -134,44 +125,28 @@ class NativeDecoder:
         self.d_long[3, :size].fill_(-1)
         self.d_float[:, :size].fill_(0.0)
 
-    def _capture(self, size: int, greedy_only: bool):  # only from _run, which picked the block
-        self._neutral_inputs(size)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # Triton JIT + allocator settle outside the capture
-                self._body(size, greedy_only)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits, tokens = self._body(size, greedy_only)
-        return graph, logits, tokens
-
     def _load_inputs(self, buf: int) -> None:
         self.d_in.copy_(self.h_in[buf], non_blocking=True)
         self.copied[buf].record()
 
     def _run(self, n: int, greedy_only: bool, eager: bool, buf: int):
         """Replay (or run) the bucket for n rows whose inputs are in pinned buffer ``buf``."""
-        size = self.bucket(n)
+        size = self.set.bucket(n)
         if size is None:
             raise ValueError(f"decode batch {n} exceeds the slot pool {self.max}")
-        self.block(size)
+        self.block(size)  # timed before any capture, never inside one
         self._load_inputs(buf)
-        if eager or not self.use_graphs or self.failed:
+        if eager or not self.use_graphs or self.set.failed:
             return self._body(size, greedy_only)
         key = (size, greedy_only)
-        if key not in self.graphs:
-            try:
-                self.graphs[key] = self._capture(size, greedy_only)
-            except Exception as e:
-                log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
-                self.failed = True
-                torch.cuda.synchronize()
-                self._load_inputs(buf)
+        entry = self.set.graphs.get(key)
+        if entry is None:
+            self._neutral_inputs(size)  # warm-up and capture touch no slot
+            entry = self.set.get(key, lambda: self._body(size, greedy_only))
+            self._load_inputs(buf)  # the capture ran on neutral inputs: load the step's again
+            if entry is None:
                 return self._body(size, greedy_only)
-            self._load_inputs(buf)  # capture wrote neutral inputs over them: load them again
-        graph, logits, tokens = self.graphs[key]
+        graph, (logits, tokens) = entry
         graph.replay()
         return logits, tokens
 
@@ -181,7 +156,7 @@ class NativeDecoder:
         buf = self._buf
         self.copied[buf].synchronize()
         n = len(slots)
-        size = self.bucket(n) or n
+        size = self.set.bucket(n) or n
         pad = [-1] * (size - n)
         h = self.h_in[buf]
         if params is None:
@@ -227,6 +202,8 @@ class NativeDecoder:
         return self.collect(self.launch(slots, tokens, params, banned))
 
     def capture_all(self) -> None:
-        for size in self.buckets:
-            if (size, True) not in self.graphs and not self.failed:
+        """The greedy graph of every bucket, largest first (the shared pool then fits the
+        smaller ones in its memory)."""
+        for size in reversed(self.set.sizes):
+            if (size, True) not in self.set.graphs and not self.set.failed:
                 self.logits([-1] * size, [0] * size)
