@@ -37,9 +37,22 @@ VLLM_CACHE_INFO = "vllm:cache_config_info"  # labels: num_gpu_blocks, block_size
 PAPER_BUDGET_BYTES = 24 * 10**9  # RTX 4090, the paper's budget
 
 
-def sample_value(s: Scrape, name: str, agg=max) -> float | None:
-    vals = [v for n, _, v in s.samples if n == name]
+def sample_value(s: Scrape, name: str, agg=max, gpus: frozenset[str] | None = None) -> float | None:
+    """``agg`` of the samples named ``name``; with ``gpus``, only those of these GPUs (a GPU
+    exporter's ``gpu`` label)."""
+    vals = [v for n, lab, v in s.samples if n == name and (gpus is None or lab.get("gpu") in gpus)]
     return agg(vals) if vals else None
+
+
+def per_gpu(s: Scrape, name: str, gpus: frozenset[str] | None = None) -> dict[str, float]:
+    """A GPU exporter's samples named ``name``, by GPU (of ``gpus`` when given; a sample
+    without a ``gpu`` label counts as GPU "" and only when no GPUs are asked for)."""
+    out: dict[str, float] = {}
+    for n, lab, v in s.samples:
+        g = lab.get("gpu", "")
+        if n == name and (gpus is None or g in gpus):
+            out[g] = out.get(g, 0.0) + v
+    return out
 
 
 def memory_of(s: Scrape) -> tuple[float, str] | None:
@@ -199,12 +212,19 @@ def readings(run: RunData) -> list[Reading]:
                 held = sum(per_pid.get(p, 0.0) for p in pids)
                 if t in targets and held:
                     out.append(Reading(s.time, t, "gpu process", held, *own_stage(t)))
+        if s.resident is not None:
+            # a target's own GPUs, when every other server up then ran on others; else the
+            # whole device, when it was the only server up
+            for t in (x for x in s.resident if x in targets):
+                others = [o for o in s.resident if o != t]
+                if others and not all(run.apart(t, o) for o in others):
+                    continue
+                v = sample_value(s, GPU_MEMORY, sum, run.gpus_of(t))
+                if v:
+                    out.append(Reading(s.time, t, "gpu", v * 2**20, *own_stage(t)))
+            continue
         v = sample_value(s, GPU_MEMORY, sum)
         if not v:
-            continue
-        if s.resident is not None:
-            if len(s.resident) == 1 and s.resident[0] in targets:
-                out.append(Reading(s.time, s.resident[0], "gpu", v * 2**20, *own_stage(s.resident[0])))
             continue
         index = index or TimeIndex(run.requests)
         owners = {r.target for r in index.overlapping(s.time - 0.5, s.time) if r.target in targets}
@@ -400,14 +420,38 @@ class Energy:
     joules: float
     per_request_j: float
     source: str
+    by_gpu: dict[str, float] | None = None
+    """Joules per GPU (the exporter's ``gpu`` label) that the figure adds up: the target's own
+    GPUs when it names them, else every GPU of the exporter."""
+
+
+def _rise(points: list[tuple[float, dict[str, float]]]) -> dict[str, float] | None:
+    """Per GPU, the energy counter's rise (mJ → J) between the first and last scrape."""
+    if len(points) < 2:
+        return None
+    first, last = points[0][1], points[-1][1]
+    out = {g: (last[g] - first[g]) / 1e3 for g in first if g in last}
+    return out if out and all(v >= 0 for v in out.values()) else None
+
+
+def _integral(points: list[tuple[float, dict[str, float]]]) -> dict[str, float] | None:
+    """Per GPU, power (W) integrated over the scrapes' times (trapezoids), in J."""
+    out = {}
+    for g in {g for _, d in points for g in d}:
+        p = [(x, d[g]) for x, d in points if g in d]
+        if len(p) >= 2:
+            xs, ys = np.array([x for x, _ in p]), np.array([v for _, v in p])
+            out[g] = float(np.sum((ys[1:] + ys[:-1]) / 2 * np.diff(xs)))
+    return out or None
 
 
 def energy_per_request(run: RunData) -> list[Energy]:
     """GPU energy over each target × stage window, divided by its ok requests.
 
     The energy counter's increase over the window when exported, else power integrated over
-    time (trapezoids). A GPU shared by targets running at once cannot be split: such windows
-    are skipped.
+    time (trapezoids), on the target's own GPUs when it names them (``gpus``), else on every
+    GPU. A GPU shared by targets running at once cannot be split: such windows are skipped;
+    targets on GPUs of their own may run at once.
     """
     gpu = sorted((s for s in run.scrapes if s.ok and s.source == "gpu"), key=lambda s: s.time)
     if not gpu:
@@ -423,25 +467,19 @@ def energy_per_request(run: RunData) -> list[Energy]:
     for (t, stage), reqs in groups.items():
         lo, hi = min(r.start_time for r in reqs), max(r.end_time for r in reqs)
         others = [r for r in index.overlapping(lo, hi) if r.target != t
-                  and r.start_time < hi and r.end_time > lo]
+                  and r.start_time < hi and r.end_time > lo and not run.apart(t, r.target)]
         ok = sum(r.ok for r in reqs)
         if others or not ok:
             continue
         i, j = bisect.bisect_left(gpu_times, lo - 1.0), bisect.bisect_right(gpu_times, hi + 1.0)
         win = [s for s in gpu[i:j] if s.target == t or s.target not in targets]
-        e = [(s.time, sample_value(s, ENERGY, sum)) for s in win]
-        e = [(x, v) for x, v in e if v is not None]
-        joules, source = None, ""
-        if len(e) >= 2 and e[-1][1] >= e[0][1]:
-            joules, source = (e[-1][1] - e[0][1]) / 1e3, ENERGY
-        else:
-            p = [(s.time, sample_value(s, POWER, sum)) for s in win]
-            p = [(x, v) for x, v in p if v is not None]
-            if len(p) >= 2:
-                xs, ys = np.array([x for x, _ in p]), np.array([v for _, v in p])
-                joules, source = float(np.sum((ys[1:] + ys[:-1]) / 2 * np.diff(xs))), POWER
-        if joules is None:
+        mine = run.gpus_of(t)
+        by_gpu, source = _rise([(s.time, e) for s in win if (e := per_gpu(s, ENERGY, mine))]), ENERGY
+        if by_gpu is None:
+            by_gpu, source = _integral([(s.time, p) for s in win if (p := per_gpu(s, POWER, mine))]), POWER
+        if by_gpu is None:
             continue
+        joules = sum(by_gpu.values())
         n = int(np.median([r.prompt_length for r in reqs if r.prompt_length is not None] or [0]))
-        out.append(Energy(t, stage, n or None, ok, joules, joules / ok, source))
+        out.append(Energy(t, stage, n or None, ok, joules, joules / ok, source, by_gpu))
     return out

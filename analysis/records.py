@@ -137,6 +137,18 @@ class RunData:
                 return t
         return {}
 
+    def gpus_of(self, target: str) -> frozenset[str] | None:
+        """The GPUs a served target ran on (its ``gpus``, as the GPU exporter's ``gpu`` label
+        names them), or None: not placed, so any GPU may be its."""
+        g = self.target_info(target).get("gpus")
+        return frozenset(str(x) for x in g) if g else None
+
+    def apart(self, a: str, b: str) -> bool:
+        """Whether targets ``a`` and ``b`` ran on GPUs of their own (both placed, none shared):
+        then one's device readings say nothing of the other."""
+        ga, gb = self.gpus_of(a), self.gpus_of(b)
+        return ga is not None and gb is not None and not ga & gb
+
 
 def _num(v: Any) -> float | None:
     if v is None or isinstance(v, bool):

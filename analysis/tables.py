@@ -171,12 +171,24 @@ def memory(a: Analysis) -> Table:
         empty="no device-memory metrics and no model presets in env.json")
 
 
+def _gpus(by_gpu: dict[str, float] | None) -> str:
+    """The GPUs an energy figure adds up, each with its share when there are several."""
+    named = sorted((g for g in by_gpu or {} if g), key=lambda g: (len(g), g))
+    if not named:
+        return "the exporter's"
+    if len(named) == 1:
+        return named[0]
+    return ", ".join(f"{g}: {units.joules(by_gpu[g])}" for g in named)
+
+
 def energy(a: Analysis) -> Table:
     rows = [[_tag(a, e.target), e.stage, _tok(e.prompt_tokens), str(e.requests), units.joules(e.joules),
-             units.joules(e.per_request_j), e.source] for e in a.energy]
+             units.joules(e.per_request_j), _gpus(e.by_gpu), e.source] for e in a.energy]
     return Table("energy", "Energy per request", ["target · engine", "stage", "prompt", "ok requests",
-                 "energy", "per request", "from"], rows,
-                 empty="no GPU exporter energy or power in the metrics")
+                 "energy", "per request", "GPUs", "from"], rows,
+                 empty="no GPU exporter energy or power in the metrics",
+                 note="GPUs: a target's own (its `gpus`: their energy only, each GPU's share beside it), "
+                      "else every GPU the exporter reports.")
 
 
 def errors(a: Analysis) -> Table:

@@ -42,8 +42,29 @@ class Serve(_Model):
     startup_timeout_s: PositiveFloat = 600.0
     memory_budget: str | None = None
     """Device memory the server may use, e.g. ``24GiB`` (default: the scenario's
-    ``memory_budget``). ssm-server gets ``--gpu-memory-budget``; vLLM's launch profile turns it
-    into its memory share of the card and a ``max_num_seqs`` whose state fits."""
+    ``memory_budget``), on each of its GPUs. ssm-server gets ``--gpu-memory-budget``; vLLM's
+    launch profile turns it into its memory share of the card and a ``max_num_seqs`` whose
+    state fits."""
+    gpus: list[Annotated[int, Field(ge=0)]] | None = None
+    """The GPUs the server runs on, numbered as NVML and nvidia-smi number them; its process
+    sees only these (``CUDA_VISIBLE_DEVICES``). vLLM spreads the model over several
+    (``parallel``); ssm-server runs on one. Default: whatever the server picks (the first
+    visible GPU)."""
+    parallel: Literal["tensor", "data"] = "tensor"
+    """How vLLM uses several ``gpus``: tensor parallelism (``--tensor-parallel-size``, the
+    model split across them) or data parallelism (``--data-parallel-size``, one replica on
+    each)."""
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v):
+        if v is not None:
+            if not v:
+                raise ValueError("`gpus` lists no GPU: give at least one index, or leave it out")
+            twice = sorted({g for g in v if v.count(g) > 1})
+            if twice:
+                raise ValueError(f"`gpus` lists GPU {twice[0]} twice")
+        return v
 
     def memory_budget_bytes(self) -> int | None:
         from servers.sizes import parse_bytes
@@ -64,6 +85,8 @@ class Serve(_Model):
     def _one_model(self) -> "Serve":
         if (self.preset is None) == (self.model_dir is None):
             raise ValueError("give exactly one of `preset` or `model_dir`")
+        if self.engine == "ssm-server" and self.gpus and len(self.gpus) > 1:
+            raise ValueError(f"ssm-server runs on one GPU; `gpus` lists {len(self.gpus)}: give one index")
         if self.preset is not None:
             from servers import presets
 

@@ -79,6 +79,7 @@ class LiveTarget:
                 "engine": self.spec.engine, "preset": self.preset, "launch_args": self.launch_args,
                 "max_model_len": self.max_model_len,
                 "memory_budget_bytes": serve.memory_budget_bytes() if serve else None,
+                "gpus": serve.gpus if serve else None,
                 "started_at": self.started_at, "stopped_at": self.stopped_at, "startup_s": self.startup_s,
                 "error": self.error, "completed": self.completed}
 
@@ -116,6 +117,7 @@ def command(target: sc.Target, model: Path | str, port: int, trace_dir: Path | N
 
     cmd = vllm_launch.command(model, port, python=_vllm_python(), extra=serve.args,
                               served_name=target.model, memory_budget_bytes=budget,
+                              gpus=serve.gpus, parallel=serve.parallel,
                               **(vllm_launch.prefix_caching() if reuse else {}))
     if trace_dir is not None:
         from loadgen import profiling
@@ -135,12 +137,14 @@ def trace_dir(run_dir: Path, target: str) -> Path:
 
 
 def environment(target: sc.Target, model: Path | str) -> dict[str, str]:
-    """Environment variables the server needs beyond ours (vLLM's launch profile's)."""
-    if target.serve.engine != "vllm":
-        return {}
+    """Environment variables the server needs beyond ours: the GPUs it may see (its ``gpus``)
+    and vLLM's launch profile's."""
     from servers import vllm_launch
 
-    return vllm_launch.environment(model)
+    env = vllm_launch.visible_devices(target.serve.gpus)
+    if target.serve.engine == "vllm":
+        env.update(vllm_launch.environment(model))
+    return env
 
 
 def _vllm_python() -> str | None:
@@ -205,7 +209,9 @@ def start(lt: LiveTarget, stack: contextlib.ExitStack, run_dir: Path, log,
             traces = trace_dir(run_dir, lt.name)
             traces.mkdir(parents=True, exist_ok=True)
         cmd = command(lt.spec, model, port, traces, profile, reuse)
-        log(f"starting {lt.name}: {lt.spec.serve.engine} on 127.0.0.1:{port}")
+        gpus = lt.spec.serve.gpus
+        log(f"starting {lt.name}: {lt.spec.serve.engine} on 127.0.0.1:{port}"
+            + (f" (GPU{'s' if len(gpus) > 1 else ''} {','.join(map(str, gpus))})" if gpus else ""))
         srv = ManagedServer(lt.name, cmd, port, log_path=run_dir / "servers" / f"{lt.name}.log",
                             startup_timeout_s=lt.spec.serve.startup_timeout_s, env=environment(lt.spec, model))
         t0 = time.time()

@@ -67,6 +67,10 @@ class Profile:
     """The CPU profile: eager mode, KV cache sized in bytes."""
     kv_cache_memory_bytes: int = 128 << 20
     """KV cache size of the CPU profile."""
+    tensor_parallel_size: int = 1
+    """GPUs the model is split across (``--tensor-parallel-size``)."""
+    data_parallel_size: int = 1
+    """Replicas of the model, one per GPU (``--data-parallel-size``)."""
 
 
 # On a GPU, a model with attention is served as long a context as its KV cache holds
@@ -174,6 +178,10 @@ def vllm_args(model: Model, profile: Profile, *, port: int = DEFAULT_PORT,
     if profile.enable_prefix_caching and profile.mamba_cache_mode and model.family in ("ssm", "hybrid"):
         args += ["--mamba-cache-mode", profile.mamba_cache_mode]
     args.append("--enable-prompt-tokens-details")  # usage says how many prompt tokens were cached
+    if profile.tensor_parallel_size > 1:
+        args += ["--tensor-parallel-size", str(profile.tensor_parallel_size)]
+    if profile.data_parallel_size > 1:
+        args += ["--data-parallel-size", str(profile.data_parallel_size)]
     if profile.cpu:
         args += ["--enforce-eager", "--kv-cache-memory-bytes", str(profile.kv_cache_memory_bytes)]
     else:
@@ -187,22 +195,31 @@ def command(preset_or_model_dir: str | os.PathLike, port: int, host: str = "127.
             python: str | None = None, extra: Sequence[str] = (), *, cpu: bool | None = None,
             weights: str = "auto", cache_dir: str | os.PathLike | None = None,
             served_name: str | None = None, memory_budget_bytes: int | None = None,
-            card_bytes: int | None = None, **overrides) -> list[str]:
+            card_bytes: int | None = None, gpus: Sequence[int] | None = None, parallel: str = "tensor",
+            **overrides) -> list[str]:
     """The whole command line that serves a preset (or model directory) with vLLM.
 
     ``python`` is the interpreter that has vLLM (default: ``$CTXLOAD_VLLM_PYTHON``, else this
     one); ``extra`` is appended as is (later vLLM arguments win); ``served_name`` is the model
     name clients send (default: the preset's); ``memory_budget_bytes`` sizes the profile to a
-    budget (:func:`fit_budget`) on a card of ``card_bytes`` (default: the first GPU's, read
-    through NVML); ``overrides`` replace :class:`Profile` fields (``max_model_len=4096``).
+    budget (:func:`fit_budget`, the budget of each GPU) on a card of ``card_bytes`` (default:
+    the first of ``gpus``, else the first visible GPU, read through NVML); ``gpus`` (more than
+    one) spread the model by ``parallel`` — ``tensor`` or ``data`` parallelism (the process
+    sees only them: :func:`visible_devices`); ``overrides`` replace :class:`Profile` fields
+    (``max_model_len=4096``).
     """
     model = resolve(preset_or_model_dir, weights=weights, cache_dir=cache_dir)
     if served_name:
         model = replace(model, served_name=served_name)
     profile = _profile(model.family, model.tiny, cpu)
+    if gpus and len(gpus) > 1:
+        if parallel not in ("tensor", "data"):
+            raise ValueError(f"parallel must be tensor or data, not {parallel!r}")
+        key = "tensor_parallel_size" if parallel == "tensor" else "data_parallel_size"
+        profile = replace(profile, **{key: len(gpus)})
     if memory_budget_bytes:
         if not profile.cpu and card_bytes is None:
-            card_bytes = gpu_total_bytes()
+            card_bytes = gpu_total_bytes(gpus[0] if gpus else None)
         profile = fit_budget(profile, model, memory_budget_bytes, card_bytes)
     profile = replace(profile, **overrides)
     python = python or settings.vllm_python() or sys.executable
@@ -246,6 +263,8 @@ def fit_budget(profile: Profile, model: Model, budget_bytes: int, card_bytes: in
     KV cache in bytes.
     """
     weights = _weight_bytes(model)
+    tp = profile.tensor_parallel_size  # each GPU holds 1/tp of the weights and of a state
+    weights = weights // tp if weights is not None else None
     if weights is not None and budget_bytes <= weights:
         raise ValueError(f"memory budget {budget_bytes / 2**30:.2f} GiB does not hold the weights "
                          f"({weights / 2**30:.2f} GiB)")
@@ -254,6 +273,7 @@ def fit_budget(profile: Profile, model: Model, budget_bytes: int, card_bytes: in
         return replace(profile, kv_cache_memory_bytes=max(16 << 20, min(kv, profile.kv_cache_memory_bytes)))
     out = replace(profile, gpu_memory_utilization=budget_fraction(budget_bytes, card_bytes))
     per_seq = vllm_state_bytes(model)
+    per_seq = per_seq // tp if per_seq else per_seq
     if per_seq:
         # vLLM gives each sequence one block of every Mamba layer and, with CUDA graphs,
         # refuses max_num_seqs above the blocks it has (one of which it keeps in reserve)
@@ -291,15 +311,20 @@ def budget_fraction(budget_bytes: int, total_bytes: int) -> float:
     return round(min(budget_bytes / total_bytes, 0.95), 3)
 
 
-def gpu_total_bytes(index: int = 0) -> int:
-    """Memory of the GPU vLLM will run on (the first visible one), through NVML."""
+def visible_devices(gpus: Sequence[int] | None) -> dict[str, str]:
+    """The environment that shows a server only its ``gpus`` (none: no change)."""
+    return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {}
+
+
+def gpu_total_bytes(index: int | None = None) -> int:
+    """Memory of GPU ``index`` (NVML's numbering; default: the first visible one), through NVML."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-        if visible.isdigit():
-            index = int(visible)
+        if index is None:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+            index = int(visible) if visible.isdigit() else 0
         return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).total)
     except Exception as e:  # noqa: BLE001 - no NVML, no driver, no GPU: say so plainly
         raise ValueError(f"a memory budget needs the GPU's size, and NVML could not tell it ({e}); "

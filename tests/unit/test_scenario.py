@@ -115,6 +115,21 @@ def test_memory_budget_is_a_size_named_when_wrong_and_inherited_by_served_target
     assert not s.keep_targets_resident  # one target at a time unless asked
 
 
+def test_a_served_target_names_its_gpus():
+    def serve(spec: str) -> str:
+        return GOOD.replace("    url: http://127.0.0.1:1\n", f"    serve: {spec}\n")
+
+    s = sc.parse(serve("{engine: vllm, preset: qwen2.5-0.5b, gpus: [0, 1], parallel: data}"))
+    assert s.targets[0].serve.gpus == [0, 1] and s.targets[0].serve.parallel == "data"
+    assert sc.parse(serve("{engine: vllm, preset: qwen2.5-0.5b}")).targets[0].serve.gpus is None
+    msg = _error(serve("{engine: ssm-server, preset: mamba2-780m, gpus: [0, 1]}"))
+    assert "x.yaml:4: targets.0.serve: ssm-server runs on one GPU; `gpus` lists 2: give one index" in msg
+    assert "lists GPU 1 twice" in _error(serve("{engine: vllm, preset: qwen2.5-0.5b, gpus: [1, 1]}"))
+    assert "lists no GPU" in _error(serve("{engine: vllm, preset: qwen2.5-0.5b, gpus: []}"))
+    assert "targets.0.serve.gpus.0" in _error(serve("{engine: vllm, preset: qwen2.5-0.5b, gpus: [-1]}"))
+    assert "targets.0.serve.parallel" in _error(serve("{engine: vllm, preset: qwen2.5-0.5b, parallel: pipe}"))
+
+
 def test_more_loads_after_the_first_and_a_targets_own_lengths():
     s = sc.parse(GOOD.replace("    url: http://127.0.0.1:1\n", "    url: http://127.0.0.1:1\n"
                               "    prompt_tokens: [64, 128]\n    max_prompt_tokens: 100000\n")

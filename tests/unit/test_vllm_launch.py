@@ -108,6 +108,29 @@ def test_a_budget_on_cpu_sizes_the_kv_cache_in_bytes(tmp_path):
     assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == str(32 << 20)
 
 
+def test_several_gpus_split_the_model_or_replicate_it(tmp_path):
+    """A target's `gpus`: tensor parallelism halves each GPU's share of the weights and of a
+    Mamba state, so the same per-GPU budget holds more sequences; data parallelism keeps
+    whole replicas; the process sees only its GPUs."""
+    weights = presets.get("mamba2-780m").weight_bytes()
+    per_seq = vl.vllm_state_bytes(vl.resolve("mamba2-780m", cache_dir=tmp_path))
+    budget = 6 << 30
+    seqs = {}
+    for gpus, parallel in (([3], "tensor"), ([0, 1], "tensor"), ([0, 1], "data")):
+        cmd = vl.command("mamba2-780m", 1, python="PY", cache_dir=tmp_path, memory_budget_bytes=budget,
+                         card_bytes=H200, gpus=gpus, parallel=parallel)
+        args = _flags(cmd[3:])
+        assert args.get("--tensor-parallel-size") == ("2" if len(gpus) == 2 and parallel == "tensor" else None)
+        assert args.get("--data-parallel-size") == ("2" if parallel == "data" else None)
+        seqs[len(gpus), parallel] = int(args["--max-num-seqs"])
+    assert seqs[1, "tensor"] == seqs[2, "data"] == 30
+    assert seqs[2, "tensor"] == min(64, int((budget - weights // 2 - vl.GPU_RUNTIME_BYTES)
+                                            * vl.STATE_HEADROOM // (per_seq // 2)) - 1) == 64
+    assert vl.visible_devices([2, 5]) == {"CUDA_VISIBLE_DEVICES": "2,5"} and vl.visible_devices(None) == {}
+    with pytest.raises(ValueError, match="parallel must be tensor or data"):
+        vl.command("mamba2-780m", 1, python="PY", cache_dir=tmp_path, gpus=[0, 1], parallel="pipeline")
+
+
 def test_memory_budget_becomes_a_fraction_of_the_card():
     assert vl.parse_bytes("24GiB") == 24 << 30
     assert vl.parse_bytes("512MB") == 512_000_000
@@ -151,6 +174,12 @@ for name, pre in presets.PRESETS.items():
     out[name] = dict(max_model_len=ns.max_model_len, prefix=ns.enable_prefix_caching,
                      load_format=ns.load_format, name=ns.served_model_name,
                      eager=ns.enforce_eager, chunked=ns.enable_chunked_prefill)
+from dataclasses import replace
+m = vl.Model("/m/qwen2.5-0.5b", "qwen2.5-0.5b", "transformer", False, False, "qwen2.5-0.5b")
+for key in ("tensor_parallel_size", "data_parallel_size"):
+    ns = p.parse_args(vl.vllm_args(m, replace(vl.profile_for("qwen2.5-0.5b"), **{key: 2})))
+    validate_parsed_serve_args(ns)
+    out[key] = [ns.tensor_parallel_size, ns.data_parallel_size]
 print(json.dumps(out))
 """
 
@@ -167,6 +196,8 @@ def test_every_profile_is_accepted_by_vllms_own_argument_parser():
                        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
+    # a target on two GPUs: tensor or data parallelism, as vLLM reads them
+    assert got.pop("tensor_parallel_size") == [2, 1] and got.pop("data_parallel_size") == [1, 2]
     assert set(got) == set(presets.PRESETS)
     for name, ns in got.items():
         p = presets.PRESETS[name]
