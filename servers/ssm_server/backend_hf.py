@@ -65,6 +65,12 @@ class HFBackend:
         self.path = path
         hf_cfg = AutoConfig.from_pretrained(path)
         self.model_type = hf_cfg.model_type
+        if self.model_type == "mamba" and self.device.type == "cuda":
+            from servers.ssm_server.mamba_kernels import scan_stubbed
+
+            if scan_stubbed():
+                raise ModelLoadError("this process loaded mamba_ssm without its CUDA scan (for the native "
+                                     "Mamba2 backend); serve Mamba (v1) through transformers in a process of its own")
         dtype = cfg.dtype
         if dtype == "auto":
             dtype = str(getattr(hf_cfg, "dtype", None) or "float32").replace("torch.", "")

@@ -23,15 +23,25 @@ def import_mamba_ssm() -> str | None:
     try:
         import selective_scan_cuda  # noqa: F401
     except Exception:
-        sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+        stub = types.ModuleType("selective_scan_cuda")
+        stub.__ctxload_stub__ = True  # mamba_ssm then imports; its Mamba v1 scan does not run
+        sys.modules.setdefault("selective_scan_cuda", stub)
     try:
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel  # noqa: F401
         from mamba_ssm.ops.triton.layer_norm import layer_norm_fn  # noqa: F401
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update  # noqa: F401
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined  # noqa: F401
     except Exception as e:
+        if scan_stubbed():  # nothing imported with it: leave no stub behind
+            del sys.modules["selective_scan_cuda"]
         return f"mamba_ssm not importable ({type(e).__name__}: {e})"
     return None
+
+
+def scan_stubbed() -> bool:
+    """Whether this process stubbed mamba_ssm's CUDA scan (:func:`import_mamba_ssm`): a
+    transformers Mamba (v1) loaded after it would take mamba_ssm's scan and fail on the stub."""
+    return getattr(sys.modules.get("selective_scan_cuda"), "__ctxload_stub__", False)
 
 
 @functools.cache

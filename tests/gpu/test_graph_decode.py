@@ -1,18 +1,44 @@
 """The transformers backend's CUDA-graph decode (GPU): a graph step of pooled SSM states gives
 the eager step's logits and leaves the same states in the pool, padding rows included, and
 every bucket's graph is captured into the one memory pool the decoder shares. Skips without
-CUDA."""
+CUDA. Each model runs in a process of its own, as ssm-server serves one: a process that
+loaded the native backend stubs mamba_ssm's CUDA scan, which transformers' Mamba (v1) would
+then take (ssm-server refuses that mix with a message; checked here too)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("preset", ["tiny-mamba", "tiny-mamba2"])
-def test_graph_step_equals_the_eager_step(preset):
+def test_graph_step_equals_the_eager_step_in_a_process_of_its_own(preset):
+    r = subprocess.run([sys.executable, "-c", f"from tests.gpu.test_graph_decode import check; check({preset!r})"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_mamba_v1_after_the_native_backend_is_refused_plainly():
+    from servers.ssm_server.backend_hf import HFBackend, ModelLoadError
+    from servers.ssm_server.config import ServerConfig
+    from servers.ssm_server.mamba_kernels import import_mamba_ssm, scan_stubbed
+
+    if import_mamba_ssm() is not None or not scan_stubbed():
+        pytest.skip("mamba_ssm's CUDA scan is built here: nothing is stubbed")
+    with pytest.raises(ModelLoadError, match="in a process of its own"):
+        HFBackend(ServerConfig(model="tiny-mamba", device="cuda", dtype="float32", random_weights=True))
+
+
+def check(preset: str) -> None:
     from servers.ssm_server.backend_hf import HFBackend
     from servers.ssm_server.config import ServerConfig
 
@@ -41,3 +67,4 @@ def test_graph_step_equals_the_eager_step(preset):
     b.decode([1, 2, 0], [4, 4, 4], [0, 0, 0])
     gs = b.graphs.set
     assert set(gs.graphs) == {1, 4} and gs.pool is not None and not gs.failed
+    print("ok")
