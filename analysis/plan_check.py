@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from analysis import memory
 from analysis.records import RunData
 from analysis.scaling import ContextLimit, kv_cache_tokens
+from servers.process import arg_value
 
 
 @dataclass
@@ -33,12 +34,6 @@ class Check:
         return self.miss is not None and abs(self.miss) > MISS
 
 
-def _arg(args: list[str] | None, flag: str) -> str | None:
-    if args and flag in args and args.index(flag) + 1 < len(args):
-        return args[args.index(flag) + 1]
-    return None
-
-
 def checks(run: RunData, limits: list[ContextLimit]) -> list[Check]:
     from servers import plan as planner
 
@@ -53,7 +48,10 @@ def checks(run: RunData, limits: list[ContextLimit]) -> list[Check]:
         budget, preset, engine = info.get("memory_budget_bytes"), info.get("preset"), info.get("engine")
         if not (budget and preset and engine in ("vllm", "ssm-server")) or not info.get("started_at"):
             continue
-        chunk = _arg(info.get("launch_args"), "--prefill-chunk-size")
+        args = info.get("launch_args") or []
+        if any(int(arg_value(args, f) or 1) > 1 for f in ("--tensor-parallel-size", "--data-parallel-size")):
+            continue  # the plan sizes one GPU's serving; a model spread over several is not planned yet
+        chunk = arg_value(args, "--prefill-chunk-size")
         try:
             p = planner.plan(preset, int(budget), engine=engine,
                              prefill_chunk=int(chunk) if chunk else None)

@@ -106,6 +106,12 @@ def test_the_plan_against_the_h200_run():
         assert got[(t, "longest context")].miss == 0  # 1,048,544 planned and served
     # ssm-server keeps more working memory in reserve than it used: the report flags it
     assert got[("mamba2-780m-ssm", "memory held (per process)")].flagged
+    # a target spread over two GPUs is not set beside a one-GPU plan
+    for t in run.env["targets"]:
+        if t["name"] == "qwen2.5-0.5b-vllm":
+            t["launch_args"] = t["launch_args"] + ["--tensor-parallel-size", "2"]
+    got = {c.target for c in plan_check.checks(run, context_limits(run))}
+    assert "qwen2.5-0.5b-vllm" not in got and "falcon-h1-0.5b-vllm" in got
 
 
 def test_a_model_directory_is_planned_as_its_preset(tmp_path):
