@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from analysis import engines as eng
 from analysis import units
 from analysis.analyze import Analysis
+from servers.process import arg_value
 
 
 @dataclass
@@ -42,10 +43,23 @@ def claims(a: Analysis) -> Table:
                       "(warm-up excluded, lowest concurrency).")
 
 
+def _placement(a: Analysis, target: str) -> str:
+    """The GPUs a served target named, and how vLLM spread the model over several."""
+    info = a.run.target_info(target)
+    if not info.get("gpus"):
+        return "—"
+    args = info.get("launch_args") or []
+    how = next((f" ({kind} parallel)" for kind in ("tensor", "data")
+                if int(arg_value(args, f"--{kind}-parallel-size") or 1) > 1), "")
+    return ", ".join(map(str, info["gpus"])) + how
+
+
 def engines(a: Analysis) -> Table:
+    placed = any(a.run.target_info(t).get("gpus") for t in a.engines)
     rows = [[t, a.run.family_of(t), e.label, e.klass + (f" {eng.EAGER_MARK}" if e.eager else ""),
-             e.source] for t, e in a.engines.items()]
-    return Table("engines", "Engines", ["target", "family", "engine", "engine class", "how it is known"], rows,
+             *([_placement(a, t)] if placed else []), e.source] for t, e in a.engines.items()]
+    return Table("engines", "Engines", ["target", "family", "engine", "engine class",
+                                        *(["GPUs"] if placed else []), "how it is known"], rows,
                  note="Serving engine: vLLM with CUDA graphs, ssm-server's native mamba_ssm backend. Eager "
                       f"research path ({eng.EAGER_MARK}): on a GPU through eager PyTorch or without CUDA graphs "
                       "(ssm-server's transformers backend, --enforce-eager). On a CPU every engine runs its "

@@ -12,7 +12,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from analysis import memory
+from analysis import memory, tables
+from analysis.analyze import analyze
 from analysis.records import load_run
 from loadgen import scenario as sc
 from loadgen import targets
@@ -126,6 +127,12 @@ def test_two_targets_at_once_on_their_own_gpus_are_each_read_alone(tmp_path):
     (tmp_path / "env.json").write_text(json.dumps(env))
     run = load_run(tmp_path)
 
+    env["targets"][0]["launch_args"] = ["-m", "vllm", "--tensor-parallel-size", "2"]
+    (tmp_path / "env.json").write_text(json.dumps(env))
+    run = load_run(tmp_path)
+    rows = {r[0]: r for r in tables.engines(analyze(run)).rows}
+    assert rows["tp"][4] == "0, 1 (tensor parallel)" and rows["solo"][4] == "2"
+
     e = {x.target: x for x in memory.energy_per_request(run)}
     assert e["tp"].by_gpu == pytest.approx({"0": 1200.0, "1": 1000.0}) and e["tp"].joules == pytest.approx(2200)
     assert e["solo"].by_gpu == pytest.approx({"2": 500.0}) and e["solo"].per_request_j == pytest.approx(250)
@@ -136,6 +143,7 @@ def test_two_targets_at_once_on_their_own_gpus_are_each_read_alone(tmp_path):
     assert held["tp", "gpu", 104.0] == (21_000 + 19_500) * MIB  # device-wide: its own GPUs only
     assert held["solo", "gpu", 104.0] == 8_200 * MIB
 
+    assert "GPUs" in tables.energy(analyze(run)).headers
     # unplaced, the same two targets share the device: neither window can be split
     for t in env["targets"]:
         t.pop("gpus")
@@ -143,3 +151,4 @@ def test_two_targets_at_once_on_their_own_gpus_are_each_read_alone(tmp_path):
     run = load_run(tmp_path)
     assert memory.energy_per_request(run) == []
     assert not [r for r in memory.readings(run) if r.source == "gpu"]
+    assert "GPUs" not in tables.engines(analyze(run)).headers
