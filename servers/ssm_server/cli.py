@@ -25,6 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="state slots (concurrent sequences)")
     p.add_argument("--max-model-len", type=int, help="longest prompt + output, in tokens")
     p.add_argument("--prefill-chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
+    p.add_argument("--prefill-chunk-size-decoding", type=int,
+                   help="prompt tokens per prefill step while other streams decode (default: "
+                        "--prefill-chunk-size); smaller keeps their token gaps short while a long prompt "
+                        "arrives, at some cost to its time to first token")
     p.add_argument("--gpu-memory-budget", help="cap on the process's device memory, e.g. 24GiB")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
@@ -58,7 +62,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model=model, served_model_name=args.served_model_name, engine=args.engine,
         random_weights=args.random_weights, dtype=args.dtype, device=args.device,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-        prefill_chunk_size=args.prefill_chunk_size,
+        prefill_chunk_size=args.prefill_chunk_size, prefill_chunk_size_decoding=args.prefill_chunk_size_decoding,
         gpu_memory_budget=parse_bytes(args.gpu_memory_budget) if args.gpu_memory_budget else None,
         max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs, backend=args.backend,
         ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, schedule_from=args.schedule_from, api_key=args.api_key or None,
@@ -137,7 +141,8 @@ def build_server(cfg: ServerConfig):
         backend = select_backend(cfg)
         text = HFText(str(backend.path))
         engine = Engine(backend, text, metrics, max_queue=cfg.max_queue,
-                        prefill_chunk_size=cfg.prefill_chunk_size, model_name=name)
+                        prefill_chunk_size=cfg.prefill_chunk_size, model_name=name,
+                        prefill_chunk_size_decoding=cfg.prefill_chunk_size_decoding)
         max_len = backend.max_model_len
         vocab = backend.vocab_size
         metrics.set_engine_info(engine_backend_name(backend), str(backend.device),

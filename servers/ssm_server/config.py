@@ -21,6 +21,9 @@ class ServerConfig:
     max_num_seqs: int = 64
     max_model_len: int | None = None
     prefill_chunk_size: int = 2048
+    prefill_chunk_size_decoding: int | None = None
+    """Prompt tokens per prefill step while other streams decode (None: ``prefill_chunk_size``):
+    smaller keeps their gaps short while a long prompt arrives, at some cost to its TTFT."""
     gpu_memory_budget: int | None = None
     max_queue: int = 256
     cuda_graphs: bool = True
@@ -45,6 +48,8 @@ class ServerConfig:
         for name in ("max_num_seqs", "prefill_chunk_size", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.prefill_chunk_size_decoding is not None and self.prefill_chunk_size_decoding < 1:
+            raise ValueError("--prefill-chunk-size-decoding must be at least 1")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError("--max-model-len must be at least 1")
         if self.ttft_ms < 0 or self.itl_ms < 0:

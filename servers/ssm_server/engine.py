@@ -3,9 +3,10 @@
 Every step runs on one worker thread (the only code touching the device) and does:
   1. drop cancelled requests, freeing their slots;
   2. grant free slots to waiting requests, in arrival order;
-  3. one prefill chunk (at most ``prefill_chunk_size`` tokens) of the oldest request still
-     prefilling, and one batched decode step of every request already decoding — so a long
-     prompt arriving costs the running streams one chunk per token, never a freeze;
+  3. one prefill chunk (at most ``prefill_chunk_size`` tokens, ``prefill_chunk_size_decoding``
+     while other streams decode) of the oldest request still prefilling, and one batched
+     decode step of every request already decoding — so a long prompt arriving costs the
+     running streams one chunk per token, never a freeze;
   4. sample, detokenize, check stop conditions, and hand tokens to the HTTP handlers.
 
 With a backend that can launch a decode step without waiting for it (``decode_launch`` /
@@ -40,7 +41,7 @@ log = logging.getLogger("ssm_server")
 
 class Engine:
     def __init__(self, backend, text, metrics, *, max_queue: int, prefill_chunk_size: int,
-                 model_name: str):
+                 model_name: str, prefill_chunk_size_decoding: int | None = None):
         self.b = backend
         self._pipelined = isinstance(backend, PipelinedBackend)
         self._device_sampling = isinstance(backend, DeviceSampling)
@@ -49,6 +50,9 @@ class Engine:
         self.model_name = model_name
         self.max_queue = max_queue
         self.chunk = prefill_chunk_size if backend.exact_chunking else 1 << 62
+        # while other streams decode: a smaller chunk keeps their gaps short (a backend that
+        # cannot split a prompt exactly prefills it whole either way)
+        self.chunk_decoding = min(self.chunk, prefill_chunk_size_decoding or self.chunk)
         self.prefill_chunk_size = prefill_chunk_size
         self.max_model_len = backend.max_model_len
         self.waiting: collections.deque[Request] = collections.deque()
@@ -223,7 +227,8 @@ class Engine:
             new_pending = (decode, handle)
         failed = []
         if prefill is not None:
-            ids = prefill.prompt_ids[prefill.pos:prefill.pos + self.chunk]
+            chunk = self.chunk_decoding if decode or pending is not None else self.chunk
+            ids = prefill.prompt_ids[prefill.pos:prefill.pos + chunk]
             try:
                 logits = self.b.prefill_chunk(prefill.slot, ids, prefill.pos)
             except torch.OutOfMemoryError as e:

@@ -198,6 +198,10 @@ def test_bad_json_and_bad_cli(server):
     p = subprocess.run([sys.executable, "-m", "servers.ssm_server", "--engine", "synthetic",
                         "--gpu-memory-budget", "lots"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "memory size" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "servers.ssm_server", "--engine", "synthetic",
+                        "--prefill-chunk-size-decoding", "0"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--prefill-chunk-size-decoding must be at least 1" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
 
 
 def test_hybrid_model_serves(tmp_path_factory, server):
