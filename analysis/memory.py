@@ -37,10 +37,8 @@ VLLM_CACHE_INFO = "vllm:cache_config_info"  # labels: num_gpu_blocks, block_size
 PAPER_BUDGET_BYTES = 24 * 10**9  # RTX 4090, the paper's budget
 
 
-def sample_value(s: Scrape, name: str, agg=max, gpus: frozenset[str] | None = None) -> float | None:
-    """``agg`` of the samples named ``name``; with ``gpus``, only those of these GPUs (a GPU
-    exporter's ``gpu`` label)."""
-    vals = [v for n, lab, v in s.samples if n == name and (gpus is None or lab.get("gpu") in gpus)]
+def sample_value(s: Scrape, name: str, agg=max) -> float | None:
+    vals = [v for n, _, v in s.samples if n == name]
     return agg(vals) if vals else None
 
 
@@ -219,7 +217,7 @@ def readings(run: RunData) -> list[Reading]:
                 others = [o for o in s.resident if o != t]
                 if others and not all(run.apart(t, o) for o in others):
                     continue
-                v = sample_value(s, GPU_MEMORY, sum, run.gpus_of(t))
+                v = sum(per_gpu(s, GPU_MEMORY, run.gpus_of(t)).values())
                 if v:
                     out.append(Reading(s.time, t, "gpu", v * 2**20, *own_stage(t)))
             continue

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from analysis import memory
 from analysis.records import RunData
 from analysis.scaling import ContextLimit, kv_cache_tokens
+from servers import vllm_launch
 from servers.process import arg_value
 
 
@@ -49,7 +50,7 @@ def checks(run: RunData, limits: list[ContextLimit]) -> list[Check]:
         if not (budget and preset and engine in ("vllm", "ssm-server")) or not info.get("started_at"):
             continue
         args = info.get("launch_args") or []
-        if any(int(arg_value(args, f) or 1) > 1 for f in ("--tensor-parallel-size", "--data-parallel-size")):
+        if vllm_launch.spread(args):
             continue  # the plan sizes one GPU's serving; a model spread over several is not planned yet
         chunk = arg_value(args, "--prefill-chunk-size")
         try:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from analysis import engines as eng
 from analysis import units
 from analysis.analyze import Analysis
-from servers.process import arg_value
+from servers import vllm_launch
 
 
 @dataclass
@@ -48,10 +48,8 @@ def _placement(a: Analysis, target: str) -> str:
     info = a.run.target_info(target)
     if not info.get("gpus"):
         return "—"
-    args = info.get("launch_args") or []
-    how = next((f" ({kind} parallel)" for kind in ("tensor", "data")
-                if int(arg_value(args, f"--{kind}-parallel-size") or 1) > 1), "")
-    return ", ".join(map(str, info["gpus"])) + how
+    how = vllm_launch.spread(info.get("launch_args") or [])
+    return ", ".join(map(str, info["gpus"])) + (f" ({how[0]} parallel)" if how else "")
 
 
 def engines(a: Analysis) -> Table:

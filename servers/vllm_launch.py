@@ -34,6 +34,7 @@ from typing import Sequence
 from servers import presets
 from servers.sizes import parse_bytes  # noqa: F401 - re-exported for `ctxload serve vllm`
 from servers import settings
+from servers.process import arg_value
 
 
 #: Default port of an OpenAI-compatible server (vLLM's).
@@ -309,6 +310,16 @@ def budget_fraction(budget_bytes: int, total_bytes: int) -> float:
     if budget_bytes <= 0 or total_bytes <= 0:
         raise ValueError("memory sizes must be positive")
     return round(min(budget_bytes / total_bytes, 0.95), 3)
+
+
+def spread(args: Sequence[str]) -> tuple[str, int] | None:
+    """How a vLLM command line spreads the model over GPUs: (``tensor`` or ``data``, N) for
+    N > 1 (its ``--tensor-parallel-size`` / ``--data-parallel-size``), else None."""
+    for kind in ("tensor", "data"):
+        n = int(arg_value(args, f"--{kind}-parallel-size") or 1)
+        if n > 1:
+            return kind, n
+    return None
 
 
 def visible_devices(gpus: Sequence[int] | None) -> dict[str, str]:
