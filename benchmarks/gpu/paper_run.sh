@@ -3,7 +3,8 @@
 # scenarios/paper-h200.yaml, with vLLM 0.26.0 carried as a 3-part kit. One device call per
 # step, back to back (a warm machine keeps /tmp only ~30 s after a call):
 #
-#   gpu-checks              (no kit) tests/gpu and benchmarks/gpu/bench_conv1d.py (BENCH=0: not it), carrying .whl/
+#   gpu-checks              (no kit) tests/gpu (PYTEST_K: those -k selects) and benchmarks/gpu/bench_conv1d.py
+#                           (BENCH=0: not it), carrying .whl/
 #   kit 1 .. kit 4          copy .kitN/ (a quarter of the kit from ../shared/gpu-reference/vllm-kit:
 #                           `cat part-* | split -n 4 -d -a 2 - vk.`), assemble at the last
 #   start [SCENARIO]        install .whl/ (ctxload's wheels, mamba_ssm's sdist), start the GPU exporter,
@@ -68,7 +69,7 @@ case "${1:-}" in
   gpu-checks)
     # no kit needed: the native backend's GPU tests and the prefill conv benchmark
     install_site || exit 1
-    python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15
+    python3 -m pytest -q -p no:cacheprovider tests/gpu ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tail -15
     if [ "${BENCH:-1}" = 1 ]; then python3 benchmarks/gpu/bench_conv1d.py; fi ;;
   start)
     install_site || exit 1

@@ -152,6 +152,11 @@ class MambaBackend:
         self.conv_weights = [layer.mixer.conv1d.weight.reshape(self.conv_dim, self.d_conv).contiguous()
                              for layer in self.layers]
         self.chunk_tokens = cfg.prefill_chunk_size
+        # decode steps on a high-priority stream, prefill chunks (the engine's prefill thread)
+        # on a low-priority one: the device runs a decode step's kernels first when both wait
+        # (a priority past the device's range is taken as its highest: -100 is the highest)
+        self.decode_stream = torch.cuda.Stream(self.device, priority=-100)
+        self.prefill_stream = torch.cuda.Stream(self.device, priority=0)
         self._size_pool(cfg)
         self.graphs = None
         from servers.ssm_server.mamba_decode import NativeDecoder
@@ -203,13 +208,30 @@ class MambaBackend:
     def kv_bytes_used(self, lengths: list[int]) -> int:
         return 0
 
+    # ---- the engine's threads ------------------------------------------------------------------
+    def device_thread(self) -> None:
+        """Initializer of the engine's device thread: decode steps on the high-priority stream."""
+        torch.cuda.set_device(self.device)
+        torch.cuda.set_stream(self.decode_stream)
+
+    def prefill_thread(self) -> None:
+        """Initializer of the engine's prefill thread: chunks on the low-priority stream."""
+        torch.cuda.set_device(self.device)
+        torch.cuda.set_stream(self.prefill_stream)
+
     # ---- prefill ------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill_chunk(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         """Run prompt tokens ``ids`` (positions ``start``…) of the sequence in ``slot``; returns
-        the logits after the last one ([V], float32)."""
+        the logits after the last one ([V], float32). On a stream other than the decode
+        stream, the chunk first waits for the decode steps enqueued so far: one still in flight
+        may write the slot for the sequence that held it before (a pipelined step runs one
+        token past a sequence's end)."""
         from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
 
+        stream = torch.cuda.current_stream(self.device)
+        if stream != self.decode_stream:
+            stream.wait_stream(self.decode_stream)
         x = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)[None]
         fresh = start == 0
         bb = self.model.backbone

@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens per prefill step while other streams decode (default: "
                         "--prefill-chunk-size); smaller keeps their token gaps short while a long prompt "
                         "arrives, at some cost to its time to first token")
+    p.add_argument("--prefill-overlap", action="store_true",
+                   help="run prefill chunks beside the decode steps, on a thread and CUDA stream of their "
+                        "own, instead of inside them: the decoding streams' gaps stay short while prompts "
+                        "arrive, and the prompts wait longer for their first token (docs/ssm-server.md)")
     p.add_argument("--gpu-memory-budget", help="cap on the process's device memory, e.g. 24GiB")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
@@ -63,6 +67,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         random_weights=args.random_weights, dtype=args.dtype, device=args.device,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         prefill_chunk_size=args.prefill_chunk_size, prefill_chunk_size_decoding=args.prefill_chunk_size_decoding,
+        prefill_overlap=args.prefill_overlap,
         gpu_memory_budget=parse_bytes(args.gpu_memory_budget) if args.gpu_memory_budget else None,
         max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs, backend=args.backend,
         ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, schedule_from=args.schedule_from, api_key=args.api_key or None,
@@ -142,7 +147,8 @@ def build_server(cfg: ServerConfig):
         text = HFText(str(backend.path))
         engine = Engine(backend, text, metrics, max_queue=cfg.max_queue,
                         prefill_chunk_size=cfg.prefill_chunk_size, model_name=name,
-                        prefill_chunk_size_decoding=cfg.prefill_chunk_size_decoding)
+                        prefill_chunk_size_decoding=cfg.prefill_chunk_size_decoding,
+                        prefill_overlap=cfg.prefill_overlap)
         max_len = backend.max_model_len
         vocab = backend.vocab_size
         metrics.set_engine_info(engine_backend_name(backend), str(backend.device),

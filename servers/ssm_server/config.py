@@ -24,6 +24,10 @@ class ServerConfig:
     prefill_chunk_size_decoding: int | None = None
     """Prompt tokens per prefill step while other streams decode (None: ``prefill_chunk_size``):
     smaller keeps their gaps short while a long prompt arrives, at some cost to its TTFT."""
+    prefill_overlap: bool = False
+    """Prefill chunks on a thread (and CUDA stream) of their own, beside the decode steps
+    (engine.py): shorter gaps for the streams decoding, longer waits for the prompts. False runs
+    each chunk inside a decode step, a stall of the other streams."""
     gpu_memory_budget: int | None = None
     max_queue: int = 256
     cuda_graphs: bool = True

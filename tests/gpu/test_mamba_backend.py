@@ -105,3 +105,65 @@ def test_pipelined_decode_matches_synchronous(backend):
         h = nxt
     piped.append(backend.decode_collect(h)[0])
     assert piped == sync
+
+
+def test_prefill_on_its_stream_beside_pipelined_decode_matches_alone(backend):
+    """The engine's prefill overlap: a prompt prefilled on the prefill thread (low-priority
+    stream) while pipelined decode steps run on the device thread (high-priority stream) gives
+    the decoding rows the tokens they get alone, and the prompt the logits and continuation it
+    gets alone — also when its slot was in a decode step still in flight as it started (the
+    chunk waits for the decode stream)."""
+    import concurrent.futures
+
+    import torch
+
+    from servers.ssm_server.sampling import SamplingParams
+
+    g = SamplingParams(temperature=0.0)
+    gen = torch.Generator().manual_seed(1)
+    p = torch.randint(1, backend.vocab_size, (700,), generator=gen).tolist()
+    q = torch.randint(1, backend.vocab_size, (3000,), generator=gen).tolist()
+    dev = concurrent.futures.ThreadPoolExecutor(1, initializer=backend.device_thread)
+    pre = concurrent.futures.ThreadPoolExecutor(1, initializer=backend.prefill_thread)
+
+    def prefill(slot, ids, chunk=1024):
+        for s in range(0, len(ids), chunk):
+            logits = backend.prefill_chunk(slot, ids[s:s + chunk], s)
+        return logits
+
+    def decode(slots, first, n):
+        out, h = [], backend.decode_launch(slots, first, [g] * len(slots), [[]] * len(slots))
+        for _ in range(n - 1):
+            nxt = backend.decode_launch(slots, [-1] * len(slots), [g] * len(slots), [[]] * len(slots))
+            out.append(backend.decode_collect(h))
+            h = nxt
+        out.append(backend.decode_collect(h))
+        return out
+
+    def first_tokens(slots):
+        return [int(dev.submit(prefill, s, p).result().argmax()) for s in slots]
+
+    # alone: rows 1, 2 decode 40 steps; q prefilled into slot 3, then 8 steps of it
+    t12 = first_tokens([1, 2])
+    ref_rows = dev.submit(decode, [1, 2], t12, 40).result()
+    ref_q = dev.submit(prefill, 3, q).result()
+    ref_q_steps = dev.submit(decode, [3], [int(ref_q.argmax())], 8).result()
+    # beside: slot 0 decodes with rows 1, 2 (so a step in flight holds it), then q goes into
+    # slot 0 on the prefill stream while rows 1, 2 decode on
+    first_tokens([1, 2])
+    t0 = first_tokens([0])
+    busy = dev.submit(decode, [0, 1, 2], t0 + t12, 1).result()  # noqa: F841 - slot 0 in a finished step
+    h = dev.submit(backend.decode_launch, [0, 1, 2], [-1] * 3, [g] * 3, [[]] * 3).result()
+    q_fut = pre.submit(prefill, 0, q)  # slot 0's step above may still be in flight
+    dev.submit(backend.decode_collect, h).result()
+    first_tokens([1, 2])  # rows 1, 2 restart from their prompt
+    rows = dev.submit(decode, [1, 2], t12, 40)
+    got_q = q_fut.result()
+    got_rows = rows.result()
+    got_q_steps = dev.submit(decode, [0], [int(got_q.argmax())], 8).result()
+    dev.shutdown()
+    pre.shutdown()
+    scale = ref_q.abs().max().item()
+    assert got_rows == ref_rows
+    assert (got_q - ref_q).abs().max().item() <= TOL * scale
+    assert got_q_steps == ref_q_steps

@@ -206,16 +206,26 @@ def test_bad_json_and_bad_cli(server):
 
 def test_hybrid_model_serves(tmp_path_factory, server):
     """Also the other event loop: the module's server runs on uvloop (the default where
-    installed), this one on asyncio's own."""
+    installed), this one on asyncio's own; and --prefill-overlap: a prompt prefilled beside a
+    stream that decodes gets the greedy tokens it gets alone (its KV cache and SSM state are its
+    own while the other thread steps the stream)."""
     assert "event loop: uvloop" in server.log_path.read_text()
     srv = _start(tmp_path_factory, "ssm-falcon", "--model", str(build_tiny("tiny-falcon-h1")),
                  "--max-num-seqs", "2", "--max-model-len", "256", "--prefill-chunk-size", "16",
-                 "--event-loop", "asyncio")
+                 "--event-loop", "asyncio", "--prefill-overlap")
     try:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
-        r = c.completions.create(model="tiny-falcon-h1", prompt="hybrid " * 40, max_tokens=4,
-                                 extra_body={"ignore_eos": True})
+        kw = dict(model="tiny-falcon-h1", prompt="hybrid " * 40, max_tokens=4, temperature=0,
+                  extra_body={"ignore_eos": True})
+        r = c.completions.create(**kw)
         assert r.usage.completion_tokens == 4
+        stream = c.completions.create(model="tiny-falcon-h1", prompt="state", max_tokens=150, stream=True,
+                                      extra_body={"ignore_eos": True})
+        first = next(iter(stream))  # the stream decodes from here on
+        beside = c.completions.create(**kw)
+        rest = sum(1 for ev in stream if ev.choices)
+        assert first.choices and rest == 149
+        assert beside.choices[0].text == r.choices[0].text
         assert metric(srv, "ssm:kv_cache_bytes_used") == 0  # freed after the request
         assert "event loop: asyncio" in srv.log_path.read_text()
     finally:

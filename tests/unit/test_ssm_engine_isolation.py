@@ -102,3 +102,107 @@ def test_a_prompt_arriving_while_others_decode_is_prefilled_in_the_smaller_chunk
     assert chunks == [3] + [32] * 9 + [12], chunks  # the stream's own prompt, then 300 in 32s
     assert got == [(4, None), (400, None)]
     assert toks_beside == toks_alone  # greedy: the same tokens from either chunking
+
+
+def _engine_with_held_prefill(model, **kw):
+    """An engine whose prefill chunks wait on a gate the test opens: the real chunk runs once
+    the gate opens (or after 30 s). ``started`` is set when a chunk reaches the gate."""
+    import threading
+
+    backend = HFBackend(ServerConfig(model=str(model), max_num_seqs=4))
+    gate, started = threading.Event(), threading.Event()
+    held = {"on": False}
+    real = backend.prefill_chunk
+
+    def held_chunk(slot, ids, start):
+        if held["on"]:
+            started.set()
+            gate.wait(30)
+        return real(slot, ids, start)
+
+    backend.prefill_chunk = held_chunk
+    engine = Engine(backend, HFText(str(model)), ServerMetrics("m", lambda: {}), max_queue=16,
+                    prefill_chunk_size=512, model_name="m", **kw)
+    return engine, gate, started, held
+
+
+def test_decode_steps_go_on_while_a_prompt_prefills_beside_them():
+    """Prefill overlap (``--prefill-overlap``): while a prompt's chunk is on the prefill thread, the
+    stream already decoding keeps getting tokens — here 20 of them while the chunk is held —
+    and the prompt's tokens are those it gets alone. With the overlap off the chunk runs inside
+    the step, so the stream gets none until it is done."""
+    model = build_tiny("tiny-mamba2")
+    prompt = list(range(5, 305))
+
+    def run(overlap: bool):
+        engine, gate, started, held = _engine_with_held_prefill(model, prefill_overlap=overlap)
+
+        async def go():
+            await engine.start()
+            alone = Request(prompt, SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0))
+            engine.submit(alone)
+            await _drain(alone)
+            stream = Request([5, 6, 7], SamplingParams(max_tokens=2000, ignore_eos=True))
+            engine.submit(stream)
+            while not stream.generated:
+                await asyncio.sleep(0.01)
+            held["on"] = True
+            beside = Request(prompt, SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0))
+            engine.submit(beside)
+            while not started.is_set():
+                await asyncio.sleep(0.005)
+            at_hold = len(stream.generated)
+            for _ in range(1000):  # up to 10 s for 20 tokens (a step is milliseconds)
+                if len(stream.generated) >= at_hold + 20:
+                    break
+                await asyncio.sleep(0.01)
+            while_held = len(stream.generated) - at_hold
+            gate.set()
+            got = await _drain(beside)
+            engine.cancel(stream)
+            await engine.stop()
+            return while_held, got, alone.generated, beside.generated
+
+        return asyncio.run(go())
+
+    while_held, got, toks_alone, toks_beside = run(True)
+    assert while_held >= 20, while_held
+    assert got == (4, None) and toks_beside == toks_alone
+    while_held, got, toks_alone, toks_beside = run(False)
+    assert while_held <= 1, while_held  # at most the token of a step launched before the chunk
+    assert got == (4, None) and toks_beside == toks_alone
+
+
+def test_a_request_cancelled_while_its_chunk_runs_frees_its_slot_after_the_chunk():
+    """Its slot is in use by the prefill thread until the chunk ends: the request is dropped
+    then (counted cancelled), never while the chunk still writes the slot's state."""
+    model = build_tiny("tiny-mamba2")
+    engine, gate, started, held = _engine_with_held_prefill(model, prefill_overlap=True)
+
+    async def go():
+        await engine.start()
+        held["on"] = True
+        req = Request(list(range(5, 305)), SamplingParams(max_tokens=4, ignore_eos=True))
+        engine.submit(req)
+        while not started.is_set():
+            await asyncio.sleep(0.005)
+        engine.cancel(req)
+        await asyncio.sleep(0.05)
+        slots_while_running = len(engine.free_slots)
+        gate.set()
+        for _ in range(500):
+            if len(engine.free_slots) == 4:
+                break
+            await asyncio.sleep(0.01)
+        after = (len(engine.free_slots), list(engine.running), list(req.generated))
+        held["on"] = False
+        nxt = Request([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+        engine.submit(nxt)
+        got = await _drain(nxt)
+        await engine.stop()
+        return slots_while_running, after, got
+
+    slots_while_running, after, got = asyncio.run(go())
+    assert slots_while_running == 3  # held by the chunk in flight
+    assert after == (4, [], [])  # dropped after it, with no token
+    assert got == (3, None)
