@@ -50,15 +50,16 @@ def checks(run: RunData, limits: list[ContextLimit]) -> list[Check]:
         if not (budget and preset and engine in ("vllm", "ssm-server")) or not info.get("started_at"):
             continue
         args = info.get("launch_args") or []
-        if vllm_launch.spread(args):
-            continue  # the plan sizes one GPU's serving; a model spread over several is not planned yet
+        kind, gpus = vllm_launch.spread(args) or ("tensor", 1)
+        if kind == "data":
+            continue  # replicas, each on its GPU: not planned yet
         chunk = arg_value(args, "--prefill-chunk-size")
         try:
             p = planner.plan(preset, int(budget), engine=engine,
-                             prefill_chunk=int(chunk) if chunk else None)
+                             prefill_chunk=int(chunk) if chunk else None, tensor_parallel=gpus)
         except planner.PlanError:
             continue
-        if t in held:
+        if t in held and gpus == 1:  # (over several GPUs the plan is one GPU's)
             planned = p.budget_bytes if engine == "vllm" else p.weights_bytes + p.runtime_bytes + p.slots_bytes
             out.append(Check(t, "memory held (per process)", planned, held[t], "bytes",
                              "GPU exporter, the server's processes"))

@@ -15,6 +15,11 @@ the bytes an attention layer keeps per token and a Mamba layer keeps per sequenc
   pool of one slot per sequence; a Mamba model's memory does not grow with the context, so the
   budget bounds only how many sequences fit, never their length.
 
+With ``--tensor-parallel-size N`` (vLLM) the model is spread over N GPUs of ``--budget`` each:
+each holds 1/N of the weights and of every Mamba state, and its share of the KV heads — all of
+them split N ways, or each kept whole on the GPUs that share it when there are fewer KV heads
+than GPUs (as vLLM replicates them) — so the figures are one GPU's.
+
 The figures are estimates from the config: `ctxload report` sets them beside what a run
 measured and flags a miss of more than 10%.
 """
@@ -77,6 +82,9 @@ class Plan:
     slots_bytes: int = 0
     """ssm-server: the state pool it allocates up front (one slot per sequence it admits,
     ``--max-num-seqs`` at most)."""
+    tensor_parallel: int = 1
+    """GPUs the model is spread over (vLLM's ``--tensor-parallel-size``); the byte figures and
+    the budget are each GPU's."""
 
     def to_row(self) -> dict:
         return asdict(self)
@@ -100,29 +108,35 @@ def _config(model: str):
 
 
 def plan(model: str, budget_bytes: int, *, engine: str | None = None, concurrency: int = 1,
-         dtype: str | None = None, prefill_chunk: int | None = None) -> Plan:
+         dtype: str | None = None, prefill_chunk: int | None = None, tensor_parallel: int = 1) -> Plan:
     name, p = _config(model)
     engine = engine or p.engine
     if engine not in ("vllm", "ssm-server"):
         raise PlanError(f"--engine: vllm or ssm-server, not {engine!r}")
     if concurrency < 1:
         raise PlanError("--concurrency: at least 1")
+    if tensor_parallel < 1:
+        raise PlanError("--tensor-parallel-size: at least 1")
+    if tensor_parallel > 1 and engine != "vllm":
+        raise PlanError("--tensor-parallel-size: ssm-server serves a model on one GPU; spread it with vLLM")
     dname, b = DTYPES[(dtype or p.dtype).lower()] if (dtype or p.dtype).lower() in DTYPES else (None, None)
     if dname is None:
         raise PlanError(f"--dtype: one of {', '.join(sorted(DTYPES))}, not {dtype!r}")
     cfg = dict(p.config)
-    weights = p.parameters() * b
-    kv = sizes.kv_bytes_per_token(cfg, p.model_type, b) or 0
+    tp = tensor_parallel
+    weights = p.parameters() * b // tp
+    kv = _kv_per_gpu(sizes.kv_bytes_per_token(cfg, p.model_type, b) or 0, cfg, tp)
     conv = -1 if engine == "vllm" else 0  # vLLM keeps kernel − 1 conv inputs, ssm-server kernel
-    state = sizes.state_bytes_per_sequence(cfg, p.model_type, b, conv_window=conv) or 0
+    state = (sizes.state_bytes_per_sequence(cfg, p.model_type, b, conv_window=conv) or 0) // tp
     pos = int(cfg["max_position_embeddings"]) if "max_position_embeddings" in cfg else None
     chunk = prefill_chunk or SSM_CHUNK
     runtime = _vllm_runtime(cfg) if engine == "vllm" else _ssm_runtime(p, cfg, b, SSM_SLOTS, chunk)
     cache = budget_bytes - weights - runtime
     out = Plan(name, p.family, engine, concurrency, dname, budget_bytes, weights, runtime, cache, kv, state,
-               None, "does not fit", None, position_limit=pos)
+               None, "does not fit", None, position_limit=pos, tensor_parallel=tp)
     if weights >= budget_bytes:
-        raise PlanError(f"--budget {budget_bytes / 2**30:.2f} GiB is smaller than {name}'s weights "
+        share = f"{name}'s weights" if tp == 1 else f"a GPU's share of {name}'s weights over {tp} GPUs"
+        raise PlanError(f"--budget {budget_bytes / 2**30:.2f} GiB is smaller than {share} "
                         f"({weights / 2**30:.2f} GiB in {dname})")
     if cache <= 0:
         return out
@@ -133,7 +147,7 @@ def plan(model: str, budget_bytes: int, *, engine: str | None = None, concurrenc
         out.max_context_tokens, out.limit = None, "none"
         return out
     if engine == "vllm" and p.family == "hybrid":
-        return _vllm_hybrid(out, cfg, p.model_type, b)
+        return _vllm_hybrid(out, cfg, p.model_type, b, tp)
     if engine == "vllm" and p.family == "ssm":
         out.max_context_tokens, out.limit = (None, "none") if cache // state > concurrency else (None, "does not fit")
         return out
@@ -141,6 +155,15 @@ def plan(model: str, budget_bytes: int, *, engine: str | None = None, concurrenc
     tokens = room // (concurrency * kv) if kv and room > 0 else 0
     out.kv_cache_tokens = (cache - state) // kv if kv else None
     return _cap(out, tokens)
+
+
+def _kv_per_gpu(kv: int, cfg: dict, tp: int) -> int:
+    """One GPU's KV bytes per token over ``tp`` GPUs: its share of the KV heads, each head whole
+    (fewer heads than GPUs: every GPU keeps one, as vLLM replicates them)."""
+    heads = int(cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or 0)
+    if tp == 1 or not kv or not heads:
+        return kv
+    return kv // heads * math.ceil(heads / tp)
 
 
 def _cap(out: Plan, tokens: int) -> Plan:
@@ -178,10 +201,11 @@ def _ssm_runtime(p, cfg: dict, b: int, slots: int, chunk: int) -> int:
     return prefill + sizes.decode_reserve_bytes(p.vocab_size, slots)
 
 
-def _vllm_hybrid(out: Plan, cfg: dict, model_type: str, b: int) -> Plan:
-    """vLLM 0.26's hybrid page rule: one attention page holds a Mamba layer's state."""
+def _vllm_hybrid(out: Plan, cfg: dict, model_type: str, b: int, tp: int = 1) -> Plan:
+    """vLLM 0.26's hybrid page rule: one attention page holds a Mamba layer's state (both one
+    GPU's share over ``tp``)."""
     n_attn, n_mamba = sizes.layer_counts(cfg, model_type)
-    attn_tok = 2 * sizes.attention_kv_heads_dim(cfg, model_type) * b  # one layer, one token
+    attn_tok = _kv_per_gpu(2 * sizes.attention_kv_heads_dim(cfg, model_type) * b, cfg, tp)  # one layer, one token
     mamba_layer = out.state_bytes_per_sequence // n_mamba
     block = VLLM_BLOCK_ALIGN * math.ceil(mamba_layer / (VLLM_BLOCK_ALIGN * attn_tok))
     page = block * attn_tok
@@ -210,6 +234,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="bf16 (default for real-size presets), fp16, fp32")
     p.add_argument("--prefill-chunk-size", type=int, default=None,
                    help=f"ssm-server's prefill chunk (default {SSM_CHUNK})")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="vLLM: spread each model over this many GPUs, --budget each (default 1)")
     p.add_argument("--json", action="store_true", help="the same table as JSON")
 
 
@@ -229,7 +255,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         rows = [plan(m, budget, engine=args.engine, concurrency=c, dtype=args.dtype,
-                     prefill_chunk=args.prefill_chunk_size)
+                     prefill_chunk=args.prefill_chunk_size, tensor_parallel=args.tensor_parallel_size)
                 for m in args.models for c in levels]
     except PlanError as e:
         print(f"ctxload plan: {e}", file=sys.stderr)
@@ -256,7 +282,9 @@ def render(rows: list[Plan]) -> str:
                      f"{r.state_bytes_per_sequence:,} B | {ctx} | {r.limit} |")
     notes = [f"- {r.model}: {r.page_rule}" for r in rows if r.page_rule and r.concurrency == rows[0].concurrency]
     budget = rows[0].budget_bytes if rows else 0
-    out = "\n".join(lines) + f"\n\nBudget {_gib(budget)} each ({rows[0].dtype if rows else ''})."
+    tp = rows[0].tensor_parallel if rows else 1
+    each = "each" if tp == 1 else f"on each of {tp} GPUs (tensor parallel): the figures are one GPU's"
+    out = "\n".join(lines) + f"\n\nBudget {_gib(budget)} {each} ({rows[0].dtype if rows else ''})."
     if notes:
         out += "\nvLLM's hybrid page rule:\n" + "\n".join(notes)
     return out

@@ -106,12 +106,42 @@ def test_the_plan_against_the_h200_run():
         assert got[(t, "longest context")].miss == 0  # 1,048,544 planned and served
     # ssm-server keeps more working memory in reserve than it used: the report flags it
     assert got[("mamba2-780m-ssm", "memory held (per process)")].flagged
-    # a target spread over two GPUs is not set beside a one-GPU plan
+    # a target spread over two GPUs is set beside the plan over two (one GPU's figures: its KV
+    # capacity, not its memory held); replicas (data parallel) are not planned
     for t in run.env["targets"]:
         if t["name"] == "qwen2.5-0.5b-vllm":
             t["launch_args"] = t["launch_args"] + ["--tensor-parallel-size", "2"]
-    got = {c.target for c in plan_check.checks(run, context_limits(run))}
-    assert "qwen2.5-0.5b-vllm" not in got and "falcon-h1-0.5b-vllm" in got
+        if t["name"] == "llama-3.2-1b-vllm":
+            t["launch_args"] = t["launch_args"] + ["--data-parallel-size", "2"]
+    got = {(c.target, c.figure): c for c in plan_check.checks(run, context_limits(run))}
+    q = "qwen2.5-0.5b-vllm"
+    assert got[(q, "KV cache capacity")].planned == pl.plan("qwen2.5-0.5b", 24 * GiB, tensor_parallel=2).kv_cache_tokens
+    assert (q, "memory held (per process)") not in got
+    assert not any(t == "llama-3.2-1b-vllm" for t, _ in got) and ("falcon-h1-0.5b-vllm", "KV cache capacity") in got
+
+
+def test_tensor_parallel_splits_weights_states_and_kv_heads():
+    """Over N GPUs each holds 1/N of the weights and of a Mamba state, and its share of the KV
+    heads, whole: Qwen2.5-0.5B's 2 KV heads are one a GPU over 2 GPUs, and over 4 (vLLM keeps a
+    head on each GPU that shares it); ssm-server refuses."""
+    one = pl.plan("qwen2.5-0.5b", 24 * GiB)
+    two, four = (pl.plan("qwen2.5-0.5b", 24 * GiB, tensor_parallel=n) for n in (2, 4))
+    assert two.weights_bytes == one.weights_bytes // 2 and four.weights_bytes == one.weights_bytes // 4
+    assert two.kv_bytes_per_token == four.kv_bytes_per_token == KV["qwen2.5-0.5b"] // 2
+    assert two.kv_cache_tokens == two.cache_bytes // (KV["qwen2.5-0.5b"] // 2)
+    assert two.tensor_parallel == 2
+    z = pl.plan("zamba2-1.2b", 24 * GiB, tensor_parallel=2)
+    assert z.state_bytes_per_sequence == VLLM_STATE["zamba2-1.2b"] // 2 and z.kv_bytes_per_token == KV["zamba2-1.2b"] // 2
+    # one GPU's page: a Mamba layer's half state 274,816 B over attention's 8,192 B a token: block 48
+    assert "attention block 48 tokens; page 393,216 B" in z.page_rule
+    with pytest.raises(pl.PlanError, match="ssm-server serves a model on one GPU"):
+        pl.plan("mamba2-780m", 24 * GiB, engine="ssm-server", tensor_parallel=2)
+    r = _cli("qwen2.5-1.5b", "--budget", "24GiB", "--tensor-parallel-size", "2")
+    assert r.returncode == 0 and "on each of 2 GPUs (tensor parallel)" in r.stdout, r.stderr
+    for args, says in ((["qwen2.5-0.5b", "--budget", "24GiB", "--tensor-parallel-size", "0"], "at least 1"),
+                       (["mamba2-780m", "--budget", "24GiB", "--tensor-parallel-size", "2"], "one GPU")):
+        r = _cli(*args)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_a_model_directory_is_planned_as_its_preset(tmp_path):
