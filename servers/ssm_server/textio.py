@@ -7,8 +7,33 @@ first sight, so counting a 1M-token prompt costs one ``split``.
 
 from __future__ import annotations
 
+import os
 import threading
 import zlib
+
+#: A text at least this long is cut into pieces that the Rust tokenizer encodes at once, on
+#: every core (``HFText.encode``); a shorter one is encoded whole.
+PARALLEL_CHARS = 1 << 17
+
+
+def cut_points(text: str, pieces: int) -> list[int]:
+    """Where to cut ``text`` into about ``pieces`` pieces that tokenize as it does whole: each
+    cut is at a single space between two characters that are not whitespace, where a byte-level
+    BPE's pre-tokenizer (GPT-2's pattern) starts a word anyway and no pattern spans the cut. A
+    piece with no such space is not cut."""
+    n, step = len(text), max(1, len(text) // max(1, pieces))
+    out, i = [], step
+    while i < n - 1:
+        end = min(n - 1, i + 4096)  # no such space within 4K characters: not cut here
+        j = text.find(" ", i, end)
+        while j > 0 and (text[j - 1].isspace() or text[j + 1].isspace()):
+            j = text.find(" ", j + 1, end)
+        if j > 0:
+            out.append(j)
+            i = j + step
+        else:
+            i += step
+    return out
 
 
 class HFText:
@@ -16,6 +41,8 @@ class HFText:
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(path)
+        # the server checks lengths itself (max_model_len): no "longer than the maximum" warning
+        self.tok.model_max_length = 1 << 62
         self.eos_token_id = self.tok.eos_token_id
         # the Rust tokenizer behind a fast one: transformers' decode first walks every id in
         # Python (to_py_obj), which costs more than the decode itself on the per-token path
@@ -26,7 +53,45 @@ class HFText:
         """No token spans more characters than this: a text longer than this × the context
         limit is too long before it is tokenized."""
 
+        self.pieces = max(1, 2 * (os.cpu_count() or 1))
+        self._around = self._special_around() if self._fast is not None else None
+        self.parallel = self._around is not None and self._pieces_agree()
+        """Whether a long text is tokenized in pieces at once (``cut_points``): only when this
+        tokenizer gives a probe text's ids cut so equal to its ids whole."""
+
+    def _special_around(self) -> tuple[list[int], list[int]] | None:
+        """The special tokens this tokenizer puts before and after a text's ids (BOS, …), or
+        None when its template does more than surround them."""
+        bare = self._fast.encode("state", add_special_tokens=False).ids
+        full = self._fast.encode("state", add_special_tokens=True).ids
+        for k in range(len(full) - len(bare) + 1):
+            if full[k:k + len(bare)] == bare:
+                return full[:k], full[k + len(bare):]
+        return None
+
+    def _pieces_agree(self) -> bool:
+        probe = ("The state space model's scan carries 1,024 tokens; it isn't attention. "
+                 "Ünïcödé wörds, 数字 123 and\n\nnew lines\tand  two  spaces, ...ellipses!? ") * 40
+        cuts = cut_points(probe, len(probe))  # at every space it may cut at
+        return bool(cuts) and all(self._encode_cut(probe, cuts, s) == self.tok.encode(probe, add_special_tokens=s)
+                                  for s in (False, True))
+
+    def _encode_cut(self, text: str, cuts: list[int], add_special_tokens: bool) -> list[int]:
+        bounds = [0, *cuts, len(text)]
+        pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+        ids = [i for e in self._fast.encode_batch(pieces, add_special_tokens=False) for i in e.ids]
+        if add_special_tokens:  # the tokenizer's own (BOS and the like), around the whole
+            before, after = self._around
+            return before + ids + after
+        return ids
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The text's ids; a long one (``PARALLEL_CHARS``) is tokenized in pieces on every core
+        at once where this tokenizer allows it (``parallel``), with the same ids."""
+        if self.parallel and len(text) >= PARALLEL_CHARS:
+            cuts = cut_points(text, self.pieces)
+            if cuts:
+                return self._encode_cut(text, cuts, add_special_tokens)
         return self.tok.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int]) -> str:

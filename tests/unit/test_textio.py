@@ -45,3 +45,67 @@ def test_window_stays_bounded_on_ids_that_are_not_text():
     tail = t.encode(" and then plain words.", add_special_tokens=False)
     out = "".join(d.add(i) for i in tail)
     assert out.endswith("plain words."), out
+
+
+def _long_texts():
+    from pathlib import Path
+
+    corpus = (Path(__file__).resolve().parents[2] / "loadgen" / "data" / "long_text.txt").read_text()
+    rnd = random.Random(2)
+    alphabet = "ab cd  é日\n\t 🎉.,'s 1 22  ‐\u00a0\u3000x"
+    noisy = "".join(rnd.choice(alphabet) for _ in range(300_000))
+    return {"corpus": (corpus * (1 + 600_000 // len(corpus)))[:600_000], "noisy": noisy,
+            "no spaces": "wörd" * 40_000, "short": TEXT}
+
+
+def test_a_long_text_tokenized_in_pieces_gives_the_ids_of_one_encode():
+    """HFText.encode cuts a long text (PARALLEL_CHARS and up) at single spaces between
+    non-space characters and encodes the pieces at once on every core: the ids, with and
+    without special tokens, are those of the tokenizer's one encode."""
+    from servers.ssm_server import textio
+
+    t = _text()
+    assert t.parallel
+    for name, text in _long_texts().items():
+        cuts = textio.cut_points(text, t.pieces)
+        if name in ("corpus", "noisy"):
+            assert len(text) >= textio.PARALLEL_CHARS and len(cuts) >= t.pieces // 2, (name, len(cuts))
+        for special in (False, True):
+            assert t.encode(text, add_special_tokens=special) == t.tok.encode(text, add_special_tokens=special), name
+
+
+def test_a_tokenizer_whose_pieces_differ_is_never_cut(tmp_path):
+    """A BPE without a pre-tokenizer merges across spaces ("e s"), so a piece cut at a space
+    tokenizes unlike the same words inside the text: HFText finds that on its probe and
+    encodes every text whole."""
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.train_from_iterator([TEXT, "state space models scan long context"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(tmp_path)
+    t = HFText(str(tmp_path))
+    assert not t.parallel
+    text = "state space " * 20_000
+    assert t.encode(text) == t.tok.encode(text)
+
+
+def test_a_tokenizer_that_adds_bos_and_eos_keeps_them_around_the_pieces(tmp_path):
+    """A template that puts special tokens around a text (here BOS … EOS) puts them once
+    around the whole, never around each piece."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([TEXT, "state space models scan long context"] * 20,
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(tmp_path)
+    t = HFText(str(tmp_path))
+    assert t.parallel and t._around == ([0], [1])
+    text = _long_texts()["corpus"]
+    ids = t.encode(text)
+    assert ids == t.tok.encode(text) and ids[0] == 0 and ids[-1] == 1 and ids.count(0) == 1
