@@ -72,8 +72,11 @@ class Engine:
         self.running: list[Request] = []
         self.free_slots = list(range(backend.num_slots - 1, -1, -1))
         self._wake = asyncio.Event()
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="device",
-                                                           initializer=getattr(backend, "device_thread", None))
+        # the device thread's own stream only beside a prefill thread: without the overlap, the
+        # steps stay on PyTorch's default stream, as they were measured
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="device",
+            initializer=getattr(backend, "device_thread", None) if prefill_overlap else None)
         self.prefill_overlap = prefill_overlap
         self._prefill_pool = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="prefill", initializer=getattr(backend, "prefill_thread", None)) \
