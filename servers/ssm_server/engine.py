@@ -220,13 +220,13 @@ class Engine:
                     self._pool, self._step, prefill, decode, banned, bool(launch), pending, inflight)
             except torch.OutOfMemoryError as e:
                 pending = None
-                self._fail(stepped, "oom", f"out of device memory: {str(e).splitlines()[0]}")
+                self._fail(stepped, *_failure(e))
                 await loop.run_in_executor(self._pool, _empty_cache)
                 continue
             except Exception as e:  # a failed step fails its requests, never the server
                 pending = None
                 log.exception("engine step failed")
-                self._fail(stepped, "error", f"{type(e).__name__}: {e}")
+                self._fail(stepped, *_failure(e))
                 continue
             self.steps += 1
             self.cache_peak = max(self.cache_peak, self._cache_bytes()[1])
@@ -247,12 +247,11 @@ class Engine:
             self._prefilling = None
             try:
                 token = fut.result()
-            except torch.OutOfMemoryError as e:
-                self._fail([req], "oom", f"out of device memory: {str(e).splitlines()[0]}")
-                await loop.run_in_executor(self._prefill_pool, _empty_cache)
             except Exception as e:  # noqa: BLE001 - its own prompt's failure, never the others'
-                log.error("prefill failed", exc_info=e)
-                self._fail([req], "error", f"{type(e).__name__}: {e}")
+                reason, message = _failure(e, "prefill failed")
+                self._fail([req], reason, message)
+                if reason == "oom":
+                    await loop.run_in_executor(self._prefill_pool, _empty_cache)
             else:
                 req.pos += n
                 if not req.internal:
@@ -309,11 +308,8 @@ class Engine:
             ids = prefill.prompt_ids[prefill.pos:prefill.pos + chunk]
             try:
                 logits = self.b.prefill_chunk(prefill.slot, ids, prefill.pos)
-            except torch.OutOfMemoryError as e:
-                failed.append((prefill, "oom", f"out of device memory: {str(e).splitlines()[0]}"))
             except Exception as e:  # noqa: BLE001 - its own prompt's failure, not the batch's
-                log.exception("prefill failed")
-                failed.append((prefill, "error", f"{type(e).__name__}: {e}"))
+                failed.append((prefill, *_failure(e, "prefill failed")))
             else:
                 prefill.pos += len(ids)
                 if not prefill.internal:
@@ -432,6 +428,16 @@ class Engine:
 
     def _count_failure(self, reason: str) -> None:
         self.m.failure.labels(self.model_name, reason).inc()
+
+
+def _failure(e: BaseException, log_as: str | None = None) -> tuple[str, str]:
+    """(reason, message) of failed work: ``oom`` when the device ran out of memory, else
+    ``error`` (logged with its traceback as ``log_as``, when given)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return "oom", f"out of device memory: {str(e).splitlines()[0]}"
+    if log_as:
+        log.error(log_as, exc_info=e)
+    return "error", f"{type(e).__name__}: {e}"
 
 
 def _empty_cache() -> None:
