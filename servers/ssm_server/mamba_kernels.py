@@ -113,22 +113,27 @@ def _conv_chunk_kernel():
     import triton.language as tl
 
     @triton.jit
-    def conv_chunk(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, L, dim, stride_xt, stride_sd, stride_ot,
+    def conv_chunk(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, starts_ptr, L, dim, stride_xt, stride_sd, stride_ot,
                    W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   FRESH: tl.constexpr):
+                   FRESH: tl.constexpr, PACKED: tl.constexpr):
         """The depthwise causal conv of a prefill chunk, a [BLOCK_T, BLOCK_C] tile of it:
         out[t, c] = silu(bias[c] + sum_k w[c, k] * x[t + k - (W-1), c]), where a position before
         the chunk reads the carried window (state[c, W + pos]: its last W-1 inputs), or 0 for a
         fresh sequence. Reads x where it lies (a strided view of in_proj's output): no copy
-        of the chunk, no concatenation with the window."""
+        of the chunk, no concatenation with the window. PACKED (fresh sequences end to end):
+        position t's sequence starts at starts[t], and a position before it reads 0."""
         offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mt = offs_t < L
         mc = offs_c < dim
         acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        if PACKED:
+            first = tl.load(starts_ptr + offs_t, mask=mt, other=0)
+        else:
+            first = tl.zeros([BLOCK_T], dtype=tl.int32)
         for k in tl.static_range(W):
             src = offs_t - (W - 1) + k
-            in_chunk = src >= 0
+            in_chunk = src >= first
             xv = tl.load(x_ptr + src[:, None].to(tl.int64) * stride_xt + offs_c[None, :],
                          mask=(mt & in_chunk)[:, None] & mc[None, :], other=0.0).to(tl.float32)
             if not FRESH:
@@ -158,9 +163,9 @@ def conv_chunk(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias:
     out = torch.empty((length, dim), dtype=x.dtype, device=x.device)
     bt, bc = 64, 128
     grid = ((length + bt - 1) // bt, (dim + bc - 1) // bc)
-    _conv_chunk_kernel()[grid](x, state, weight, bias if bias is not None else weight, out, length, dim,
+    _conv_chunk_kernel()[grid](x, state, weight, bias if bias is not None else weight, out, out, length, dim,
                                x.stride(0), state.stride(0), out.stride(0), W=width, BLOCK_T=bt, BLOCK_C=bc,
-                               HAS_BIAS=bias is not None, FRESH=fresh, num_warps=4)
+                               HAS_BIAS=bias is not None, FRESH=fresh, PACKED=False, num_warps=4)
     # the window after the chunk (enqueued after the kernel, which read the old one)
     if length >= width:
         state.copy_(x[length - width:].transpose(0, 1))
@@ -178,6 +183,32 @@ def conv_chunk_ref(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, b
     state.copy_(xcat[0, :, -width:])
     y = torch.nn.functional.conv1d(xcat, weight[:, None, :], bias, groups=x.shape[1])
     return torch.nn.functional.silu(y)[0].transpose(0, 1).to(x.dtype)
+
+
+def conv_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, starts: torch.Tensor,
+                width: int) -> torch.Tensor:
+    """silu(causal depthwise conv) of several fresh sequences packed end to end in ``x`` [L, D]
+    (unit inner stride), position t's sequence starting at ``starts[t]`` ([L] int32): no position
+    sees another sequence's inputs. Returns [L, D] contiguous; the windows to carry are
+    ``last_windows``."""
+    length, dim = x.shape
+    assert x.stride(-1) == 1 and weight.is_contiguous() and starts.shape == (length,)
+    out = torch.empty((length, dim), dtype=x.dtype, device=x.device)
+    bt, bc = 64, 128
+    grid = ((length + bt - 1) // bt, (dim + bc - 1) // bc)
+    _conv_chunk_kernel()[grid](x, weight, weight, bias if bias is not None else weight, out, starts, length, dim,
+                               x.stride(0), 0, out.stride(0), W=width, BLOCK_T=bt, BLOCK_C=bc,
+                               HAS_BIAS=bias is not None, FRESH=True, PACKED=True, num_warps=4)
+    return out
+
+
+def last_windows(x: torch.Tensor, seq_starts: torch.Tensor, seq_ends: torch.Tensor, width: int) -> torch.Tensor:
+    """The conv window each packed sequence carries on: its last ``width`` inputs of ``x`` [L, D]
+    (zeros before its first), as [n, D, width] — what ``conv_chunk`` leaves in the state."""
+    pos = seq_ends[:, None] - width + torch.arange(width, device=x.device)[None, :]  # [n, W]
+    win = x[pos.clamp_min(0)]  # [n, W, D]
+    win = win.masked_fill((pos < seq_starts[:, None])[..., None], 0)
+    return win.transpose(1, 2)
 
 
 @functools.cache
