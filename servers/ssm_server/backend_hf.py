@@ -253,6 +253,11 @@ class HFBackend:
         pos = torch.arange(start, start + len(ids), device=self.device)
         return self.forward(x, cache, pos)[0]
 
+    def prefill_packed(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Several whole fresh prompts, one forward each (transformers' models here take no
+        packed batch): the engine still gives all their first tokens in one step."""
+        return torch.stack([self.prefill_chunk(s, p, 0) for s, p in zip(slots, prompts)])
+
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One step of every listed sequence; returns logits [B, V]."""

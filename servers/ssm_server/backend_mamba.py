@@ -15,6 +15,8 @@ Transformers). Same interface as ``HFBackend``.
   with ``initial_states`` = the slot's SSM state and ``return_final_states`` → gated RMSNorm →
   out_proj; the conv window and SSM state are written back. Activations are chunk-sized, so
   peak memory does not grow with the prompt; logits are computed for the last position only.
+  Several short fresh prompts go in one forward (``prefill_packed``: packed end to end, the
+  conv and the scan kept within each sequence).
 - Decode: ``mamba_decode.NativeDecoder`` (a CUDA graph per batch-size bucket).
 """
 
@@ -29,7 +31,8 @@ import torch
 from servers import sizes
 from servers.ssm_server.backend_hf import HFBackend, ModelLoadError, resolve_model_dir
 from servers.ssm_server.config import ServerConfig
-from servers.ssm_server.mamba_kernels import conv_chunk, import_mamba_ssm
+from servers.ssm_server.mamba_kernels import conv_chunk, conv_packed, import_mamba_ssm, last_windows
+from servers.ssm_server.mamba_prefill import Pack, PrefillGraphs, graph_sizes
 
 log = logging.getLogger("ssm_server")
 
@@ -163,12 +166,15 @@ class MambaBackend:
 
         self.decoder = NativeDecoder(self, self.num_slots, use_graphs=cfg.cuda_graphs)
         self.graphs = self.decoder if cfg.cuda_graphs else None
+        self.prefill_graphs = None
         if self.graphs is not None:
             import time
 
             t = time.perf_counter()
             self.decoder.capture_all()  # Triton JIT and capture now, not in the first requests
             log.info("captured %d decode graphs in %.1f s", len(self.decoder.set), time.perf_counter() - t)
+            self.prefill_graphs = PrefillGraphs(self, cfg.prefill_chunk_size)
+            self.prefill_graphs.capture_all()
 
     # ---- state pool -------------------------------------------------------------------------
     def _size_pool(self, cfg: ServerConfig) -> None:
@@ -181,7 +187,7 @@ class MambaBackend:
         if cfg.gpu_memory_budget:
             weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
             free = cfg.gpu_memory_budget - weights - self.prefill_reserve_bytes(cfg.prefill_chunk_size) \
-                - self.decode_reserve_bytes(cfg.max_num_seqs)
+                - self.decode_reserve_bytes(cfg.max_num_seqs) - self.prefill_graphs_reserve_bytes(cfg)
             by_budget = int(free // self.state_bytes)
             if by_budget < 1:
                 raise ModelLoadError(
@@ -198,6 +204,14 @@ class MambaBackend:
         """Working memory of one prefill chunk (activations live for one layer at a time)."""
         return sizes.mamba2_prefill_reserve_bytes(self.model.backbone.embedding.embedding_dim, self.d_ssm,
                                                   self.conv_dim, self.nheads, self.headdim, self.d_state, chunk)
+
+    def prefill_graphs_reserve_bytes(self, cfg: ServerConfig) -> int:
+        """The prefill graphs' memory pool (the largest one's activations, held) and each one's
+        logits (``mamba_prefill``)."""
+        sizes = graph_sizes(cfg.prefill_chunk_size) if cfg.cuda_graphs else []
+        if not sizes:
+            return 0
+        return self.prefill_reserve_bytes(sizes[-1]) + len(sizes) * PrefillGraphs.ROWS * self.vocab_size * 4
 
     def decode_reserve_bytes(self, batch: int) -> int:
         return sizes.decode_reserve_bytes(self.vocab_size, batch)
@@ -223,17 +237,61 @@ class MambaBackend:
     @torch.inference_mode()
     def prefill_chunk(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         """Run prompt tokens ``ids`` (positions ``start``…) of the sequence in ``slot``; returns
-        the logits after the last one ([V], float32). On a stream other than the decode
-        stream, the chunk first waits for the decode steps enqueued so far: one still in flight
-        may write the slot for the sequence that held it before (a pipelined step runs one
-        token past a sequence's end)."""
-        from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
+        the logits after the last one ([V], float32). A fresh sequence's chunk that a prefill
+        graph holds is a replay of it. On a stream other than the decode stream, the chunk first
+        waits for the decode steps enqueued so far: one still in flight may write the slot for
+        the sequence that held it before (a pipelined step runs one token past a sequence's
+        end)."""
+        self._after_decode()
+        if start == 0 and self.prefill_graphs is not None:
+            out = self.prefill_graphs.run([slot], [ids])
+            if out is not None:
+                return out[0]
+        x = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)[None]
+        fresh = start == 0
+        return self._forward(x, lambda m, u, i: self._mixer_chunk(m, u, i, slot, fresh),
+                             slice(len(ids) - 1, len(ids)))[0]
 
+    @torch.inference_mode()
+    def prefill_packed(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Whole prompts of several fresh sequences (``prompts[j]`` into ``slots[j]``) in ONE
+        forward, packed end to end: in_proj, norms and out_proj see one long chunk; the conv reads
+        no other sequence's inputs (``conv_packed``) and the scan restarts at each sequence
+        (mamba_ssm's ``seq_idx``, each final state from ``cu_seqlens``). Returns the logits after
+        each prompt's last token ([n, V], float32); a replay of a prefill graph where one holds
+        them. Same stream rule as ``prefill_chunk``. Several short prompts arriving together
+        then cost one launch of the model's kernels, not one each."""
+        self._after_decode()
+        if self.prefill_graphs is not None:
+            out = self.prefill_graphs.run(slots, prompts)
+            if out is not None:
+                return out
+        lens = [len(p) for p in prompts]
+        ends = torch.tensor(lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), ends])
+        seq_idx = torch.repeat_interleave(torch.arange(len(lens), dtype=torch.int32), torch.tensor(lens))
+        pack = Pack(slots=torch.tensor(slots), cu=cu, seq_idx=seq_idx, starts=cu[seq_idx.long()],
+                    rows=(ends - 1).long())
+        pack = Pack(**{k: v.to(self.device, non_blocking=True) for k, v in vars(pack).items() if v is not None})
+        x = torch.tensor([t for p in prompts for t in p], dtype=torch.long).to(self.device, non_blocking=True)
+        return self.packed_forward(x[None], pack)
+
+    def packed_forward(self, ids: torch.Tensor, pack: Pack) -> torch.Tensor:
+        """The packed prefill of device tensors ``ids`` [1, L] and ``pack`` (captured as is by
+        ``mamba_prefill.PrefillGraphs``): logits [rows, V]."""
+        return self._forward(ids, lambda m, u, i: self._mixer_packed(m, u, i, pack), pack.rows)
+
+    def _after_decode(self) -> None:
         stream = torch.cuda.current_stream(self.device)
         if stream != self.decode_stream:
             stream.wait_stream(self.decode_stream)
-        x = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)[None]
-        fresh = start == 0
+
+    def _forward(self, x: torch.Tensor, mixer, at) -> torch.Tensor:
+        """Embedding of ``x`` [1, L] → each layer (fused add + RMSNorm, then
+        ``mixer(layer.mixer, h, i)``) → the final norm and lm_head at positions ``at`` (a slice
+        or an index tensor) only: logits [rows, V] float32."""
+        from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
+
         bb = self.model.backbone
         h = bb.embedding(x)
         residual = None
@@ -241,34 +299,58 @@ class MambaBackend:
             h, residual = layer_norm_fn(h, layer.norm.weight, layer.norm.bias, residual=residual, prenorm=True,
                                         residual_in_fp32=bb.residual_in_fp32, eps=layer.norm.eps,
                                         is_rms_norm=True)
-            h = self._mixer_chunk(layer.mixer, h, i, slot, fresh)
-        h = layer_norm_fn(h[:, -1:], bb.norm_f.weight, bb.norm_f.bias, eps=bb.norm_f.eps,
-                          residual=residual[:, -1:], prenorm=False, residual_in_fp32=bb.residual_in_fp32,
+            h = mixer(layer.mixer, h, i)
+        h = layer_norm_fn(h[:, at], bb.norm_f.weight, bb.norm_f.bias, eps=bb.norm_f.eps,
+                          residual=residual[:, at], prenorm=False, residual_in_fp32=bb.residual_in_fp32,
                           is_rms_norm=True)
-        return self.model.lm_head(h)[0, -1, :self.vocab_size].float()
+        return self.model.lm_head(h)[0, :, :self.vocab_size].float()
 
     def _mixer_chunk(self, m, u: torch.Tensor, i: int, slot: int, fresh: bool) -> torch.Tensor:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
         conv_state = self.conv_pool[i, slot]  # [conv_dim, d_conv]: the last d_conv inputs
         ssm_state = self.ssm_pool[i, slot]  # [heads, head_dim, d_state]
-        L = u.shape[1]
-        zxbcdt = m.in_proj(u)
-        z, xBC, dt = torch.split(zxbcdt, [self.d_ssm, self.conv_dim, self.nheads], dim=-1)
+        z, xBC, dt = self._in_proj(m, u)
         # silu(causal depthwise conv) read in place from in_proj's output, continuing the carried
         # window (one Triton kernel: no concatenation, no copy of the chunk; bench_conv1d.py)
-        xBC = conv_chunk(xBC[0], conv_state, self.conv_weights[i], m.conv1d.bias, fresh)[None]
-        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        xBC = conv_chunk(xBC[0], conv_state, self.conv_weights[i], m.conv1d.bias, fresh)
+        y, last = self._scan(m, xBC, dt, initial_states=None if fresh else ssm_state[None].float(),
+                             return_final_states=True)
+        ssm_state.copy_(last[0])
+        return self._out(m, y, z)
+
+    def _mixer_packed(self, m, u: torch.Tensor, i: int, pack: Pack) -> torch.Tensor:
+        z, xBC, dt = self._in_proj(m, u)
+        raw = xBC[0]
+        xBC = conv_packed(raw, self.conv_weights[i], m.conv1d.bias, pack.starts, self.d_conv)
+        windows = last_windows(raw, pack.cu[:-1], pack.cu[1:], self.d_conv)
+        y, states = self._scan(m, xBC, dt, seq_idx=pack.seq_idx[None], cu_seqlens=pack.cu,
+                               return_varlen_states=True)
+        if pack.src is not None:  # a graph's spare rows: row 0's again, into row 0's slot
+            windows, states = windows[pack.src], states[pack.src]
+        self.conv_pool[i].index_copy_(0, pack.slots, windows)
+        self.ssm_pool[i].index_copy_(0, pack.slots, states.to(self.ssm_pool.dtype))
+        return self._out(m, y, z)
+
+    def _in_proj(self, m, u: torch.Tensor):
+        """(z, xBC, dt): views of in_proj's output, not copies."""
+        return torch.split(m.in_proj(u), [self.d_ssm, self.conv_dim, self.nheads], dim=-1)
+
+    def _scan(self, m, xBC: torch.Tensor, dt: torch.Tensor, **kw):
+        """mamba_ssm's chunked scan of the conv's output [L, conv_dim] (one batch row)."""
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        L = xBC.shape[0]
+        x, B, C = torch.split(xBC[None], [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state],
+                              dim=-1)
         A = -torch.exp(m.A_log.float())
-        kw = {} if m.dt_limit == (0.0, float("inf")) else dict(dt_limit=m.dt_limit)
-        y, last = mamba_chunk_scan_combined(
+        if m.dt_limit != (0.0, float("inf")):
+            kw["dt_limit"] = m.dt_limit
+        return mamba_chunk_scan_combined(
             x.reshape(1, L, self.nheads, self.headdim), dt, A,
             B.reshape(1, L, self.ngroups, self.d_state), C.reshape(1, L, self.ngroups, self.d_state),
-            chunk_size=m.chunk_size, D=m.D, z=None, dt_bias=m.dt_bias, dt_softplus=True,
-            initial_states=None if fresh else ssm_state[None].float(), return_final_states=True, **kw)
-        ssm_state.copy_(last[0])
-        y = m.norm(y.reshape(1, L, self.d_ssm), z)
-        return m.out_proj(y)
+            chunk_size=m.chunk_size, D=m.D, z=None, dt_bias=m.dt_bias, dt_softplus=True, **kw)
+
+    def _out(self, m, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return m.out_proj(m.norm(y.reshape(1, y.shape[1], self.d_ssm), z))
 
     # ---- decode -------------------------------------------------------------------------------
     @torch.inference_mode()

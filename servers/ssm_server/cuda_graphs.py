@@ -34,7 +34,9 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 
 class GraphSet:
-    def __init__(self, max_batch: int):
+    def __init__(self, max_batch: int, what: str = "decoding"):
+        self.what = what
+        """What runs eagerly once a capture fails (for the log)."""
         self.sizes = bucket_sizes(max_batch)
         self.graphs: dict[Hashable, tuple] = {}
         self.failed = False
@@ -61,8 +63,8 @@ class GraphSet:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 out = body()
-        except Exception as e:  # a step that cannot be captured: decode eagerly
-            log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
+        except Exception as e:  # a step that cannot be captured: run eagerly
+            log.warning("CUDA graph capture failed (%s: %s); %s eagerly", type(e).__name__, e, self.what)
             self.failed = True
             torch.cuda.synchronize()
             return None

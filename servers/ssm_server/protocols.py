@@ -1,5 +1,5 @@
 """The interfaces ssm-server's parts meet at, written down (the engine checked for methods
-with ``hasattr`` before): a backend, the two things a backend may add, and the engine the HTTP
+with ``hasattr`` before): a backend, the things a backend may add, and the engine the HTTP
 layer drives (the model engine, or the synthetic one)."""
 
 from __future__ import annotations
@@ -35,6 +35,14 @@ class Backend(Protocol):
 
 
 @runtime_checkable
+class PackedPrefill(Protocol):
+    """A backend that prefills several whole prompts of fresh sequences in one call."""
+
+    def prefill_packed(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """``prompts[j]`` into ``slots[j]``, each from position 0: logits [n, V] after each."""
+
+
+@runtime_checkable
 class DeviceSampling(Protocol):
     """A backend that samples on the device: a step returns token ids, not logits."""
 
@@ -61,6 +69,11 @@ class ServingEngine(Protocol):
     """What the HTTP layer drives (engine.Engine, synthetic.SyntheticEngine)."""
 
     model_name: str
+    ready: bool
+    """Warm: /health says 200 (503 before)."""
+    stopped: str | None
+    """Why the engine stopped serving (its loop failed), None while it serves: /health and new
+    requests get 503 with it."""
 
     async def start(self) -> None: ...
 

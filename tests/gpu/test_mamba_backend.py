@@ -167,3 +167,50 @@ def test_prefill_on_its_stream_beside_pipelined_decode_matches_alone(backend):
     assert got_rows == ref_rows
     assert (got_q - ref_q).abs().max().item() <= TOL * scale
     assert got_q_steps == ref_q_steps
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph"])
+def test_packed_prefill_equals_each_prompt_alone(backend, graphs):
+    """Several fresh prompts in one packed forward (``prefill_packed``, eagerly or as a replay
+    of a prefill graph): each gets the logits, the carried conv window and SSM state, and the
+    next decode step's logits it gets prefilled alone and eagerly (within bf16: the pack's
+    matmuls have other shapes) — lengths shorter than the conv window, across mamba_ssm's
+    256-token scan chunks, a sequence ending on a chunk edge; a slot not in the pack is left as
+    it was. With graphs, each prompt alone is a replay too (a pack of one)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(2)
+    lens = [3, 700, 1, 256, 45, 1029]
+    prompts = [torch.randint(1, backend.vocab_size, (n,), generator=gen).tolist() for n in lens]
+    slots = [5, 0, 3, 1, 4, 2]
+    held = backend.prefill_graphs
+    assert held is not None and len(held.set.graphs) == 5, "graphs of 256 to 4096 tokens"
+
+    def close(a, b):
+        return (a.float() - b.float()).abs().max().item() <= TOL * b.float().abs().max().item()
+
+    try:
+        backend.prefill_graphs = None
+        alone = torch.stack([backend.prefill_chunk(s, p, 0) for s, p in zip(slots, prompts)])
+        conv = backend.conv_pool[:, slots].clone()
+        ssm = backend.ssm_pool[:, slots].clone()
+        nxt = alone.argmax(-1).tolist()
+        step = backend.decode(slots, nxt, [0] * len(slots))
+        backend.prefill_graphs = held if graphs else None
+        if graphs:  # each alone, replayed
+            assert close(torch.stack([backend.prefill_chunk(s, p, 0) for s, p in zip(slots, prompts)]), alone)
+        backend.conv_pool[:, slots] = 7  # what a pack must overwrite
+        backend.ssm_pool[:, slots] = 7
+        spare = backend.num_slots - 1  # not packed: untouched
+        backend.ssm_pool[:, spare] = 3
+        got = backend.prefill_packed(slots, prompts)
+        torch.cuda.synchronize()
+    finally:
+        backend.prefill_graphs = held
+    assert got.shape == (len(lens), backend.vocab_size)
+    for j in range(len(lens)):
+        assert close(got[j], alone[j]), (j, lens[j])
+        assert close(backend.conv_pool[:, slots[j]], conv[:, j]), (j, lens[j])
+        assert close(backend.ssm_pool[:, slots[j]], ssm[:, j]), (j, lens[j])
+    assert bool((backend.ssm_pool[:, spare] == 3).all())
+    assert close(backend.decode(slots, nxt, [0] * len(slots)), step)

@@ -1,0 +1,150 @@
+"""CUDA graphs of short prefills for the native mamba_ssm backend.
+
+A prefill costs its kernels' launches before any of its work: the model's 48 layers launch
+about 700 kernels, most of them Triton kernels started from Python, and on an H200 that took
+~50 ms however short the prompt (``benchmarks/gpu/bench_packed_prefill.py``: one 256-token
+prompt 51 ms, one of 4,096 tokens 50 ms) — the floor of a short prompt's TTFT, and a stall of
+every stream decoding beside it. Here each packed prefill of fresh prompts (``prefill_packed``:
+whole prompts end to end, the conv and the scan kept within each sequence) is captured once per
+total-length bucket (``SIZES`` up to the prefill chunk), with room for 64 prompts;
+a replay costs one launch.
+
+Static inputs, per bucket T with S = 65 sequence rows: token ids, each position's
+sequence (``seq_idx``) and that sequence's first position (``starts``) over T positions; the
+offsets ``cu`` (S + 1); each row's slot, last position and source row. A call packs n <= S - 1
+prompts of total L <= T: positions past L are one padding sequence (token 0, its own sequence,
+so it touches no real one), rows past it are empty sequences; every row past the real n writes
+row 0's state again into row 0's slot (the same values twice), so a replay writes no slot but
+the n given. The inputs go to the device in two copies from pinned memory.
+
+All graphs share one memory pool, not the decode graphs' (the prefill overlap runs both at
+once): one is replayed at a time, after the last replay's logits were copied out, whichever
+thread and stream call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from servers.ssm_server.cuda_graphs import GraphSet
+
+log = logging.getLogger("ssm_server")
+
+SIZES = (256, 512, 1024, 2048, 4096, 8192)
+"""Total prompt tokens of the captured packs (those up to the prefill chunk)."""
+
+
+def graph_sizes(chunk: int) -> list[int]:
+    """The buckets captured under a prefill chunk of ``chunk`` tokens."""
+    return [t for t in SIZES if t <= chunk]
+
+
+@dataclass
+class Pack:
+    """Where the sequences of a packed prefill lie (device tensors): their ``slots`` [n] and
+    last positions ``rows`` [n], the offsets ``cu`` [n + 1] (int32), each position's sequence
+    ``seq_idx`` [L] (int32) and that sequence's first position ``starts`` [L] (int32); ``src``
+    [n]: the row whose state each row writes (a graph's spare rows repeat row 0), None: its own."""
+    slots: torch.Tensor
+    rows: torch.Tensor
+    cu: torch.Tensor
+    seq_idx: torch.Tensor
+    starts: torch.Tensor
+    src: torch.Tensor | None = None
+
+
+class PrefillGraphs:
+    ROWS = 65
+    """Sequence rows of every graph: up to 64 prompts and the padding."""
+
+    def __init__(self, backend, max_tokens: int):
+        self.b = backend
+        self.set = GraphSet(1, "prefilling")
+        self.set.sizes = graph_sizes(max_tokens)
+        self.rows = self.ROWS
+        S, dev = self.rows, backend.device
+        self.inputs = {}
+        for t in self.set.sizes:  # long: ids, slots, rows, src; int32: seq_idx, starts, cu
+            self.inputs[t] = (torch.zeros(t + 3 * S, dtype=torch.long, device=dev),
+                              torch.zeros(2 * t + S + 1, dtype=torch.int32, device=dev))
+        top = max(self.set.sizes, default=0)
+        self.h_long = torch.zeros(top + 3 * S, dtype=torch.long).pin_memory()
+        self.h_int = torch.zeros(2 * top + S + 1, dtype=torch.int32).pin_memory()
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        # one replay at a time, and each after the last one's outputs were read, whichever
+        # thread (and stream) prefills: the inputs, outputs and pool are shared
+        self.lock = threading.Lock()
+        self.done = torch.cuda.Event()
+        self.done.record()
+
+    def _views(self, t: int):
+        """(ids [1, T], Pack) over bucket t's static inputs."""
+        lg, it = self.inputs[t]
+        S = self.rows
+        return lg[:t][None], Pack(slots=lg[t:t + S], rows=lg[t + S:t + 2 * S], src=lg[t + 2 * S:t + 3 * S],
+                                  seq_idx=it[:t], starts=it[t:2 * t], cu=it[2 * t:])
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Every bucket, largest first (the shared pool then fits the smaller ones), on inputs
+        of one prompt filling the bucket, into slot 0 (no sequence lives yet)."""
+        t0 = time.perf_counter()
+        for t in reversed(self.set.sizes):
+            self._fill(t, [0], [[1] * t])
+            ids, pack = self._views(t)
+            if self.set.get(t, lambda ids=ids, pack=pack: self.b.packed_forward(ids, pack)) is None:
+                break
+        if self.set.graphs:
+            log.info("captured %d prefill graphs (%s tokens) in %.1f s", len(self.set),
+                     "/".join(map(str, sorted(self.set.graphs))), time.perf_counter() - t0)
+
+    def bucket(self, n: int, total: int) -> int | None:
+        if n >= self.rows or total < 1 or self.set.failed:
+            return None
+        return next((t for t in self.set.sizes if t >= total and t in self.set.graphs), None)
+
+    def _fill(self, t: int, slots: list[int], prompts: list[list[int]]) -> None:
+        n, S = len(prompts), self.rows
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.int32)
+        total = int(lens.sum())
+        # row n: the padding (may be empty); rows past it: empty, at the end
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0, dtype=torch.int32),
+                        torch.full((S - n,), t, dtype=torch.int32)])
+        seq = torch.repeat_interleave(torch.arange(n + 1, dtype=torch.int32),
+                                      torch.cat([lens, torch.tensor([t - total], dtype=torch.int32)]))
+        self.copied.synchronize()  # the last call's copies have left the pinned buffers
+        hl, hi = self.h_long, self.h_int
+        hl[:total] = torch.tensor([tok for p in prompts for tok in p])
+        hl[total:t] = 0
+        hl[t:t + S] = torch.tensor(slots + [slots[0]] * (S - n))
+        hl[t + S:t + 2 * S] = (cu[1:] - 1).clamp_min(0)
+        hl[t + 2 * S:t + 3 * S] = 0
+        hl[t + 2 * S:t + 2 * S + n] = torch.arange(n)
+        hi[:t] = seq
+        hi[t:2 * t] = cu[seq.long()]
+        hi[2 * t:2 * t + S + 1] = cu
+        lg, it = self.inputs[t]
+        lg.copy_(hl[:t + 3 * S], non_blocking=True)
+        it.copy_(hi[:2 * t + S + 1], non_blocking=True)
+        self.copied.record()
+
+    def run(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor | None:
+        """Logits [n, V] after each prompt, from a replay; None when no captured bucket holds
+        them (too many prompts, too many tokens): prefill eagerly then."""
+        t = self.bucket(len(prompts), sum(len(p) for p in prompts))
+        if t is None:
+            return None
+        graph, logits = self.set.graphs[t]
+        with self.lock:
+            torch.cuda.current_stream().wait_event(self.done)
+            self._fill(t, slots, prompts)
+            graph.replay()
+            out = logits[:len(prompts)].clone()
+            self.done.record()
+        return out
