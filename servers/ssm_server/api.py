@@ -106,6 +106,8 @@ class Server:
 
     # ---- simple routes -----------------------------------------------------------------------
     async def health(self, request):
+        if self.engine.stopped:
+            raise P.APIError(503, f"the engine stopped ({self.engine.stopped}); restart the server")
         if not self.engine.ready:
             raise P.APIError(503, "warming up: compiling and capturing before the first request")
         return web.Response(text="")

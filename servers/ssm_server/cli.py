@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 import sys
 
 from servers.ssm_server.config import ServerConfig, parse_bytes
@@ -166,6 +168,8 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack into the log (a stall's where)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         cfg = config_from_args(args)
     except ValueError as e:

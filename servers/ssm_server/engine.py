@@ -3,9 +3,12 @@
 Every step runs on one worker thread (the device thread) and does:
   1. drop cancelled requests, freeing their slots;
   2. grant free slots to waiting requests, in arrival order;
-  3. one batched decode step of every request already decoding, and one prefill chunk (at most
-     ``prefill_chunk_size`` tokens, ``prefill_chunk_size_decoding`` while other streams
-     decode) of the oldest request still prefilling;
+  3. one batched decode step of every request already decoding, and one prefill: a chunk (at
+     most ``prefill_chunk_size`` tokens, ``prefill_chunk_size_decoding`` while other streams
+     decode) of the oldest request still prefilling — or, when its whole prompt fits in that
+     budget and the backend packs (``PackedPrefill``), the whole prompts of every fresh request
+     waiting after it that still fit, in one forward (a burst of short prompts costs one
+     prefill, not one step each);
   4. sample, detokenize, check stop conditions, and hand tokens to the HTTP handlers.
 
 Prefill overlap (``prefill_overlap=True``, ``--prefill-overlap``; off by default): the prefill
@@ -43,9 +46,10 @@ import time
 import torch
 
 from servers.ssm_server.protocol import APIError
-from servers.ssm_server.protocols import DeviceSampling, PipelinedBackend
+from servers.ssm_server.protocols import DeviceSampling, PackedPrefill, PipelinedBackend
 from servers.ssm_server.request import Event, Request
 from servers.ssm_server.sampling import new_generator, sample
+from servers.ssm_server.stall import StallWatch
 from servers.ssm_server.textio import Detokenizer
 
 log = logging.getLogger("ssm_server")
@@ -58,6 +62,7 @@ class Engine:
         self.b = backend
         self._pipelined = isinstance(backend, PipelinedBackend)
         self._device_sampling = isinstance(backend, DeviceSampling)
+        self._packs = isinstance(backend, PackedPrefill)
         self.text = text
         self.m = metrics
         self.model_name = model_name
@@ -81,9 +86,11 @@ class Engine:
         self._prefill_pool = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="prefill", initializer=getattr(backend, "prefill_thread", None)) \
             if prefill_overlap else None
-        self._prefilling: tuple[Request, int, asyncio.Future] | None = None
-        """The overlapped prefill chunk in flight: (request, its tokens, the future)."""
+        self._prefilling: tuple[list[Request], asyncio.Future] | None = None
+        """The overlapped prefill in flight: (its requests, the future)."""
         self._task: asyncio.Task | None = None
+        self.stall = StallWatch(lambda: bool(self.running or self.waiting))
+        """Logs every thread's stack when the engine holds requests and no work of it ends."""
         self.steps = 0
         model = getattr(backend, "model", None)
         self.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) \
@@ -96,6 +103,8 @@ class Engine:
         self._prefill_h, self._e2e = metrics.prefill.labels(name), metrics.e2e.labels(name)
         self._gen_tokens = metrics.generation_tokens.labels(name)
         self._prompt_tokens = metrics.prompt_tokens.labels(name)
+        self._steps, self._busy = metrics.engine_steps.labels(name), metrics.engine_busy.labels(name)
+        self._collect_wait = metrics.engine_collect_wait.labels(name)
 
     # ---- interface used by the HTTP layer --------------------------------------------------
     async def start(self) -> None:
@@ -104,6 +113,26 @@ class Engine:
             # hand it over within 1 ms, not Python's 5
             sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         self._task = asyncio.create_task(self._loop(), name="engine")
+        self._task.add_done_callback(self._loop_ended)
+        self.stall.start()
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """The loop ends only when stopped; an error in it (a defect) would leave every stream
+        waiting for tokens that never come. Say so in the log, fail every request, and answer
+        /health and new requests 503 with why."""
+        if task.cancelled() or task.exception() is None:
+            return
+        e = task.exception()
+        self.stopped = f"{type(e).__name__}: {e}"
+        log.critical("the engine loop stopped: %s; failing every request (restart the server)", self.stopped,
+                     exc_info=e)
+        self.ready = False
+        reqs = list(self.running) + list(self.waiting)
+        self.waiting.clear()
+        self._fail(reqs, "error", f"the engine stopped ({self.stopped})")
+
+    stopped: str | None = None
+    """Why the engine loop failed (None while it serves)."""
 
     ready = False
     """Warm: every kernel the first requests would compile has run (``warm_up``)."""
@@ -122,24 +151,28 @@ class Engine:
 
         t0 = time.perf_counter()
         full = max(1, min(self.prefill_chunk_size + 17, self.max_model_len - 8))
-        reqs = [Request([1 + i % 7 for i in range(n)], SamplingParams(max_tokens=4, ignore_eos=True, **kw),
-                        internal=True)
-                for n, kw in ((full, {"temperature": 0.0}), (min(17, full), {"temperature": 1.0, "seed": 0}))]
-        for r in reqs:
-            self.submit(r)
-        for r in reqs:
-            while (ev := await r.out.get()).kind == "token" and not ev.finish_reason:
-                pass
-            if ev.kind == "error":
-                log.warning("warm-up request failed: %s", ev.text)
+        short = min(17, full)
+        # then two short prompts at once: packed into one prefill where the backend packs
+        for phase in (((full, {"temperature": 0.0}), (short, {"temperature": 1.0, "seed": 0})),
+                      ((short, {"temperature": 0.0}), (max(1, short - 8), {"temperature": 0.0}))):
+            reqs = [Request([1 + i % 7 for i in range(n)], SamplingParams(max_tokens=4, ignore_eos=True, **kw),
+                            internal=True) for n, kw in phase]
+            for r in reqs:
+                self.submit(r)
+            for r in reqs:
+                while (ev := await r.out.get()).kind == "token" and not ev.finish_reason:
+                    pass
+                if ev.kind == "error":
+                    log.warning("warm-up request failed: %s", ev.text)
         self.cache_peak = 0  # what clients' sequences hold, from here on
         self.ready = True
         took = time.perf_counter() - t0
-        log.info("warmed up in %.2f s (prefill %d tokens in %d chunk(s) and %d tokens, 4 decode steps of 2 streams)",
-                 took, full, -(-full // self.chunk), min(17, full))
+        log.info("warmed up in %.2f s (prefill %d tokens in %d chunk(s), %d tokens alone, two short prompts "
+                 "at once; 4 decode steps of 2 streams each time)", took, full, -(-full // self.chunk), short)
         return took
 
     async def stop(self) -> None:
+        self.stall.stop()
         if self._task:
             self._task.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -152,6 +185,8 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def submit(self, req: Request) -> None:
+        if self.stopped:
+            raise APIError(503, f"the engine stopped ({self.stopped}); restart the server")
         if len(self.waiting) - len(self.free_slots) >= self.max_queue:  # free slots admit at the next step
             self._count_failure("rejected")
             raise APIError(429, f"request queue is full ({self.max_queue} waiting); retry later",
@@ -200,24 +235,26 @@ class Engine:
             if not self.running and pending is None:
                 self._wake.clear()
                 await self._wake.wait()
+                self.stall.progress()  # idle is no stall
                 continue
-            prefill = None if self.prefill_overlap else next((r for r in self.running if not r.prefilled), None)
             inflight = set(pending[0]) if pending else ()
             decode = [r for r in self.running if r.prefilled and not self._ends_inflight(r, inflight)]
             if self.prefill_overlap and not decode and pending is None:
-                if self._prefilling is not None:  # nothing to decode: wait for the chunk
-                    await asyncio.wait([self._prefilling[2]])
+                if self._prefilling is not None:  # nothing to decode: wait for the prefill
+                    await asyncio.wait([self._prefilling[1]])
                 continue
+            budget = self._budget(bool(decode) or pending is not None)
+            prefill = [] if self.prefill_overlap else self._next_prefill(budget)
             banned = self._banned(decode, inflight)
             launch = (decode and self._pipelined
                       and self.b.can_launch([r.generator for r in decode], banned))
             if decode and not launch and pending is not None:
-                prefill, decode = None, []  # a synchronous step needs the in-flight tokens first
-            stepped = [r for r in dict.fromkeys(([prefill] if prefill else []) + decode
-                                                + (list(pending[0]) if pending else [])) if not r.finished]
+                prefill, decode = [], []  # a synchronous step needs the in-flight tokens first
+            stepped = [r for r in dict.fromkeys(prefill + decode + (list(pending[0]) if pending else []))
+                       if not r.finished]
             try:
                 results, pending, failed = await loop.run_in_executor(
-                    self._pool, self._step, prefill, decode, banned, bool(launch), pending, inflight)
+                    self._pool, self._step, prefill, budget, decode, banned, bool(launch), pending, inflight)
             except torch.OutOfMemoryError as e:
                 pending = None
                 self._fail(stepped, *_failure(e))
@@ -229,6 +266,8 @@ class Engine:
                 self._fail(stepped, *_failure(e))
                 continue
             self.steps += 1
+            self._steps.inc()
+            self.stall.progress()
             self.cache_peak = max(self.cache_peak, self._cache_bytes()[1])
             for req, reason, message in failed:  # a prefill or a sampling of its own: that request alone
                 self._fail([req], reason, message)
@@ -240,46 +279,108 @@ class Engine:
             # on the device thread (the await on it yields to them)
 
     async def _overlapped_prefill(self, loop) -> None:
-        """Take the result of the prefill chunk in flight, if it is done, and start the next
-        (the oldest request still prefilling) on the prefill thread."""
-        if self._prefilling is not None and self._prefilling[2].done():
-            req, n, fut = self._prefilling
+        """Take the result of the prefill in flight, if it is done, and start the next (the
+        oldest request still prefilling, or several short fresh ones packed) on the prefill
+        thread."""
+        if self._prefilling is not None and self._prefilling[1].done():
+            group, fut = self._prefilling
             self._prefilling = None
+            self.stall.progress()
             try:
-                token = fut.result()
-            except Exception as e:  # noqa: BLE001 - its own prompt's failure, never the others'
-                reason, message = _failure(e, "prefill failed")
-                self._fail([req], reason, message)
-                if reason == "oom":
-                    await loop.run_in_executor(self._prefill_pool, _empty_cache)
+                advanced, tokens, failed = fut.result()
+            except Exception as e:  # noqa: BLE001 - its own prompts' failure (their sampling), never the others'
+                failed = [(r, *_failure(e, "prefill failed")) for r in group]
             else:
-                req.pos += n
-                if not req.internal:
-                    self._prompt_tokens.inc(n)
-                if token is not None:
-                    self._emit_all([(req, token)], time.perf_counter())
+                self._advance(advanced)
+                if tokens:
+                    self._emit_all(tokens, time.perf_counter())
+            for req, reason, message in failed:
+                self._fail([req], reason, message)
+            if any(reason == "oom" for _, reason, _ in failed):
+                await loop.run_in_executor(self._prefill_pool, _empty_cache)
         if self._prefilling is None:
-            req = next((r for r in self.running if not r.prefilled and not r.cancelled), None)
-            if req is not None:
-                decoding = any(r.prefilled for r in self.running)
-                ids = req.prompt_ids[req.pos:req.pos + (self.chunk_decoding if decoding else self.chunk)]
-                last = req.pos + len(ids) >= req.prompt_len
-                sampling = (req.params, self._banned([req]), req.generator) if last else None
-                fut = loop.run_in_executor(self._prefill_pool, self._prefill_step, req.slot, ids, req.pos, sampling)
-                self._prefilling = (req, len(ids), fut)
+            budget = self._budget(any(r.prefilled for r in self.running))
+            group = self._next_prefill(budget)
+            if group:
+                fut = loop.run_in_executor(self._prefill_pool, self._prefill_step, group, budget)
+                self._prefilling = (group, fut)
+
+    def _budget(self, decoding: bool) -> int:
+        """Prompt tokens the next prefill may take: fewer while other streams decode."""
+        return self.chunk_decoding if decoding else self.chunk
+
+    def _next_prefill(self, budget: int) -> list[Request]:
+        """The oldest request still prefilling; with it, when its whole prompt fits in
+        ``budget`` and the backend packs, the later fresh requests whose whole prompts still fit
+        (in arrival order, none skipped past one that does not)."""
+        todo = [r for r in self.running if not r.prefilled and not r.cancelled]
+        if not todo:
+            return []
+        group, total = todo[:1], todo[0].prompt_len - todo[0].pos
+        if not self._packs or todo[0].pos or total > budget:
+            return group
+        for r in todo[1:]:
+            if r.pos or total + r.prompt_len > budget:
+                break
+            group.append(r)
+            total += r.prompt_len
+        return group
+
+    def _prefill(self, group: list[Request], budget: int):
+        """Runs on the device (or prefill) thread: the group's next prompt tokens — a chunk of
+        one request, or several whole prompts packed. Returns ([(request, tokens done)], the
+        requests whose prompt is now done, their logits [k, V] (None when none is))."""
+        if len(group) > 1:
+            logits = self.b.prefill_packed([r.slot for r in group], [r.prompt_ids for r in group])
+            return [(r, r.prompt_len) for r in group], group, logits
+        r = group[0]
+        ids = r.prompt_ids[r.pos:r.pos + budget]
+        logits = self.b.prefill_chunk(r.slot, ids, r.pos)
+        done = r.pos + len(ids) >= r.prompt_len
+        return [(r, len(ids))], [r] if done else [], logits[None] if done else None
+
+    def _prefill_each(self, group: list[Request], budget: int):
+        """``_prefill``, and when a packed one fails, each of its requests alone (a bad prompt,
+        or memory short for the pack, fails no other prompt). Returns ``_prefill``'s three and
+        [(request, reason, message)] of those that failed."""
+        try:
+            return (*self._prefill(group, budget), [])
+        except Exception as e:  # noqa: BLE001 - its own prompts' failure, never the others'
+            if len(group) == 1:
+                return [], [], None, [(group[0], *_failure(e, "prefill failed"))]
+            log.warning("a packed prefill of %d prompts failed (%s: %s); prefilling each alone",
+                        len(group), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        advanced, done, rows, failed = [], [], [], []
+        for r in group:
+            a, d, logits, f = self._prefill_each([r], budget)
+            advanced, done, failed = advanced + a, done + d, failed + f
+            if logits is not None:
+                rows.append(logits)
+        return advanced, done, torch.cat(rows) if rows else None, failed
+
+    def _advance(self, advanced) -> None:
+        for r, n in advanced:
+            r.pos += n
+            if not r.internal:
+                self._prompt_tokens.inc(n)
 
     @torch.inference_mode()
-    def _prefill_step(self, slot: int, ids: list[int], start: int, sampling):
-        """Runs on the prefill thread: one chunk into ``slot``; the first token when it is the
-        prompt's last chunk (``sampling`` = (params, banned ids, generator)), else None once
-        the chunk is done on the device."""
-        logits = self.b.prefill_chunk(slot, ids, start)
-        if sampling is None:
-            if logits.is_cuda:
-                torch.cuda.current_stream().synchronize()
-            return None
-        params, banned, generator = sampling
-        return sample(logits[None], [params], banned, [generator])[0]
+    def _prefill_step(self, group: list[Request], budget: int):
+        """Runs on the prefill thread: ``_prefill_each``, then the first token of each request
+        whose prompt it finished. Returns ([(request, tokens done)], [(request, first token)],
+        [(request, reason, message)] of failed prompts); waits for the device when no token is
+        sampled."""
+        t0 = time.perf_counter()
+        try:
+            advanced, done, logits, failed = self._prefill_each(group, budget)
+            if not done:
+                if self.b.device.type == "cuda":
+                    torch.cuda.current_stream().synchronize()
+                return advanced, [], failed
+            tokens = sample(logits, [r.params for r in done], self._banned(done), [r.generator for r in done])
+            return advanced, list(zip(done, tokens)), failed
+        finally:
+            self._busy.inc(time.perf_counter() - t0)
 
     def _ends_inflight(self, r: Request, inflight) -> bool:
         """r's in-flight token (if any) is its last: max_tokens or max_model_len reached."""
@@ -289,12 +390,20 @@ class Engine:
         return n >= r.params.max_tokens or r.prompt_len + n >= self.max_model_len
 
     @torch.inference_mode()
-    def _step(self, prefill: Request | None, decode: list[Request], banned, launch: bool, pending, inflight):
+    def _step(self, prefill: list[Request], budget: int, decode: list[Request], banned, launch: bool, pending,
+              inflight):
         """Runs on the device thread. Returns ([(request, sampled token)], new pending step,
-        [(request, reason, message)] of the requests whose own work failed: a prefill chunk (out
-        of memory, or any error: the decode rows of the step go on) or the sampling of its row
-        (a batch that fails to sample is sampled row by row). A decode step that fails fails
-        every row in it (the caller's): its states may be half-written."""
+        [(request, reason, message)] of the requests whose own work failed: a prefill (out of
+        memory, or any error: its requests fail, the decode rows of the step go on) or the
+        sampling of its row (a batch that fails to sample is sampled row by row). A decode step
+        that fails fails every row in it (the caller's): its states may be half-written."""
+        t0 = time.perf_counter()
+        try:
+            return self._step_work(prefill, budget, decode, banned, launch, pending, inflight)
+        finally:
+            self._busy.inc(time.perf_counter() - t0)
+
+    def _step_work(self, prefill, budget, decode, banned, launch, pending, inflight):
         rows, reqs = [], []
         new_pending = None
         out = []
@@ -303,22 +412,16 @@ class Engine:
             handle = self.b.decode_launch([r.slot for r in decode], tokens, [r.params for r in decode], banned)
             new_pending = (decode, handle)
         failed = []
-        if prefill is not None:
-            chunk = self.chunk_decoding if decode or pending is not None else self.chunk
-            ids = prefill.prompt_ids[prefill.pos:prefill.pos + chunk]
-            try:
-                logits = self.b.prefill_chunk(prefill.slot, ids, prefill.pos)
-            except Exception as e:  # noqa: BLE001 - its own prompt's failure, not the batch's
-                failed.append((prefill, *_failure(e, "prefill failed")))
-            else:
-                prefill.pos += len(ids)
-                if not prefill.internal:
-                    self._prompt_tokens.inc(len(ids))
-                if prefill.prefilled:
-                    rows.append(logits[None])
-                    reqs.append(prefill)
+        if prefill:
+            advanced, done, logits, failed = self._prefill_each(prefill, budget)
+            self._advance(advanced)
+            if done:
+                rows.append(logits)
+                reqs.extend(done)
         if pending is not None:  # the previous step's tokens (usually ready by now)
+            t = time.perf_counter()
             out = list(zip(pending[0], self.b.decode_collect(pending[1])))
+            self._collect_wait.inc(time.perf_counter() - t)
         if decode and not launch and self._device_sampling:  # seeded rows: synchronous
             tokens = self.b.decode_sample([r.slot for r in decode], [r.generated[-1] for r in decode],
                                           [r.params for r in decode], banned,
@@ -364,8 +467,8 @@ class Engine:
             self.running.append(req)
 
     def _drop_cancelled(self) -> None:
-        busy = self._prefilling[0] if self._prefilling is not None else None  # its slot is in use
-        for req in [r for r in self.running if r.cancelled and r is not busy]:
+        busy = self._prefilling[0] if self._prefilling is not None else ()  # their slots are in use
+        for req in [r for r in self.running if r.cancelled and r not in busy]:
             self._release(req)
             self._count_failure("cancelled")
 

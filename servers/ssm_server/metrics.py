@@ -68,6 +68,18 @@ class ServerMetrics:
                                  L, buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("ssm:prompt_tokens", "Prompt tokens prefilled", L, registry=r)
         self.generation_tokens = Counter("ssm:generation_tokens", "Tokens generated", L, registry=r)
+        # where the engine's time goes: steps, the device thread's busy time (launching,
+        # prefilling, sampling, and waiting for the device), and of it the wait for a pipelined
+        # decode step's tokens (the device still running it); the rest of the wall time is the
+        # event loop's (emitting tokens, HTTP)
+        self.engine_steps = Counter("ssm:engine_steps", "Engine steps (a decode step, a prefill, or both)",
+                                    L, registry=r)
+        self.engine_busy = Counter("ssm:engine_busy_seconds",
+                                   "Time the engine's device and prefill threads spent in steps and prefills",
+                                   L, registry=r)
+        self.engine_collect_wait = Counter("ssm:engine_collect_wait_seconds",
+                                           "Time the device thread waited for a launched decode step's tokens",
+                                           L, registry=r)
         self.success = Counter("ssm:request_success", "Finished requests",
                                L + ["finished_reason"], registry=r)
         self.failure = Counter("ssm:request_failure", "Failed, rejected or cancelled requests",

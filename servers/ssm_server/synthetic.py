@@ -51,6 +51,7 @@ class SyntheticEngine:
         self._tasks: set[asyncio.Task] = set()
 
     ready = True  # nothing to compile
+    stopped = None  # no loop of its own to fail
 
     async def start(self) -> None:
         pass

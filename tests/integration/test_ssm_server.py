@@ -266,7 +266,7 @@ def test_vllm_bench_serve_runs_unchanged(server, tmp_path, backend, endpoint):
 def test_health_says_ready_only_once_warm_and_the_warm_up_is_not_counted(tmp_path):
     """The server listens at once and answers /health 503 (an OpenAI body) while it runs its
     own warm-up — a full prefill chunk, a second from the state it carried, a short prompt, decode
-    steps of both — then 200; the warm-up is in no metric. A Mamba2-130m on CPU takes long enough to be seen warming."""
+    steps of both, then two short prompts at once — then 200; the warm-up is in no metric. A Mamba2-130m on CPU takes long enough to be seen warming."""
     import socket
     import subprocess
     import time
@@ -298,7 +298,8 @@ def test_health_says_ready_only_once_warm_and_the_warm_up_is_not_counted(tmp_pat
         for status, body in seen[:-1]:
             assert status == 503 and "warming up" in json.loads(body)["error"]["message"]
         # a full chunk and one that starts from its carried state (Triton autotunes that again)
-        assert "(prefill 2065 tokens in 2 chunk(s) and 17 tokens" in log.read_text()
+        # then two short prompts at once (one packed prefill)
+        assert "(prefill 2065 tokens in 2 chunk(s), 17 tokens alone, two short prompts at once" in log.read_text()
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         counted = [line for line in text.splitlines() if line.startswith(
             ("ssm:prompt_tokens_total", "ssm:generation_tokens_total", "ssm:time_to_first_token_seconds_count",

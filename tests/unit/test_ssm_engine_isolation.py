@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from servers.ssm_server.backend_hf import HFBackend
 from servers.ssm_server.config import ServerConfig
 from servers.ssm_server.engine import Engine
@@ -58,7 +60,8 @@ def test_a_failing_prefill_or_sampling_fails_only_its_own_request():
     out, running, free = asyncio.run(run())
     assert out[:3] == [(TOKENS, None)] * 3  # every healthy stream whole
     assert out[3][0] == 0 and "IndexError" in out[3][1]
-    assert out[4][0] == 0 and out[4][1]  # its sampling raised (inf logits)
+    assert out[4][0] == 0 and "IndexError" not in out[4][1]  # its own sampling raised (inf logits),
+    # though it was prefilled in one pack with the bad prompt (then each alone)
     assert not running and len(free) == 8  # nothing left holding a slot
 
 
@@ -102,6 +105,51 @@ def test_a_prompt_arriving_while_others_decode_is_prefilled_in_the_smaller_chunk
     assert chunks == [3] + [32] * 9 + [12], chunks  # the stream's own prompt, then 300 in 32s
     assert got == [(4, None), (400, None)]
     assert toks_beside == toks_alone  # greedy: the same tokens from either chunking
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-step", "overlap"])
+def test_short_prompts_arriving_together_are_prefilled_as_one(overlap):
+    """Packed prefill: four 20-token prompts arrive at once with a 64-token budget — the first
+    three whole prompts go in one prefill (their first tokens come from one step, at one
+    time), the fourth in the next; each streams the greedy tokens it streams alone."""
+    model = build_tiny("tiny-mamba2")
+    backend = HFBackend(ServerConfig(model=str(model), max_num_seqs=8))
+    packs: list[list[int]] = []
+    real = backend.prefill_packed
+
+    def spy(slots, prompts):
+        packs.append([len(p) for p in prompts])
+        return real(slots, prompts)
+
+    backend.prefill_packed = spy
+    engine = Engine(backend, HFText(str(model)), ServerMetrics("m", lambda: {}), max_queue=16,
+                    prefill_chunk_size=64, model_name="m", prefill_overlap=overlap)
+    prompts = [list(range(5 + i, 25 + i)) for i in range(4)]
+
+    def req(p):
+        return Request(p, SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0))
+
+    async def run():
+        await engine.start()
+        alone = []
+        for p in prompts:
+            r = req(p)
+            engine.submit(r)
+            await _drain(r)
+            alone.append(r.generated)
+        packs.clear()
+        together = [req(p) for p in prompts]
+        for r in together:
+            engine.submit(r)
+        await asyncio.gather(*(_drain(r) for r in together))
+        await engine.stop()
+        return alone, together
+
+    alone, together = asyncio.run(run())
+    assert packs == [[20, 20, 20]], packs
+    firsts = [r.t_first for r in together]
+    assert firsts[0] == firsts[1] == firsts[2] < firsts[3]
+    assert [r.generated for r in together] == alone
 
 
 def _engine_with_held_prefill(model, **kw):
@@ -206,3 +254,75 @@ def test_a_request_cancelled_while_its_chunk_runs_frees_its_slot_after_the_chunk
     assert slots_while_running == 3  # held by the chunk in flight
     assert after == (4, [], [])  # dropped after it, with no token
     assert got == (3, None)
+
+
+def test_a_defect_in_the_loop_fails_every_request_and_says_why_not_a_silent_hang():
+    """Were the engine loop itself to raise (a defect; injected here in the emitting of tokens),
+    every stream would wait for tokens that never come and /health would go on saying ready.
+    Instead: each request in the engine ends with an error naming the cause, and new requests
+    (and /health, tests/integration) get 503."""
+    from servers.ssm_server.protocol import APIError
+
+    model = build_tiny("tiny-mamba2")
+    backend = HFBackend(ServerConfig(model=str(model), max_num_seqs=2))
+    engine = Engine(backend, HFText(str(model)), ServerMetrics("m", lambda: {}), max_queue=16,
+                    prefill_chunk_size=64, model_name="m")
+
+    def defect(results, now):
+        raise RuntimeError("injected defect")
+
+    engine._emit_all = defect
+
+    async def run():
+        await engine.start()
+        engine.ready = True
+        reqs = [Request(list(range(5, 30)), SamplingParams(max_tokens=8)) for _ in range(3)]  # 2 slots: one waits
+        for r in reqs:
+            engine.submit(r)
+        out = await asyncio.gather(*(_drain(r) for r in reqs))
+        with pytest.raises(APIError) as late:
+            engine.submit(Request([5, 6], SamplingParams(max_tokens=2)))
+        await engine.stop()
+        return out, late.value
+
+    out, late = asyncio.run(run())
+    assert out == [(0, "the engine stopped (RuntimeError: injected defect)")] * 3
+    assert engine.stopped == "RuntimeError: injected defect" and not engine.ready
+    assert late.status == 503 and "injected defect" in late.message
+    assert not engine.running and len(engine.free_slots) == 2
+
+
+def test_a_stall_writes_every_threads_stack_into_the_log_once(tmp_path, caplog):
+    """A prefill that does not end (here: one held for 1.5 s, past a 0.3 s threshold) while a
+    request waits on it: the watch logs the stall once and every thread's stack, the device
+    thread's showing where it is held."""
+    import time
+
+    model = build_tiny("tiny-mamba2")
+    backend = HFBackend(ServerConfig(model=str(model), max_num_seqs=2))
+    engine = Engine(backend, HFText(str(model)), ServerMetrics("m", lambda: {}), max_queue=16,
+                    prefill_chunk_size=64, model_name="m")
+    real = backend.prefill_chunk
+
+    def held_prefill(slot, ids, start):
+        time.sleep(1.5)
+        return real(slot, ids, start)
+
+    backend.prefill_chunk = held_prefill
+    stacks = open(tmp_path / "stacks.txt", "w+")
+    engine.stall.after_s, engine.stall.every_s, engine.stall.out = 0.3, 0.05, stacks
+
+    async def run():
+        await engine.start()
+        req = Request(list(range(5, 30)), SamplingParams(max_tokens=4, ignore_eos=True))
+        engine.submit(req)
+        out = await _drain(req)
+        await engine.stop()
+        return out
+
+    with caplog.at_level("WARNING", logger="ssm_server"):
+        assert asyncio.run(run()) == (4, None)  # held, not failed
+    stacks.seek(0)
+    text = stacks.read()
+    assert text.count("(most recent call first)") >= 2 and "in held_prefill" in text
+    assert sum("a stall" in r.getMessage() for r in caplog.records) == 1  # once per stall
