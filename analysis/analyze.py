@@ -58,6 +58,10 @@ def analyze(run: RunData) -> Analysis:
                  operators=ops, reuse=reuse.rows(run), turns=reuse.turns(run),
                  notes=engines_mod.notes({t: e for t, e in engines.items() if t in ran},
                                          on_gpu=bool(run.env.get("gpus"))))
+    for wave in run.waves():
+        a.notes.append(f"Measured at the same time: {', '.join(wave)} ran at once, each on GPUs of its own "
+                       "(placement: by_gpu). Each one's device memory, power and energy are read from its own "
+                       "GPUs; the host (CPU, memory, the load generator) was shared.")
     if ran and all(getattr(memory.preset_of(run, t), "tiny", False) for t in ran):
         a.notes.append("Tiny random-weight models: every target is a tiny preset (a few layers, random "
                        "weights). Only the direction of each effect carries over to real models — a "

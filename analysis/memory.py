@@ -169,7 +169,8 @@ def readings(run: RunData) -> list[Reading]:
     A server's scrape belongs to that server's target; a GPU exporter's per-process memory to
     the target whose process group holds the process; a device-wide reading only to the
     target that was alone on the device then (runs that do not record who was up: to the only
-    target with requests in flight)."""
+    target with requests in flight). Each goes to the stage its own target ran then (targets
+    running at once: each one's own, from the scrape's ``stages``)."""
     targets = set(run.targets())
     out: list[Reading] = []
     index = None
@@ -184,11 +185,11 @@ def readings(run: RunData) -> list[Reading]:
         if not s.ok:
             continue
         tagged = s.resident is not None
-        own_stage = lambda t: ((s.stage_index, s.stage) if s.stage_target == t else (None, None)) + (tagged,)  # noqa: E731
+        own_stage = lambda t: (s.stage_of(t) or (None, None)) + (tagged,)  # noqa: E731
         if s.target in targets and s.source != "gpu":
             # the peak since start: a sweep's lengths grow, so at a stage's end it is the most
             # that stage (or a shorter one) needed; the current reading where there is no peak
-            v = _ssm_server_bytes(s, users.get((s.target, s.stage_index), 1))
+            v = _ssm_server_bytes(s, users.get((s.target, own_stage(s.target)[0]), 1))
             src = "server"
             if not v and sample_value(s, WEIGHT_BYTES):
                 v, src = sample_value(s, WEIGHT_BYTES) + (sample_value(s, CACHE_PEAK) or 0.0), "cache"

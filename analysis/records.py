@@ -49,6 +49,16 @@ class Scrape:
     """Targets whose servers were up at the time; None in older runs (not known)."""
     pids: dict[str, list[int]] | None = None
     """GPU exporter scrapes: each resident server's processes, to match per-process memory."""
+    stages: dict[str, tuple[int | None, str | None]] | None = None
+    """Targets running stages at once (``placement: by_gpu``): each one's (stage index, label)
+    at this scrape; None when at most one stage ran (the three fields above say it)."""
+
+    def stage_of(self, target: str) -> tuple[int | None, str | None] | None:
+        """The stage ``target`` ran at this scrape, (index, label), or None: it ran none (as
+        far as the scrape says)."""
+        if self.stages is not None:
+            return self.stages.get(target)
+        return (self.stage_index, self.stage) if self.stage_target == target else None
 
 
 @dataclass
@@ -143,6 +153,15 @@ class RunData:
         g = self.target_info(target).get("gpus")
         return frozenset(str(x) for x in g) if g else None
 
+    def waves(self) -> list[list[str]]:
+        """Targets that ran at the same time (``placement: by_gpu``: env.json's ``wave``), in
+        groups of two or more, in run order."""
+        by: dict[int, list[str]] = {}
+        for t in self.env.get("targets") or []:
+            if isinstance(t, dict) and isinstance(t.get("wave"), int) and t.get("name"):
+                by.setdefault(t["wave"], []).append(str(t["name"]))
+        return [names for _, names in sorted(by.items()) if len(names) > 1]
+
     def apart(self, a: str, b: str) -> bool:
         """Whether targets ``a`` and ``b`` ran on GPUs of their own (both placed, none shared):
         then one's device readings say nothing of the other."""
@@ -225,13 +244,16 @@ def parse_scrape(obj: dict[str, Any]) -> Scrape:
         samples.append((str(s["name"]), dict(s.get("labels") or {}), v))
     resident = obj.get("resident")
     pids = obj.get("pids")
+    stages = obj.get("stages")
     return Scrape(time=float(obj["time"]), target=str(obj["target"]),
                   source=str(obj.get("source") or "server"), stage=obj.get("stage"),
                   ok=bool(obj.get("ok", True)), samples=samples,
                   stage_target=obj.get("stage_target"), stage_index=_int(obj.get("stage_index")),
                   resident=[str(x) for x in resident] if isinstance(resident, list) else None,
                   pids={str(k): [int(p) for p in v] for k, v in pids.items() if isinstance(v, list)}
-                  if isinstance(pids, dict) else None)
+                  if isinstance(pids, dict) else None,
+                  stages={str(k): (_int(v.get("stage_index")), v.get("stage")) for k, v in stages.items()
+                          if isinstance(v, dict)} if isinstance(stages, dict) else None)
 
 def load_run(run_dir: str | Path, scrapes: Iterable[Scrape] | None = None) -> RunData:
     """Everything in ``run_dir`` that can be read; ``scrapes`` replaces metrics.jsonl."""

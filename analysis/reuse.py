@@ -63,7 +63,7 @@ def _metrics_hit_rate(run: RunData, target: str, rs: list) -> float | None:
     t0 = min((r.start_time for r in rs if r.start_time is not None), default=None)
     mine = sorted(((s, c) for s in run.scrapes if s.target == target and s.ok and (c := _counters(s))),
                   key=lambda sc: sc[0].time)
-    after = [c for s, c in mine if s.stage_index == index]
+    after = [c for s, c in mine if (s.stage_of(target) or (None,))[0] == index]
     if not after or t0 is None:
         return None
     before = [c for s, c in mine if s.time < t0]

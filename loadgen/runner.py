@@ -6,7 +6,10 @@ process — tests run ``ctxload run`` as a subprocess.
 
 For each target in turn, the load shape's generator yields stages; for each stage the runner
 sets Locust's user count, opens the stage in the controller (which hands out jobs until the
-stage's request budget or duration is spent) and waits for the last request to end.  Records
+stage's request budget or duration is spent) and waits for the last request to end.  Under
+``placement: by_gpu`` the targets of a wave (GPUs of their own, loadgen.placement) run at the
+same time, each with its own Locust runner and controller in this process, writing into the
+one ``requests.jsonl``; stage indices stay unique across the run.  Records
 are appended to ``requests.jsonl`` as each request ends; ``metrics.jsonl`` gets a scrape of
 every target on an interval.  With ``processes > 1`` the users run in Locust worker processes
 (loadgen.distributed) and their records travel back to this one.
@@ -17,6 +20,7 @@ from __future__ import annotations
 from locust.env import Environment  # first: Locust's gevent monkey-patching
 
 import contextlib
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -30,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 import gevent
 
@@ -156,10 +161,13 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
         if run_dir.exists() and any(run_dir.iterdir()):
             raise FileExistsError(f"run directory {run_dir} already exists and is not empty "
                                   f"(`ctxload run --resume {run_dir}` goes on with it)")
-        run_dir.mkdir(parents=True, exist_ok=True)
     if target_urls:
         scenario = override_urls(scenario, target_urls)
+    if scenario.placement == "by_gpu" and (processes > 1 or external_workers):
+        raise sc.ScenarioError("placement: by_gpu runs the targets of a wave at once in this process; it cannot "
+                               "be combined with --processes or --external-workers (distributed users)")
     if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "scenario.yaml").write_text(scenario.resolved_yaml())
         say(f"run {run_id}: {scenario.name} → {run_dir}")
     writer = RecordWriter(run_dir / "requests.jsonl")
@@ -174,6 +182,12 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
         stack.callback(prog.close)
         stack.callback(writer.close)
         live = targets.prepare(scenario, say)
+        save_env = lambda **kw: write_env(run_dir / "env.json", run_id, started, live,  # noqa: E731
+                                          earlier=past.earlier, **kw)
+        if scenario.placement == "by_gpu":
+            for i, wave in enumerate(_waves(scenario, live)):
+                for lt in wave:
+                    lt.wave = i
         for lt in live:
             if lt.name in past.completed:
                 lt.completed, lt.before = True, past.targets.get(lt.name)
@@ -183,7 +197,7 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
                     continue
                 targets.start(lt, stack, run_dir, say, profile=scenario.profile_of(lt.spec),
                               reuse=scenario.reuses_prefixes())
-        write_env(run_dir / "env.json", run_id, started, live, earlier=past.earlier)
+        save_env()
         exporter_port = exporter.port_override()
         if exporter_port is None:
             exporter_port = scenario.metrics.exporter_port
@@ -223,37 +237,36 @@ def run(scenario_or_path, runs_dir="runs", run_id=None, progress=print, *, proce
         run_deadline = (time.monotonic() + scenario.stop.max_duration_s) if scenario.stop.max_duration_s else None
         gc.collect()
         gc.freeze()  # setup's objects leave the collector's view: fewer, shorter pauses mid-stream
-        stage_index = past.next_stage_index
-        for lt in live:
-            if lt.completed:
-                say(f"{lt.name}: completed earlier in this run; skipped")
+        base = _Ctx(scenario, runner, controller, metrics, scraper, prog, say, run_dir, run_deadline, live,
+                    _Indices(past.next_stage_index), save_env)
+        for wave in _waves(scenario, live):
+            todo = []
+            for lt in wave:
+                if lt.completed:
+                    say(f"{lt.name}: completed earlier in this run; skipped")
+                else:
+                    todo.append(lt)
+            if not todo:
                 continue
             if run_deadline and time.monotonic() > run_deadline:
-                say(f"{lt.name}: not run: the run's max_duration_s is spent")
+                say(f"{', '.join(lt.name for lt in todo)}: not run: the run's max_duration_s is spent")
                 break
+            if len(todo) > 1:
+                for c in _run_wave(base, todo, past):  # the run's totals count the wave's requests too
+                    controller.total += c.total
+                    controller.errors += c.errors
+                continue
+            (lt,) = todo
             with contextlib.ExitStack() as own:  # stops the target after its stages (unless resident)
-                try:
-                    targets.start(lt, own, run_dir, say, profile=scenario.profile_of(lt.spec),
-                                  reuse=scenario.reuses_prefixes())
-                except ServerFailed as e:
-                    lt.error = str(e).splitlines()[0]
-                    say(f"{lt.name}: not run: {e}")
+                if not _start(base, lt, own):
                     continue
-                finally:
-                    write_env(run_dir / "env.json", run_id, started, live, earlier=past.earlier)
-                    scraper.set_stage(None, resident=_resident(live))
-                ctx = _Ctx(scenario, runner, controller, metrics, scraper, prog, say, run_dir, run_deadline,
-                           live, past.stages_done.get(lt.name, set()))
-                ctx.learned = past.learned.get(lt.name) or Learned()  # from an earlier session's stages
-                stage_index, lt.completed = _run_target(ctx, lt, stage_index)
-                # the scraper leaves a target alone before it stops
-                scraper.set_stage(None, resident={k: v for k, v in _resident(live).items()
-                                                  if k != lt.name or scenario.keep_targets_resident})
+                lt.completed = _run_target(base.of(lt, past), lt)
+                base.leave(lt)
             scraper.set_stage(None, resident=_resident(live))
-            write_env(run_dir / "env.json", run_id, started, live, earlier=past.earlier)
+            save_env()
         controller.stopping = True
         scraper.close(final=True)
-        write_env(run_dir / "env.json", run_id, started, live, finished=_now_iso(), earlier=past.earlier)
+        save_env(finished=_now_iso())
         say(f"done: {controller.total} requests, {controller.errors} errors; run directory {run_dir}")
     return run_dir
 
@@ -328,22 +341,80 @@ class _Ctx:
     run_dir: Path
     run_deadline: float | None
     live: list
+    indices: "_Indices"
+    save_env: Callable[..., None]
+    """Rewrites env.json (``finished=`` the end's time)."""
     done: set = field(default_factory=set)
     """Stage labels this target ran in full earlier in a resumed run: not run again."""
     learned: Learned = field(default_factory=Learned)
+    wave: "_Wave | None" = None
+    """Targets running at once: what they share; None when targets run one at a time."""
+
+    def of(self, lt: targets.LiveTarget, past: "Resumed", **kw) -> "_Ctx":
+        """This context for ``lt``'s stages: what an earlier session of the run left of them."""
+        return dataclasses.replace(self, done=past.stages_done.get(lt.name, set()),
+                                   learned=past.learned.get(lt.name) or Learned(), **kw)
+
+    def resident(self) -> dict:
+        """The servers up now, less those a wave is done with (stopping)."""
+        out = _resident(self.live)
+        if self.wave is not None and not self.scenario.keep_targets_resident:
+            out = {k: v for k, v in out.items() if k not in self.wave.left}
+        return out
 
     def set_stage(self, lt: targets.LiveTarget, label: str, index: int) -> None:
-        self.scraper.set_stage(label, target=lt.name, index=index, resident=_resident(self.live))
+        if self.wave is None:
+            self.scraper.set_stage(label, target=lt.name, index=index, resident=self.resident())
+            return
+        self.wave.running[lt.name] = {"stage": label, "stage_index": index}
+        self.scraper.set_stage(None, stages=dict(self.wave.running), resident=self.resident())
+
+    def leave(self, lt: targets.LiveTarget) -> None:
+        """``lt`` runs no more stages: the scraper leaves its server alone before it stops."""
+        if self.wave is None:
+            self.scraper.set_stage(None, resident={k: v for k, v in self.resident().items()
+                                                   if k != lt.name or self.scenario.keep_targets_resident})
+            return
+        self.wave.running.pop(lt.name, None)
+        self.wave.left.add(lt.name)
+        self.scraper.set_stage(None, stages=dict(self.wave.running), resident=self.resident())
 
     def scrape_now(self, lt: targets.LiveTarget, label: str, index: int) -> None:
-        """One scrape of every source as a stage ends, while nothing is in flight: a stage
-        shorter than the scrape interval still has its readings."""
-        state = {"stage": label, "stage_target": lt.name, "stage_index": index, "resident": _resident(self.live)}
-        one = Scraper(self.run_dir / "metrics.jsonl", _exporter_sources(self.scenario), stage=lambda: state)
+        """One scrape as a stage ends, while nothing of it is in flight: a stage shorter than
+        the scrape interval still has its readings. Every source; in a wave, the exporters and
+        ``lt``'s own server (the others are mid-stage: their pages are not parsed in this loop)."""
+        if self.wave is None:
+            state = {"stage": label, "stage_target": lt.name, "stage_index": index, "resident": self.resident()}
+            servers = None
+        else:
+            state, servers = {"stages": dict(self.wave.running), "resident": self.resident()}, {lt.name}
+        one = Scraper(self.run_dir / "metrics.jsonl", _exporter_sources(self.scenario), stage=lambda: state,
+                      servers=servers)
         try:
             one.once()
         finally:
             one.close()
+
+
+@dataclass
+class _Wave:
+    """What the targets of a wave (running at once) share."""
+
+    running: dict = field(default_factory=dict)
+    """Each running target's stage: ``{target: {"stage", "stage_index"}}`` (the scraper's ``stages``)."""
+    left: set = field(default_factory=set)
+    """Targets done with their stages: their servers are no longer scraped."""
+
+
+@dataclass
+class _Indices:
+    """Stage indices, unique across the run (targets running at once take them in turn)."""
+
+    next: int = 0
+
+    def take(self) -> int:
+        self.next += 1
+        return self.next - 1
 
 
 @dataclass
@@ -410,31 +481,96 @@ def _resident(live: list[targets.LiveTarget]) -> dict:
     return {lt.name: {"url": lt.url, "pid": lt.pid} for lt in live if lt.url and lt.running}
 
 
-def _run_target(ctx: _Ctx, lt: targets.LiveTarget, stage_index: int) -> tuple[int, bool]:
-    """Warm the target up, then run each load of the scenario on it in turn."""
+def _start(ctx: _Ctx, lt: targets.LiveTarget, stack: contextlib.ExitStack) -> bool:
+    """Start ``lt``'s server (its stop entered on ``stack``); False, with why in env.json,
+    when it did not start."""
+    try:
+        targets.start(lt, stack, ctx.run_dir, ctx.say, profile=ctx.scenario.profile_of(lt.spec),
+                      reuse=ctx.scenario.reuses_prefixes())
+        return True
+    except ServerFailed as e:
+        lt.error = str(e).splitlines()[0]
+        ctx.say(f"{lt.name}: not run: {e}")
+        return False
+    finally:
+        ctx.save_env()
+        ctx.scraper.set_stage(None, resident=_resident(ctx.live))
+
+
+def _waves(scenario: sc.Scenario, live: list[targets.LiveTarget]) -> list[list[targets.LiveTarget]]:
+    """The live targets in the scenario's waves (:meth:`loadgen.scenario.Scenario.waves`)."""
+    by_name = {lt.name: lt for lt in live}
+    return [[by_name[t.name] for t in wave] for wave in scenario.waves()]
+
+
+def _run_wave(base: _Ctx, wave: list[targets.LiveTarget], past: "Resumed") -> list[Controller]:
+    """Start the wave's targets one after another, then run them all at once, each through
+    its stages with a Locust runner, a controller and a progress log of its own; each stops
+    when its stages are done. Returns their controllers (the run's totals)."""
+    say = base.say
+    say(f"{', '.join(lt.name for lt in wave)}: at the same time, on GPUs of their own (placement: by_gpu)")
+    shared = _Wave()
+    controllers, jobs = [], []
+    with contextlib.ExitStack() as stack:
+        for lt in wave:
+            own = stack.enter_context(contextlib.ExitStack())  # its server, stopped after its stages
+            if not _start(base, lt, own):
+                continue
+            controller = Controller(base.controller.writer, on_record=base.metrics.record)
+            env = Environment(user_classes=[StreamingUser])
+            env.ctxload = controller
+            runner = env.create_local_runner()
+            own.callback(runner.quit)  # before its server stops (last in, first out)
+            prog = Progress(controller, say, live=False)
+            own.callback(prog.close)
+            controllers.append(controller)
+            jobs.append((base.of(lt, past, runner=runner, controller=controller, prog=prog, wave=shared), lt, own))
+        ticks = [gevent.spawn(_tick, ctx.prog) for ctx, _, _ in jobs]
+        running = [gevent.spawn(_run_in_wave, ctx, lt, own) for ctx, lt, own in jobs]
+        try:
+            gevent.joinall(running, raise_error=True)
+        finally:
+            gevent.killall(running + ticks)
+            for c in controllers:
+                c.stopping = True
+    base.scraper.set_stage(None, resident=_resident(base.live))
+    base.save_env()
+    return controllers
+
+
+def _run_in_wave(ctx: _Ctx, lt: targets.LiveTarget, own: contextlib.ExitStack) -> None:
+    lt.completed = _run_target(ctx, lt)
+    ctx.leave(lt)
+    own.close()
+    ctx.save_env()
+
+
+def _run_target(ctx: _Ctx, lt: targets.LiveTarget) -> bool:
+    """Warm the target up, then run each load of the scenario on it in turn; whether every
+    load ran to its end."""
     base = _job_base(ctx.scenario, lt)
     loads = ctx.scenario.loads()
     first = loads[0]
     spec = first.warmup()
     if spec is not None:
-        ctx.set_stage(lt, spec.label, stage_index)
+        index = ctx.indices.take()
+        ctx.set_stage(lt, spec.label, index)
         ctx.prog.stage(f"{lt.name} warmup", spec.requests)
-        _run_stage(ctx.runner, ctx.controller, Stage(spec, stage_index, base), 1, ctx.scenario.request_timeout_s)
+        _run_stage(ctx.runner, ctx.controller, Stage(spec, index, base), 1, ctx.scenario.request_timeout_s)
         ctx.prog.end_stage()
-        ctx.scrape_now(lt, spec.label, stage_index)
-        stage_index += 1
+        ctx.scrape_now(lt, spec.label, index)
     for load in loads:
-        stage_index, stop_reason = _run_load(ctx, lt, load, base, stage_index)
+        _run_load(ctx, lt, load, base)
         if isinstance(load, sc.MaxContext):
             ctx.learned.known_ok = 0
         if run_deadline_passed(ctx) or not lt.alive():
-            return stage_index, False
+            return False
     if ctx.scenario.profile_of(lt.spec) is not None:
-        stage_index = _profile_target(ctx, lt, base, stage_index)
-    return stage_index, True
+        _profile_target(ctx, lt, base)
+    return True
 
 
-def _profile_target(ctx: _Ctx, lt: targets.LiveTarget, base: dict, stage_index: int) -> int:
+def _profile_target(ctx: _Ctx, lt: targets.LiveTarget, base: dict) -> None:
     """The scenario's profile pass on ``lt`` (loadgen.profiling): a line of operators.jsonl
     per length × phase, written as each is taken."""
     from loadgen import profiling
@@ -459,6 +595,7 @@ def _profile_target(ctx: _Ctx, lt: targets.LiveTarget, base: dict, stage_index: 
                     "not profiled: the run's max_duration_s is spent"
             rec = None
             if err is None:
+                stage_index = ctx.indices.take()
                 ctx.set_stage(lt, label, stage_index)
                 ctx.prog.stage(f"{lt.name} {label}", 1)
                 # a prompt of its own, shared with nothing: a cached prefix is no prefill to trace
@@ -473,16 +610,14 @@ def _profile_target(ctx: _Ctx, lt: targets.LiveTarget, base: dict, stage_index: 
                 except profiling.ProfileError as e:
                     err = str(e)
                 ctx.prog.end_stage()
-                stage_index += 1
             if rec is None:
                 rec = profiling.line(lt.name, lt.spec.engine, n, phase, error=err)
             with open(ctx.run_dir / "operators.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             say(f"{lt.name} {label}: " + (rec["error"] or profiling.summary(rec)))
-    return stage_index
 
 
-def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict, stage_index: int) -> tuple[int, str | None]:
+def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict) -> str | None:
     scenario, runner, controller, metrics, prog, say = (ctx.scenario, ctx.runner, ctx.controller, ctx.metrics,
                                                         ctx.prog, ctx.say)
     cap = lt.spec.max_prompt_tokens
@@ -511,6 +646,7 @@ def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict, stage_index: 
             if lt.max_model_len and spec.prompt_tokens and spec.prompt_tokens + scenario.output.max_tokens > lt.max_model_len \
                     and search is None:
                 say(f"{lt.name}: {spec.label} exceeds the server's max_model_len {lt.max_model_len}; sent anyway")
+            stage_index = ctx.indices.take()
             ctx.set_stage(lt, spec.label, stage_index)
             metrics.stage(lt.name, spec.label, spec.users, spec.prompt_tokens)
             say(f"{lt.name} stage {stage_index} {spec.label}: {spec.users} users")
@@ -523,7 +659,6 @@ def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict, stage_index: 
             _run_stage(runner, controller, stage, spec.users, timeout_s)
             prog.end_stage()
             ctx.scrape_now(lt, spec.label, stage_index)
-            stage_index += 1
             res = stage.result(scenario.slos)
             say(_summary(lt.name, spec.label, res))
             if stage.stopped:
@@ -558,7 +693,7 @@ def _run_load(ctx: _Ctx, lt: targets.LiveTarget, load, base: dict, stage_index: 
         crash = " — connection lost (crash); not hit again" if search.crashed else ""
         say(f"{lt.name}: max context {search.max_ok} tokens (first failure {search.min_fail}: "
             f"{search.failure_kind}){crash}")
-    return stage_index, stop_reason
+    return stop_reason
 
 
 def run_deadline_passed(ctx: _Ctx) -> bool:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
                       model_validator)
 
+from loadgen import placement
 from loadgen.shapes import Shape, StageSpec, bisect
 from rundir.slos import Slos  # the run directory's contract: loadgen and analysis judge alike
 
@@ -523,11 +524,24 @@ class Scenario(_Model):
     """Start every served target first and keep them all up for the whole run. By default
     targets run one at a time: start, warm up, run its stages, stop, then the next, so that a
     shared device's memory, power and energy belong to the target that ran."""
+    placement: Literal["serial", "by_gpu"] = "serial"
+    """``serial``: one target after another. ``by_gpu``: targets on GPUs of their own
+    (disjoint ``serve.gpus``) run at the same time, each through all its stages; targets that
+    share a GPU, name none or are given by URL run in turn (:mod:`loadgen.placement`)."""
 
     @field_validator("memory_budget", mode="before")
     @classmethod
     def _size(cls, v):
         return Serve._size(v)
+
+    @field_validator("placement")
+    @classmethod
+    def _placement_helps(cls, v, info):
+        targets = info.data.get("targets")
+        if v == "by_gpu" and targets and all(len(w) == 1 for w in placement.group(targets)):
+            raise ValueError("by_gpu runs targets on GPUs of their own at once, but no two targets here have "
+                             "disjoint `serve.gpus`: give them their GPUs, or leave placement out (serial)")
+        return v
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -554,6 +568,13 @@ class Scenario(_Model):
                 raise ValueError(f"profile.targets: {', '.join(urls)} not served by ctxload (a `url:` "
                                  f"target): its server's traces are out of reach")
         return self
+
+    def waves(self) -> list[list["Target"]]:
+        """The targets in the groups that run at once, in order (:func:`loadgen.placement.waves`):
+        each target alone unless ``placement: by_gpu``."""
+        if self.placement != "by_gpu":
+            return [[t] for t in self.targets]
+        return placement.group(self.targets)
 
     def profile_of(self, target: "Target") -> Profile | None:
         """The profile pass when it runs on ``target`` (its server starts with a profiler), else None."""

@@ -3,6 +3,10 @@
 Each scrape is tied to the stage running at its time (``stage``, ``stage_target``,
 ``stage_index``: the same index the requests of that stage carry) and says which targets were
 up (``resident``), so the analysis can tell a target's own readings from a shared device's.
+When several targets run stages at once (``placement: by_gpu``), a scrape also carries
+``stages``: ``{target: {"stage", "stage_index"}}`` of each, and its own three fields name the
+stage of the scraped server's target (null for an exporter's scrape, or a target between
+stages): each target's GPU readings then go to its own stage (:func:`stage_fields`).
 A scrape of a GPU exporter also carries ``pids``: the processes of each running server's
 process group, which match the exporter's per-process memory to a target.
 
@@ -37,20 +41,40 @@ def scrape(url: str, timeout: float = 5.0) -> list[dict]:
 
 def _state(stage) -> dict:
     """What the runner says is running: ``{"stage", "stage_target", "stage_index",
-    "resident": {target: {"url", "pid"}}}``; a bare label (or None) from older callers."""
+    "resident": {target: {"url", "pid"}}}``, or with targets running at once ``{"stages":
+    {target: {"stage", "stage_index"}}, "resident": …}``; a bare label (or None) from older
+    callers."""
     st = stage()
     return st if isinstance(st, dict) else {"stage": st}
+
+
+def stage_fields(st: dict, target: str) -> dict:
+    """A scrape's stage fields under the runner's state ``st`` (:func:`_state`), for a scrape
+    of ``target`` (a server's target, or an exporter's name). One stage running (or none): its
+    ``stage``, ``stage_target`` and ``stage_index``, as every run before waves wrote them.
+    Several: ``stages`` (each running target's), and the three fields of ``target``'s own
+    stage, null when it runs none (an exporter: its readings are split by ``stages``)."""
+    stages = st.get("stages")
+    if stages is None:
+        return {"stage": st.get("stage"), "stage_target": st.get("stage_target"), "stage_index": st.get("stage_index")}
+    if len(stages) <= 1:
+        name, own = next(iter(stages.items()), (None, {}))
+        return {"stage": own.get("stage"), "stage_target": name, "stage_index": own.get("stage_index")}
+    own = stages.get(target) or {}
+    return {"stage": own.get("stage"), "stage_target": target if own else None,
+            "stage_index": own.get("stage_index"), "stages": stages}
 
 
 class Scraper:
     """``sources``: (target name, source kind, metrics URL) scraped always (exporters, and the
     targets of callers that pass no state); ``stage()`` gives the runner's state (:func:`_state`),
-    whose ``resident`` targets are scraped too."""
+    whose ``resident`` targets are scraped too — only those named in ``servers``, when given."""
 
-    def __init__(self, path, sources: list[tuple[str, str, str]], stage=lambda: None):
+    def __init__(self, path, sources: list[tuple[str, str, str]], stage=lambda: None, servers=None):
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.sources = sources
         self.stage = stage
+        self.servers = servers
 
     def once(self) -> None:
         st = _state(self.stage)
@@ -58,15 +82,15 @@ class Scraper:
         sources = list(self.sources)
         known = {name for name, _, _ in sources}
         for name, info in (resident or {}).items():
-            if name not in known and info.get("url"):
+            if name not in known and info.get("url") and (self.servers is None or name in self.servers):
                 sources.append((name, "server", info["url"].rstrip("/") + "/metrics"))
         for target, source, url in sources:
+            tags = stage_fields(st, target)
             rec = {"schema_version": SCHEMA_VERSION, "time": time.time(), "target": target,
-                   "source": source, "url": url, "stage": st.get("stage"), "ok": True, "error": None,
+                   "source": source, "url": url, "stage": tags.pop("stage"), "ok": True, "error": None,
                    "samples": []}
             if resident is not None:
-                rec.update(stage_target=st.get("stage_target"), stage_index=st.get("stage_index"),
-                           resident=sorted(resident))
+                rec.update(tags, resident=sorted(resident))
                 if source == "gpu":
                     rec["pids"] = {n: group_pids(i["pid"]) for n, i in resident.items() if i.get("pid")}
             try:
@@ -120,10 +144,13 @@ class ScraperProcess:
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
 
     def set_stage(self, label: str | None, *, target: str | None = None, index: int | None = None,
-                  resident: dict | None = None) -> None:
+                  resident: dict | None = None, stages: dict | None = None) -> None:
         """The stage now running (``label`` of ``target``'s stage ``index``) and the targets up:
-        ``{name: {"url", "pid"}}``."""
+        ``{name: {"url", "pid"}}``; or, with targets running at once, each one's stage:
+        ``stages`` = ``{target: {"stage", "stage_index"}}`` (``label`` and the rest unused)."""
         state = {"stage": label, "stage_target": target, "stage_index": index, "resident": resident or {}}
+        if stages is not None:
+            state = {"stages": stages, "resident": resident or {}}
         tmp = f"{self.stage_file}.tmp"
         with open(tmp, "w") as f:
             json.dump(state, f)

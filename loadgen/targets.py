@@ -42,6 +42,8 @@ class LiveTarget:
     """Every load ran on it to the end (a resumed run skips it)."""
     before: dict | None = None
     """What env.json said of it in the session that completed it (a resumed run)."""
+    wave: int | None = None
+    """Under ``placement: by_gpu``: its wave (loadgen.placement); targets of one wave run at once."""
 
     @property
     def name(self) -> str:
@@ -81,7 +83,8 @@ class LiveTarget:
                 "memory_budget_bytes": serve.memory_budget_bytes() if serve else None,
                 "gpus": serve.gpus if serve else None,
                 "started_at": self.started_at, "stopped_at": self.stopped_at, "startup_s": self.startup_s,
-                "error": self.error, "completed": self.completed}
+                "error": self.error, "completed": self.completed,
+                **({"wave": self.wave} if self.wave is not None else {})}
 
 
 def _model_dir(serve: sc.Serve, log) -> tuple[Path | str, str | None]:

@@ -152,3 +152,55 @@ def test_two_targets_at_once_on_their_own_gpus_are_each_read_alone(tmp_path):
     assert memory.energy_per_request(run) == []
     assert not [r for r in memory.readings(run) if r.source == "gpu"]
     assert "GPUs" not in tables.engines(analyze(run)).headers
+
+
+def test_a_scrape_while_targets_run_at_once_goes_to_each_ones_own_stage(tmp_path):
+    """`placement: by_gpu`: `tp` (GPUs 0, 1) runs its stage 4 while `solo` (GPU 2) runs its stage 5.
+    The real scraper, over HTTP, scrapes the GPU exporter (its collector over the stand-in
+    NVML) and solo's server; each target's device readings go to its own stage."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    from loadgen.scrape import Scraper
+    from servers.metrics_http import serve_registry
+    from servers.process import free_port
+
+    gpu_port, solo_port = free_port(), free_port()
+    gpu, _ = gx.serve(gpu_port, registry=gx.make_registry(gx.NvmlCollector(
+        ThreeGpus([1e6, 2e6, 3e6], [20_000, 19_000, 8_000]), hostname="h")))
+    reg = CollectorRegistry()
+    Gauge("ssm:num_requests_running", "", registry=reg).set(1)
+    solo, _ = serve_registry(reg, "127.0.0.1", solo_port)
+    try:
+        state = {"stages": {"tp": {"stage": "prompt=1024", "stage_index": 4},
+                            "solo": {"stage": "prompt=2048", "stage_index": 5}},
+                 "resident": {"tp": {"url": None, "pid": None},
+                              "solo": {"url": f"http://127.0.0.1:{solo_port}", "pid": None}}}
+        one = Scraper(tmp_path / "metrics.jsonl", [("gpu", "gpu", f"http://127.0.0.1:{gpu_port}/metrics")],
+                      stage=lambda: state)
+        one.once()
+        state["stages"].pop("tp")  # tp is done: one stage runs, written as before waves
+        one.once()
+        one.close()
+    finally:
+        gpu.shutdown()
+        solo.shutdown()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["target"], x["stage"], x["stage_target"], x["stage_index"], "stages" in x) for x in lines] == [
+        ("gpu", None, None, None, True), ("solo", "prompt=2048", "solo", 5, True),
+        ("gpu", "prompt=2048", "solo", 5, False), ("solo", "prompt=2048", "solo", 5, False)]
+    assert all(x["ok"] for x in lines) and lines[0]["stages"]["tp"] == {"stage": "prompt=1024", "stage_index": 4}
+
+    reqs = [dict(_req("tp", 100.0), stage_index=4), dict(_req("solo", 100.0), stage="prompt=2048", stage_index=5)]
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    (tmp_path / "env.json").write_text(json.dumps({"run_id": "w", "finished_at": "x", "targets": [
+        {"name": "tp", "family": "transformer", "engine": "vllm", "gpus": [0, 1], "wave": 0},
+        {"name": "solo", "family": "transformer", "engine": "vllm", "gpus": [2], "wave": 0}]}))
+    run = load_run(tmp_path)
+    assert run.waves() == [["tp", "solo"]]
+    first, last = (s for s in run.scrapes if s.source == "gpu")
+    assert first.stage_of("tp") == (4, "prompt=1024") and first.stage_of("solo") == (5, "prompt=2048")
+    assert last.stage_of("tp") is None and last.stage_of("solo") == (5, "prompt=2048")
+    got = [(r.target, r.stage_index, r.stage, r.bytes / MIB) for r in memory.readings(run) if r.source == "gpu"]
+    assert got == [("solo", 5, "prompt=2048", 8_000), ("tp", 4, "prompt=1024", 39_000),  # its own GPUs
+                   ("solo", 5, "prompt=2048", 8_000), ("tp", None, None, 39_000)]  # tp between stages
+    assert any("tp, solo ran at once" in n for n in analyze(run).notes)
