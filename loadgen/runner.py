@@ -289,6 +289,13 @@ def _prepare(stage: Stage, runner=None) -> None:
         runner.ctxload_prepare(jobs)
 
 
+def spawn_rate(users: int, now: int) -> int:
+    """Users started or stopped per second as a stage opens with ``users`` where ``now`` run:
+    all within about a second, at most 100 a second. Locust stops users at the spawn rate too:
+    rated by the new count alone, 64 streams down to a warm-up's one took 63 s."""
+    return min(max(users, now, 1), 100)
+
+
 def _run_stage(runner, controller, stage: Stage, users: int, timeout_s: float) -> None:
     _prepare(stage, runner)
     # What _prepare loaded the first time (transformers and a tokenizer: ~10^6 objects) leaves
@@ -296,7 +303,7 @@ def _run_stage(runner, controller, stage: Stage, users: int, timeout_s: float) -
     # holding every stream's reads (2026-11-30, 200 streams).
     gc.collect()
     gc.freeze()
-    runner.start(users, spawn_rate=min(max(users, 1), 100))  # the stage opens once all are up
+    runner.start(users, spawn_rate=spawn_rate(users, runner.user_count))  # the stage opens once all are up
     if getattr(runner, "spawning_greenlet", None) is not None:
         runner.spawning_greenlet.join()
     controller.open(stage)

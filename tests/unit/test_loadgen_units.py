@@ -366,3 +366,40 @@ def test_max_stage_tokens_sends_fewer_requests_at_the_long_end_and_resume_counts
     assert [load.planned_requests(f"prompt={n}") for n in (256, 16384, 65536)] == [3, 2, 1]
     plain = sc.ContextSweep(kind="context_sweep", prompt_tokens=[256, 65536], requests=3)
     assert [s.requests for s in plain.stages()] == [3, 3]
+
+
+
+RAMP = """
+import gevent
+from locust import User, constant
+from locust.env import Environment
+from loadgen.runner import spawn_rate
+
+class Idle(User):
+    wait_time = constant(600)
+    def on_start(self):
+        gevent.sleep(600)
+
+assert spawn_rate(1, 64) == 64 and spawn_rate(64, 1) == 64 and spawn_rate(500, 0) == 100 and spawn_rate(0, 0) == 1
+runner = Environment(user_classes=[Idle]).create_local_runner()
+runner.start(64, spawn_rate=spawn_rate(64, runner.user_count))
+runner.spawning_greenlet.join()
+up = runner.user_count
+runner.start(1, spawn_rate=spawn_rate(1, runner.user_count))
+runner.spawning_greenlet.join(timeout=10)  # rated by the new count alone (1/s): 63 s
+print(up, runner.user_count)
+runner.quit()
+"""
+
+
+def test_a_stage_with_fewer_users_stops_the_rest_at_once_not_one_a_second():
+    """Locust stops users at the spawn rate too: 64 streams down to a warm-up's 1 user, rated by
+    the new count alone (1/s), took 63 s between two targets. Rated by both, a real Locust runner
+    is down to 1 user within 10 s. (A child process: Locust's gevent patching stays out of this one.)"""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", RAMP], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["64", "1"]
