@@ -4,11 +4,13 @@
 # step, back to back (a warm machine keeps /tmp only ~30 s after a call):
 #
 #   gpu-checks              (no kit) tests/gpu (PYTEST_K: those -k selects) and benchmarks/gpu/bench_conv1d.py
-#                           (BENCH=0: not it), carrying .whl/
+#                           (BENCHES: other scripts of benchmarks/gpu; BENCH=0: none), carrying .whl/
 #   kit 1 .. kit 4          copy .kitN/ (a quarter of the kit from ../shared/gpu-reference/vllm-kit:
 #                           `cat part-* | split -n 4 -d -a 2 - vk.`), assemble at the last
 #   start [SCENARIO]        install .whl/ (ctxload's wheels, mamba_ssm's sdist), start the GPU exporter,
 #                           start `ctxload run` in its own session (or --resume it), then wait
+#   probe                   a short `ctxload run` (PROBE: a scenario, default probe/overlap-64.yaml) with a
+#                           watchdog: engine steps stalled for STALL_S → every server thread's stack
 #   wait                    wait for the run (up to WAIT_S), then `ctxload report`; each call packs
 #                           the run directory into $OUT/run.tar.gz, so nothing is lost between calls
 #
@@ -70,7 +72,9 @@ case "${1:-}" in
     # no kit needed: the native backend's GPU tests and the prefill conv benchmark
     install_site || exit 1
     python3 -m pytest -q -p no:cacheprovider tests/gpu ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tail -15
-    if [ "${BENCH:-1}" = 1 ]; then python3 benchmarks/gpu/bench_conv1d.py; fi ;;
+    if [ "${BENCH:-1}" = 1 ]; then
+      for b in ${BENCHES:-bench_conv1d.py}; do python3 "benchmarks/gpu/$b"; done
+    fi ;;
   start)
     install_site || exit 1
     printf '#!/bin/sh\nPYTHONPATH=/tmp/vsite:$PYTHONPATH exec python3 "$@"\n' > /tmp/vpy && chmod +x /tmp/vpy
@@ -86,5 +90,40 @@ case "${1:-}" in
     wait_run; tail -25 /tmp/run.log ;;
   wait)
     wait_run; tail -30 /tmp/run.log ;;
-  *) echo "usage: $0 kit N | gpu-checks | start [SCENARIO] | wait"; exit 2 ;;
+  probe)
+    # `ctxload run` of a short scenario (PROBE, default the overlap's 64 streams) with a watchdog:
+    # when ssm-server's engine steps stop for STALL_S while the run goes on, SIGUSR1 writes
+    # every server thread's stack into its log (printed here) and the run is stopped
+    [ -n "${SKIP_INSTALL:-}" ] || install_site || exit 1
+    RUN_ID=probe; rm -rf "$RUNS/probe"
+    setsid python3 -m ctxload.cli run "${PROBE:-benchmarks/gpu/probe/overlap-64.yaml}" --runs-dir "$RUNS" \
+      --run-id probe > /tmp/run.log 2>&1 < /dev/null &
+    echo $! > /tmp/run.pid
+    last=-1; still=0; warm=0; t0=$SECONDS
+    while kill -0 "$(cat /tmp/run.pid)" 2>/dev/null && [ $((SECONDS - t0)) -lt "${WAIT_S}" ]; do
+      sleep 5
+      port=$(grep -o "on 127.0.0.1:[0-9]*" /tmp/run.log | tail -1 | cut -d: -f2)
+      [ -n "$port" ] || continue
+      steps=$(curl -s "127.0.0.1:$port/metrics" 2>/dev/null | awk '/^ssm:engine_steps_total/{print $2}')
+      [ -n "$steps" ] || continue
+      why=""
+      if ! curl -sf "127.0.0.1:$port/health" > /dev/null; then  # warming up: a stall only past WARM_S
+        warm=$((warm + 5)); [ "$warm" -ge "${WARM_S:-150}" ] && why="not ready ${warm}s after listening"
+      else
+        if [ "$steps" = "$last" ]; then still=$((still + 5)); else still=0; last=$steps; fi
+        [ "$still" -ge "${STALL_S:-20}" ] && why="engine steps stuck at $steps for ${still}s"
+      fi
+      if [ -n "$why" ]; then
+        pid=$(pgrep -n -f -- "--port $port")
+        echo "== $why: stacks of ssm-server $pid"; kill -USR1 "$pid"; sleep 3
+        sed -n '/Thread 0x\|Current thread/,$p' "$RUNS"/probe/servers/*.log \
+          | grep -v "^  File .*threading.py\|concurrent/futures" | tail -80
+        curl -s "127.0.0.1:$port/metrics" | grep -E "^ssm:(num_requests|engine_|state_slots_used)"
+        kill -- -"$(cat /tmp/run.pid)" 2>/dev/null; break
+      fi
+    done
+    grep -E "users=|rate=|ready after|error" /tmp/run.log | tail -8
+    grep -hE "WARNING|ERROR|CRITICAL|captured|warmed" "$RUNS"/probe/servers/*.log | cut -c1-300 | tail -12
+    python3 -m ctxload.cli report "$RUNS/probe" > /tmp/report.log 2>&1; echo "report rc=$?"; pack ;;
+  *) echo "usage: $0 kit N | gpu-checks | start [SCENARIO] | wait | probe"; exit 2 ;;
 esac
