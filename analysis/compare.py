@@ -115,7 +115,7 @@ def write_compare(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
         f"<style>{render.CSS}</style></head><body data-plots=\"{n_plots}\">",
         f"<h1>ctxload compare</h1><p class=\"sub\">baseline {render._e(runs[0].run.run_id)}; "
         f"{len(runs)} runs</p>",
-        *([f'<section class="notes">' + "".join(f"<p>{render._e(a.run.run_id)}: {render._e(n)}</p>"
+        *(['<section class="notes">' + "".join(f"<p>{render._e(a.run.run_id)}: {render._e(n)}</p>"
                                                 for a in runs for n in a.notes) + "</section>"]
           if any(a.notes for a in runs) else []),
         '<section class="verdict"><h2>Verdicts</h2>', verdicts, "</section>",

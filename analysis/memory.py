@@ -10,7 +10,6 @@ present, else from the model preset's config.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 

@@ -30,7 +30,6 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
@@ -211,7 +210,7 @@ def test_every_target_is_scraped(stack, loaded):
     # the client exporter lives only while `ctxload run` does; the servers must still be up
     servers = {u: h for u, h in health.items() if f":{stack['ports']['client']}/" not in u}
     assert len(servers) == 4 and set(servers.values()) == {"up"}, health
-    assert stack["prom"].has_data(f'up{{job="loadgen"}} == 1', *loaded), "client metrics never scraped"
+    assert stack["prom"].has_data('up{job="loadgen"} == 1', *loaded), "client metrics never scraped"
 
 
 def test_every_dashboard_query_returns_data(stack, loaded):

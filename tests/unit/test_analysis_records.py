@@ -27,7 +27,7 @@ def test_malformed_lines_are_named_and_skipped(tmp_path):
     n_metrics = len((run_dir / "metrics.jsonl").read_text().splitlines())
     assert f"metrics.jsonl:{n_metrics}:" in named
     html = write_report(run_dir).read_text()
-    assert f"requests.jsonl:4:" in html  # the report says what it skipped
+    assert "requests.jsonl:4:" in html  # the report says what it skipped
 
 
 def test_partial_run_reports_what_it_has(tmp_path):

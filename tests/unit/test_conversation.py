@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from loadgen import scenario as sc
-from loadgen import shapes
 from loadgen.conversation import Conversations, Turn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

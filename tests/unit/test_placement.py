@@ -3,7 +3,6 @@ own, formed in scenario order; and how a scrape names the stages running when se
 
 from __future__ import annotations
 
-import textwrap
 
 import pytest
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from loadgen import scenario as sc
-from loadgen import shapes, trace
+from loadgen import trace
 from loadgen.prompts import LocalTokenizer, PromptBuilder
 from tests.conftest import build_tiny
 
