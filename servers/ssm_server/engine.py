@@ -238,7 +238,10 @@ class Engine:
                 self.stall.progress()  # idle is no stall
                 continue
             inflight = set(pending[0]) if pending else ()
-            decode = [r for r in self.running if r.prefilled and not self._ends_inflight(r, inflight)]
+            # not a request cancelled while its overlapped prefill ran: it has no token to feed
+            # (dropped at the next turn; it must not fail the step of every stream beside it)
+            decode = [r for r in self.running
+                      if r.prefilled and not r.cancelled and not self._ends_inflight(r, inflight)]
             if self.prefill_overlap and not decode and pending is None:
                 if self._prefilling is not None:  # nothing to decode: wait for the prefill
                     await asyncio.wait([self._prefilling[1]])

@@ -256,6 +256,38 @@ def test_a_request_cancelled_while_its_chunk_runs_frees_its_slot_after_the_chunk
     assert got == (3, None)
 
 
+
+def test_a_prompt_cancelled_during_its_overlapped_prefill_harms_no_decoding_stream():
+    """A client that leaves while its prompt is on the prefill thread (a load generator's stage
+    ending): its prompt is done when the prefill returns, but it has no token. It must not join
+    the next decode step (it has no input token; that step once failed with an IndexError, and
+    every stream in it with it): the streams decoding beside it get every token."""
+    model = build_tiny("tiny-mamba2")
+    engine, gate, started, held = _engine_with_held_prefill(model, prefill_overlap=True)
+
+    async def go():
+        await engine.start()
+        stream = Request([5, 6, 7], SamplingParams(max_tokens=300, ignore_eos=True))
+        engine.submit(stream)
+        while not stream.generated:
+            await asyncio.sleep(0.01)
+        held["on"] = True
+        leaving = Request(list(range(5, 305)), SamplingParams(max_tokens=4, ignore_eos=True))
+        engine.submit(leaving)
+        while not started.is_set():
+            await asyncio.sleep(0.005)
+        engine.cancel(leaving)
+        held["on"] = False
+        gate.set()
+        got = await _drain(stream)
+        await engine.stop()
+        return got, leaving.generated
+
+    got, leaving = asyncio.run(go())
+    assert got == (300, None) and leaving == []  # every token of the stream beside it
+    assert not engine.running and len(engine.free_slots) == 4
+
+
 def test_a_defect_in_the_loop_fails_every_request_and_says_why_not_a_silent_hang():
     """Were the engine loop itself to raise (a defect; injected here in the emitting of tokens),
     every stream would wait for tokens that never come and /health would go on saying ready.
