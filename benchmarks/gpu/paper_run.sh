@@ -10,7 +10,8 @@
 #   start [SCENARIO]        install .whl/ (ctxload's wheels, mamba_ssm's sdist), start the GPU exporter,
 #                           start `ctxload run` in its own session (or --resume it), then wait
 #   probe                   a short `ctxload run` (PROBE: a scenario, default probe/overlap-64.yaml) with a
-#                           watchdog: engine steps stalled for STALL_S → every server thread's stack
+#                           watchdog: requests held and no token made for STALL_S (or not ready
+#                           WARM_S after listening) → every server thread's stack
 #   wait                    wait for the run (up to WAIT_S), then `ctxload report`; each call packs
 #                           the run directory into $OUT/run.tar.gz, so nothing is lost between calls
 #
@@ -56,6 +57,11 @@ install_site() {  # ctxload's wheels and mamba_ssm's Python (its Triton kernels)
   python3 .whl/check_deps.py || echo "(check_deps: see above)"
 }
 
+start_exporter() {  # the GPU exporter the scenarios scrape (extra_urls gpu: 127.0.0.1:9400)
+  curl -sf 127.0.0.1:9400/metrics > /dev/null && return 0
+  setsid python3 -m ctxload.cli serve gpu-exporter --port 9400 > /tmp/gpu-exporter.log 2>&1 < /dev/null &
+}
+
 case "${1:-}" in
   kit)
     # .kit1 .. .kit$KIT_CALLS: the kit's 3 parts cut into equal pieces (vk.00, vk.01, …; a call
@@ -81,7 +87,7 @@ case "${1:-}" in
     /tmp/vpy -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1
     python3 -c "import locust, pydantic; print('locust', locust.__version__, 'pydantic', pydantic.__version__)"
     python3 -c "from servers.ssm_server.mamba_kernels import import_mamba_ssm as f; print(f() or 'mamba_ssm: the native backend imports')"
-    setsid python3 -m ctxload.cli serve gpu-exporter --port 9400 > /tmp/gpu-exporter.log 2>&1 < /dev/null &
+    start_exporter
     if [ -f .gpu/run.tar.gz ] && [ ! -d "$RUNS/$RUN_ID" ]; then tar xzf .gpu/run.tar.gz -C "$RUNS"; fi
     if [ -d "$RUNS/$RUN_ID" ]; then args=(--resume "$RUNS/$RUN_ID"); else args=("${2:-paper-h200}" --runs-dir "$RUNS" --run-id "$RUN_ID"); fi
     setsid python3 -m ctxload.cli run "${args[@]}" > /tmp/run.log 2>&1 < /dev/null &
@@ -91,34 +97,40 @@ case "${1:-}" in
   wait)
     wait_run; tail -30 /tmp/run.log ;;
   probe)
-    # `ctxload run` of a short scenario (PROBE, default the overlap's 64 streams) with a watchdog:
-    # when ssm-server's engine steps stop for STALL_S while the run goes on, SIGUSR1 writes
-    # every server thread's stack into its log (printed here) and the run is stopped
+    # `ctxload run` of a short scenario (PROBE, default the overlap's 64 streams; each target's
+    # server in turn) with a watchdog: when a server holds requests and makes no token for
+    # STALL_S, SIGUSR1 writes every server thread's stack into its log (printed here) and the
+    # run is stopped
     [ -n "${SKIP_INSTALL:-}" ] || install_site || exit 1
-    RUN_ID=probe; rm -rf "$RUNS/probe"
+    start_exporter; RUN_ID=probe; rm -rf "$RUNS/probe"
     setsid python3 -m ctxload.cli run "${PROBE:-benchmarks/gpu/probe/overlap-64.yaml}" --runs-dir "$RUNS" \
       --run-id probe > /tmp/run.log 2>&1 < /dev/null &
     echo $! > /tmp/run.pid
-    last=-1; still=0; warm=0; t0=$SECONDS
+    last=""; still=0; warm=0; seen=""; t0=$SECONDS
     while kill -0 "$(cat /tmp/run.pid)" 2>/dev/null && [ $((SECONDS - t0)) -lt "${WAIT_S}" ]; do
       sleep 5
       port=$(grep -o "on 127.0.0.1:[0-9]*" /tmp/run.log | tail -1 | cut -d: -f2)
       [ -n "$port" ] || continue
-      steps=$(curl -s "127.0.0.1:$port/metrics" 2>/dev/null | awk '/^ssm:engine_steps_total/{print $2}')
-      [ -n "$steps" ] || continue
+      [ "$port" = "$seen" ] || { seen=$port; last=""; still=0; warm=0; }  # the next target's server
+      m=$(curl -s "127.0.0.1:$port/metrics" 2>/dev/null)
+      [ -n "$m" ] || continue
+      # progress: tokens prefilled + generated; a stall: requests held and no progress for STALL_S
+      done_=$(echo "$m" | awk '/^ssm:(prompt|generation)_tokens_total/{s+=$2} END{printf "%d", s}')
+      held=$(echo "$m" | awk '/^ssm:num_requests_(running|waiting)/{s+=$2} END{printf "%d", s}')
       why=""
       if ! curl -sf "127.0.0.1:$port/health" > /dev/null; then  # warming up: a stall only past WARM_S
         warm=$((warm + 5)); [ "$warm" -ge "${WARM_S:-150}" ] && why="not ready ${warm}s after listening"
+      elif [ "$held" -gt 0 ] && [ "$done_" = "$last" ]; then
+        still=$((still + 5)); [ "$still" -ge "${STALL_S:-30}" ] && why="$held requests held, tokens stuck at $done_ for ${still}s"
       else
-        if [ "$steps" = "$last" ]; then still=$((still + 5)); else still=0; last=$steps; fi
-        [ "$still" -ge "${STALL_S:-20}" ] && why="engine steps stuck at $steps for ${still}s"
+        still=0; last=$done_
       fi
       if [ -n "$why" ]; then
         pid=$(pgrep -n -f -- "--port $port")
         echo "== $why: stacks of ssm-server $pid"; kill -USR1 "$pid"; sleep 3
         sed -n '/Thread 0x\|Current thread/,$p' "$RUNS"/probe/servers/*.log \
           | grep -v "^  File .*threading.py\|concurrent/futures" | tail -80
-        curl -s "127.0.0.1:$port/metrics" | grep -E "^ssm:(num_requests|engine_|state_slots_used)"
+        curl -s "127.0.0.1:$port/metrics" | grep -E "^ssm:(num_requests|engine_|state_slots_used|prompt_tokens_total|generation_tokens_total)"
         kill -- -"$(cat /tmp/run.pid)" 2>/dev/null; break
       fi
     done
