@@ -126,8 +126,9 @@ case "${1:-}" in
         still=0; last=$done_
       fi
       if [ -n "$why" ]; then
-        pid=$(pgrep -n -f -- "--port $port")
-        echo "== $why: stacks of ssm-server $pid"; kill -USR1 "$pid"; sleep 3
+        pids=$(pgrep -f -- "-m servers.ssm_server .*--port $port")
+        echo "== $why: stacks of ssm-server $pids"; ps -o pid,ppid,stat,wchan:24,args -p "${pids// /,}" | cut -c1-160
+        kill -USR1 $pids; sleep 3
         sed -n '/Thread 0x\|Current thread/,$p' "$RUNS"/probe/servers/*.log \
           | grep -v "^  File .*threading.py\|concurrent/futures" | tail -80
         curl -s "127.0.0.1:$port/metrics" | grep -E "^ssm:(num_requests|engine_|state_slots_used|prompt_tokens_total|generation_tokens_total)"

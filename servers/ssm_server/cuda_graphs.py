@@ -5,7 +5,13 @@ transformers backend's pooled SSM models.
 decoder whether every row is greedy), all captured into ONE memory pool: a graph's scratch
 memory is reused by the next capture, and only each graph's outputs stay its own. Their
 replays never overlap (one stream, one step at a time), which is what sharing a pool needs.
-A capture runs the step twice on a side stream first (Triton JIT and autotuning, the
+Each set also captures on a stream of its own: PyTorch keys cuBLAS's workspace by the capture
+stream, and ``torch.cuda.graph``'s default is one stream for every capture in the process, so
+the decode graphs and the prefill graphs (``mamba_prefill``) would embed the same workspace —
+and replayed at the same time on their two streams (``--prefill-overlap``), their GEMMs raced on
+it and the GPU hung (H200, 2026-12-03: 64 streams stopped for good a few steps after the first
+overlapped prefill graph).
+A capture runs the step twice on that stream first (Triton JIT and autotuning, the
 allocator settling), then records it; one that fails turns the set off and the decoder runs
 eagerly from then on.
 
@@ -41,6 +47,8 @@ class GraphSet:
         self.graphs: dict[Hashable, tuple] = {}
         self.failed = False
         self.pool = None
+        self.stream = None
+        """The stream this set captures on (its own: see the module's docstring)."""
 
     def bucket(self, n: int) -> int | None:
         """The smallest captured batch size that holds ``n`` rows (None: more than the largest)."""
@@ -53,15 +61,15 @@ class GraphSet:
             return self.graphs.get(key)
         try:
             if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            side = torch.cuda.Stream()
+                self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+            side = self.stream  # the warm-up too: the workspace it settles is the one captured
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
                     body()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 out = body()
         except Exception as e:  # a step that cannot be captured: run eagerly
             log.warning("CUDA graph capture failed (%s: %s); %s eagerly", type(e).__name__, e, self.what)

@@ -305,8 +305,8 @@ def graph_time_us(fn, reps: int = 50) -> float:
         fn()  # JIT outside the capture
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
+    with torch.cuda.graph(graph, stream=side):  # not the default capture stream: freeing this
+        for _ in range(reps):                  # graph must not touch the decode graphs' workspace
             fn()
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

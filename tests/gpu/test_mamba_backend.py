@@ -82,6 +82,20 @@ def test_state_update_kernel_matches_reference_and_mamba_ssm(block_p):
     assert torch.equal(ours[untouched], pool[untouched])  # padding rows touched no slot
 
 
+def _greedy_decode(backend, slots, first, n):
+    """n pipelined greedy decode steps of ``slots`` from tokens ``first``: each step's tokens."""
+    from servers.ssm_server.sampling import SamplingParams
+
+    g = [SamplingParams(temperature=0.0)] * len(slots)
+    out, h = [], backend.decode_launch(slots, first, g, [[]] * len(slots))
+    for _ in range(n - 1):
+        nxt = backend.decode_launch(slots, [-1] * len(slots), g, [[]] * len(slots))
+        out.append(backend.decode_collect(h))
+        h = nxt
+    out.append(backend.decode_collect(h))
+    return out
+
+
 def test_pipelined_decode_matches_synchronous(backend):
     """Launching step N+1 (input token fed on the device) before reading step N back gives the
     same greedy tokens as the synchronous step with host-fed tokens."""
@@ -132,13 +146,7 @@ def test_prefill_on_its_stream_beside_pipelined_decode_matches_alone(backend):
         return logits
 
     def decode(slots, first, n):
-        out, h = [], backend.decode_launch(slots, first, [g] * len(slots), [[]] * len(slots))
-        for _ in range(n - 1):
-            nxt = backend.decode_launch(slots, [-1] * len(slots), [g] * len(slots), [[]] * len(slots))
-            out.append(backend.decode_collect(h))
-            h = nxt
-        out.append(backend.decode_collect(h))
-        return out
+        return _greedy_decode(backend, slots, first, n)
 
     def first_tokens(slots):
         return [int(dev.submit(prefill, s, p).result().argmax()) for s in slots]
@@ -214,3 +222,48 @@ def test_packed_prefill_equals_each_prompt_alone(backend, graphs):
         assert close(backend.ssm_pool[:, slots[j]], ssm[:, j]), (j, lens[j])
     assert bool((backend.ssm_pool[:, spare] == 3).all())
     assert close(backend.decode(slots, nxt, [0] * len(slots)), step)
+
+
+def test_prefill_graphs_beside_decode_graphs_finish_and_match_alone(backend):
+    """``--prefill-overlap`` with both kinds of graphs: packs replayed from the prefill graphs on
+    the prefill thread, again and again, while decode graphs replay on the device thread. Each
+    set of graphs captures on a stream of its own (on ``torch.cuda.graph``'s shared default one
+    they embedded the same cuBLAS workspace, and replayed at once the GPU hung: cuda_graphs.py);
+    both finish, the decoding rows get the tokens they get alone, each pack its logits alone."""
+    import concurrent.futures
+
+    import torch
+
+    held = backend.prefill_graphs
+    assert held is not None and held.set.stream is not None and backend.decoder.set.stream is not None
+    assert held.set.stream != backend.decoder.set.stream
+    gen = torch.Generator().manual_seed(3)
+    row_prompt = torch.randint(1, backend.vocab_size, (500,), generator=gen).tolist()
+    packs = [[torch.randint(1, backend.vocab_size, (900,), generator=gen).tolist() for _ in range(4)]
+             for _ in range(3)]  # 3,600 tokens: the 4,096 graph
+    rows, pack_slots = [6, 7], [0, 1, 2, 3]
+    assert held.bucket(4, 3600) == 4096
+    dev = concurrent.futures.ThreadPoolExecutor(1, initializer=backend.device_thread)
+    pre = concurrent.futures.ThreadPoolExecutor(1, initializer=backend.prefill_thread)
+
+    def start_rows():
+        return [int(backend.prefill_chunk(s, row_prompt, 0).argmax()) for s in rows]
+
+    def decode_rows(n):
+        return _greedy_decode(backend, rows, start_rows(), n)
+
+    def replay_packs(times):
+        return [backend.prefill_packed(pack_slots, packs[i % 3]) for i in range(times)][-3:]
+
+    try:
+        ref_rows = dev.submit(decode_rows, 300).result(timeout=120)
+        ref_packs = pre.submit(replay_packs, 3).result(timeout=120)
+        got_rows = dev.submit(decode_rows, 300)
+        got_packs = pre.submit(replay_packs, 30)
+        got_packs, got_rows = got_packs.result(timeout=120), got_rows.result(timeout=120)
+    finally:
+        dev.shutdown(wait=False)
+        pre.shutdown(wait=False)
+    assert got_rows == ref_rows
+    for got, ref in zip(got_packs, ref_packs):
+        assert (got - ref).abs().max().item() <= TOL * ref.abs().max().item()
