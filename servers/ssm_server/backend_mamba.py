@@ -32,6 +32,7 @@ from servers import sizes
 from servers.ssm_server.backend_hf import HFBackend, ModelLoadError, resolve_model_dir
 from servers.ssm_server.config import ServerConfig
 from servers.ssm_server.mamba_kernels import conv_chunk, conv_packed, import_mamba_ssm, last_windows
+from servers.ssm_server.mamba_prefill import ROWS as PREFILL_ROWS
 from servers.ssm_server.mamba_prefill import Pack, PrefillGraphs, graph_sizes
 
 log = logging.getLogger("ssm_server")
@@ -211,7 +212,7 @@ class MambaBackend:
         sizes = graph_sizes(cfg.prefill_chunk_size) if cfg.cuda_graphs else []
         if not sizes:
             return 0
-        return self.prefill_reserve_bytes(sizes[-1]) + len(sizes) * PrefillGraphs.ROWS * self.vocab_size * 4
+        return self.prefill_reserve_bytes(sizes[-1]) + len(sizes) * sum(PREFILL_ROWS) * self.vocab_size * 4
 
     def decode_reserve_bytes(self, batch: int) -> int:
         return sizes.decode_reserve_bytes(self.vocab_size, batch)

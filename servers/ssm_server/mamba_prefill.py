@@ -6,10 +6,13 @@ about 700 kernels, most of them Triton kernels started from Python, and on an H2
 prompt 51 ms, one of 4,096 tokens 50 ms) — the floor of a short prompt's TTFT, and a stall of
 every stream decoding beside it. Here each packed prefill of fresh prompts (``prefill_packed``:
 whole prompts end to end, the conv and the scan kept within each sequence) is captured once per
-total-length bucket (``SIZES`` up to the prefill chunk), with room for 64 prompts;
-a replay costs one launch.
+total-length bucket (``SIZES`` up to the prefill chunk) and sequence-row bucket (``ROWS``: room
+for 1, 8 or 64 prompts); a replay costs one launch. The rows are a bucket of their own because
+every row costs its final state whether a prompt fills it or not: mamba_ssm writes each row's
+state in float32 (1.6 MB a layer for Mamba2-780m), and the graph gathers, converts and stores it
+— 65 rows were ~10 ms of a 1-prompt replay on an H200, more than the prompt's own work.
 
-Static inputs, per bucket T with S = 65 sequence rows: token ids, each position's
+Static inputs, per bucket (T tokens, S sequence rows): token ids, each position's
 sequence (``seq_idx``) and that sequence's first position (``starts``) over T positions; the
 offsets ``cu`` (S + 1); each row's slot, last position and source row. A call packs n <= S - 1
 prompts of total L <= T: positions past L are one padding sequence (token 0, its own sequence,
@@ -38,6 +41,9 @@ log = logging.getLogger("ssm_server")
 SIZES = (256, 512, 1024, 2048, 4096, 8192)
 """Total prompt tokens of the captured packs (those up to the prefill chunk)."""
 
+ROWS = (2, 9, 65)
+"""Sequence rows of the captured packs: up to 1, 8 or 64 prompts, and the padding's row."""
+
 
 def graph_sizes(chunk: int) -> list[int]:
     """The buckets captured under a prefill chunk of ``chunk`` tokens."""
@@ -59,20 +65,19 @@ class Pack:
 
 
 class PrefillGraphs:
-    ROWS = 65
-    """Sequence rows of every graph: up to 64 prompts and the padding."""
-
-    def __init__(self, backend, max_tokens: int):
+    def __init__(self, backend, max_tokens: int, rows: tuple[int, ...] = ROWS):
         self.b = backend
         self.set = GraphSet(1, "prefilling")
-        self.set.sizes = graph_sizes(max_tokens)
-        self.rows = self.ROWS
-        S, dev = self.rows, backend.device
+        self.sizes = graph_sizes(max_tokens)
+        self.rows = tuple(sorted(rows))
+        self.keys = [(t, S) for t in self.sizes for S in self.rows]
+        """(tokens, rows) of every graph, smallest first."""
+        dev = backend.device
         self.inputs = {}
-        for t in self.set.sizes:  # long: ids, slots, rows, src; int32: seq_idx, starts, cu
-            self.inputs[t] = (torch.zeros(t + 3 * S, dtype=torch.long, device=dev),
-                              torch.zeros(2 * t + S + 1, dtype=torch.int32, device=dev))
-        top = max(self.set.sizes, default=0)
+        for t, S in self.keys:  # long: ids, slots, rows, src; int32: seq_idx, starts, cu
+            self.inputs[t, S] = (torch.zeros(t + 3 * S, dtype=torch.long, device=dev),
+                                 torch.zeros(2 * t + S + 1, dtype=torch.int32, device=dev))
+        top, S = max(self.sizes, default=0), max(self.rows)
         self.h_long = torch.zeros(top + 3 * S, dtype=torch.long).pin_memory()
         self.h_int = torch.zeros(2 * top + S + 1, dtype=torch.int32).pin_memory()
         self.copied = torch.cuda.Event()
@@ -83,10 +88,9 @@ class PrefillGraphs:
         self.done = torch.cuda.Event()
         self.done.record()
 
-    def _views(self, t: int):
-        """(ids [1, T], Pack) over bucket t's static inputs."""
-        lg, it = self.inputs[t]
-        S = self.rows
+    def _views(self, key: tuple[int, int]):
+        """(ids [1, T], Pack) over bucket key's static inputs."""
+        (t, S), (lg, it) = key, self.inputs[key]
         return lg[:t][None], Pack(slots=lg[t:t + S], rows=lg[t + S:t + 2 * S], src=lg[t + 2 * S:t + 3 * S],
                                   seq_idx=it[:t], starts=it[t:2 * t], cu=it[2 * t:])
 
@@ -95,22 +99,25 @@ class PrefillGraphs:
         """Every bucket, largest first (the shared pool then fits the smaller ones), on inputs
         of one prompt filling the bucket, into slot 0 (no sequence lives yet)."""
         t0 = time.perf_counter()
-        for t in reversed(self.set.sizes):
-            self._fill(t, [0], [[1] * t])
-            ids, pack = self._views(t)
-            if self.set.get(t, lambda ids=ids, pack=pack: self.b.packed_forward(ids, pack)) is None:
+        for key in reversed(self.keys):
+            self._fill(key, [0], [[1] * key[0]])
+            ids, pack = self._views(key)
+            if self.set.get(key, lambda ids=ids, pack=pack: self.b.packed_forward(ids, pack)) is None:
                 break
         if self.set.graphs:
-            log.info("captured %d prefill graphs (%s tokens) in %.1f s", len(self.set),
-                     "/".join(map(str, sorted(self.set.graphs))), time.perf_counter() - t0)
+            log.info("captured %d prefill graphs (%s tokens × room for %s prompts) in %.1f s", len(self.set),
+                     "/".join(map(str, self.sizes)), "/".join(str(S - 1) for S in self.rows),
+                     time.perf_counter() - t0)
 
-    def bucket(self, n: int, total: int) -> int | None:
-        if n >= self.rows or total < 1 or self.set.failed:
+    def bucket(self, n: int, total: int) -> tuple[int, int] | None:
+        """The smallest captured (tokens, rows) that holds n prompts of ``total`` tokens."""
+        if total < 1 or self.set.failed:
             return None
-        return next((t for t in self.set.sizes if t >= total and t in self.set.graphs), None)
+        return next(((t, S) for t in self.sizes for S in self.rows
+                     if t >= total and S > n and (t, S) in self.set.graphs), None)
 
-    def _fill(self, t: int, slots: list[int], prompts: list[list[int]]) -> None:
-        n, S = len(prompts), self.rows
+    def _fill(self, key: tuple[int, int], slots: list[int], prompts: list[list[int]]) -> None:
+        (t, S), n = key, len(prompts)
         lens = torch.tensor([len(p) for p in prompts], dtype=torch.int32)
         total = int(lens.sum())
         # row n: the padding (may be empty); rows past it: empty, at the end
@@ -129,7 +136,7 @@ class PrefillGraphs:
         hi[:t] = seq
         hi[t:2 * t] = cu[seq.long()]
         hi[2 * t:2 * t + S + 1] = cu
-        lg, it = self.inputs[t]
+        lg, it = self.inputs[key]
         lg.copy_(hl[:t + 3 * S], non_blocking=True)
         it.copy_(hi[:2 * t + S + 1], non_blocking=True)
         self.copied.record()
@@ -137,13 +144,13 @@ class PrefillGraphs:
     def run(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor | None:
         """Logits [n, V] after each prompt, from a replay; None when no captured bucket holds
         them (too many prompts, too many tokens): prefill eagerly then."""
-        t = self.bucket(len(prompts), sum(len(p) for p in prompts))
-        if t is None:
+        key = self.bucket(len(prompts), sum(len(p) for p in prompts))
+        if key is None:
             return None
-        graph, logits = self.set.graphs[t]
+        graph, logits = self.set.graphs[key]
         with self.lock:
             torch.cuda.current_stream().wait_event(self.done)
-            self._fill(t, slots, prompts)
+            self._fill(key, slots, prompts)
             graph.replay()
             out = logits[:len(prompts)].clone()
             self.done.record()
