@@ -22,7 +22,9 @@ import time
 import torch
 
 BUDGET = int(os.environ.get("BUDGET", "32768"))
-CASES = [(n, length) for length in (256, 1024, 4096) for n in (1, 4, 16, 64)]
+CASES = [tuple(map(int, c.split("x"))) for c in os.environ["CASES"].split(",")] if os.environ.get("CASES") \
+    else [(n, length) for length in (256, 1024, 4096) for n in (1, 4, 16, 64)]
+"""(prompts, tokens each) of every case; ``CASES=1x256,4x1024`` picks some."""
 
 
 def timed(fn, reps: int = 5) -> float:
