@@ -10,7 +10,8 @@ total-length bucket (``SIZES`` up to the prefill chunk) and sequence-row bucket 
 for 1, 8 or 64 prompts); a replay costs one launch. The rows are a bucket of their own because
 every row costs its final state whether a prompt fills it or not: mamba_ssm writes each row's
 state in float32 (1.6 MB a layer for Mamba2-780m), and the graph gathers, converts and stores it
-— 65 rows were ~10 ms of a 1-prompt replay on an H200, more than the prompt's own work.
+— 65 rows cost ~8 ms of a one-prompt replay on an H200 (16.0 ms against 7.9 ms with 2 rows
+for a 1K prompt: ``bench_packed_prefill.py``), more than the prompt's own work.
 
 Static inputs, per bucket (T tokens, S sequence rows): token ids, each position's
 sequence (``seq_idx``) and that sequence's first position (``starts``) over T positions; the
