@@ -72,7 +72,7 @@ class PrefillGraphs:
         self.sizes = graph_sizes(max_tokens)
         self.rows = tuple(sorted(rows))
         self.keys = [(t, S) for t in self.sizes for S in self.rows]
-        """(tokens, rows) of every graph, smallest first."""
+        """(tokens, rows) of every graph, smallest first (by tokens, then rows)."""
         dev = backend.device
         self.inputs = {}
         for t, S in self.keys:  # long: ids, slots, rows, src; int32: seq_idx, starts, cu
@@ -114,8 +114,7 @@ class PrefillGraphs:
         """The smallest captured (tokens, rows) that holds n prompts of ``total`` tokens."""
         if total < 1 or self.set.failed:
             return None
-        return next(((t, S) for t in self.sizes for S in self.rows
-                     if t >= total and S > n and (t, S) in self.set.graphs), None)
+        return next((k for k in self.keys if k[0] >= total and k[1] > n and k in self.set.graphs), None)
 
     def _fill(self, key: tuple[int, int], slots: list[int], prompts: list[list[int]]) -> None:
         (t, S), n = key, len(prompts)

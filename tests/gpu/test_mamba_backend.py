@@ -112,12 +112,7 @@ def test_pipelined_decode_matches_synchronous(backend):
     for _ in range(16):
         tok = backend.decode_sample([0], [tok], [g], [[]], [None])[0]
         sync.append(tok)
-    piped, h = [], backend.decode_launch([1], [t0], [g], [[]])
-    for _ in range(15):
-        nxt = backend.decode_launch([1], [-1], [g], [[]])
-        piped.append(backend.decode_collect(h)[0])
-        h = nxt
-    piped.append(backend.decode_collect(h)[0])
+    piped = [step[0] for step in _greedy_decode(backend, [1], [t0], 16)]
     assert piped == sync
 
 
