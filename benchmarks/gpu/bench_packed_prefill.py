@@ -10,7 +10,8 @@ graphs where one holds them (up to 64 prompts, 8,192 tokens; eager beyond) — t
 graphs, whose rows come in buckets of 1, 8 and 64 prompts, and (d) graphs that each hold 64
 prompts (what the server captured before: every row costs its final state). Host wall time
 until the device is done (the launches are part of a short prompt's cost), median of 5 after a
-warm-up. Prints a table last.
+warm-up. Then a long prompt's later chunks (CONTINUED lengths, from a slot's state): eager
+against a replay of a continuation graph (padded to its bucket). Prints the tables last.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ BUDGET = int(os.environ.get("BUDGET", "32768"))
 CASES = [tuple(map(int, c.split("x"))) for c in os.environ["CASES"].split(",")] if os.environ.get("CASES") \
     else [(n, length) for length in (256, 1024, 4096) for n in (1, 4, 16, 64)]
 """(prompts, tokens each) of every case; ``CASES=1x256,4x1024`` picks some."""
+CONTINUED = [int(x) for x in os.environ.get("CONTINUED", "1000,4096,8192").split(",") if x]
+"""Lengths of a long prompt's later chunk (a continuation of its slot's state), eager against
+the continuation graphs; ``CONTINUED=`` skips them."""
 
 
 def timed(fn, reps: int = 5) -> float:
@@ -85,6 +89,18 @@ def main() -> None:
         rows.append((n, length, t_each, t_packed, t_graph, t_wide))
         print(f"{n} x {length}: each {t_each * 1e3:.1f} ms, packed {t_packed * 1e3:.1f} ms, "
               f"graphs {t_graph * 1e3:.1f} ms, 64-prompt graphs {t_wide * 1e3:.1f} ms", flush=True)
+    cont = []
+    if CONTINUED:
+        b.prefill_chunk(0, torch.randint(1, b.vocab_size, (4096,), generator=gen).tolist(), 0)
+    for length in CONTINUED:
+        chunk = torch.randint(1, b.vocab_size, (length,), generator=gen).tolist()
+        b.prefill_graphs = None
+        t_eager = timed(lambda: b.prefill_chunk(0, chunk, 4096))
+        b.prefill_graphs = graphs
+        key = graphs.continued_bucket(length)
+        t_graph = timed(lambda: b.prefill_chunk(0, chunk, 4096))
+        cont.append((length, key[0] if key else None, t_eager, t_graph))
+        print(f"continued {length}: eager {t_eager * 1e3:.1f} ms, graph {t_graph * 1e3:.1f} ms ({key})", flush=True)
     name = torch.cuda.get_device_name()
     print(f"\npacked prefill, Mamba2-780m bf16 random weights, {name}, budget {BUDGET} tokens per call, "
           f"{time.strftime('%Y-%m-%d')}")
@@ -94,6 +110,12 @@ def main() -> None:
     for n, length, te, tp, tg, tw in rows:
         print(f"| {n} | {length} | {te * 1e3:.1f} ms | {tp * 1e3:.1f} ms | {tp / te:.2f}× "
               f"| {tg * 1e3:.1f} ms | {tg / te:.2f}× | {tw * 1e3:.1f} ms | {tg / tw:.2f}× |")
+    if cont:
+        print("\na long prompt's later chunk, from its slot's state")
+        print("| chunk tokens | graph bucket | eager | graph | graph / eager |")
+        print("|---|---|---|---|---|")
+        for length, t, te, tg in cont:
+            print(f"| {length} | {t or 'none (eager)'} | {te * 1e3:.1f} ms | {tg * 1e3:.1f} ms | {tg / te:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -156,6 +156,9 @@ class MambaBackend:
         self.conv_weights = [layer.mixer.conv1d.weight.reshape(self.conv_dim, self.d_conv).contiguous()
                              for layer in self.layers]
         self.chunk_tokens = cfg.prefill_chunk_size
+        # a padded continuation chunk leaves the state as its real tokens do only while a zero dt
+        # stays zero (mamba_prefill: the padding's dt is -inf, softplus'd to 0)
+        self.pads_continuation = all(layer.mixer.dt_limit[0] <= 0.0 for layer in self.layers)
         # decode steps on a high-priority stream, prefill chunks (the engine's prefill thread)
         # on a low-priority one: the device runs a decode step's kernels first when both wait
         # (a priority past the device's range is taken as its highest: -100 is the highest)
@@ -212,7 +215,8 @@ class MambaBackend:
         sizes = graph_sizes(cfg.prefill_chunk_size) if cfg.cuda_graphs else []
         if not sizes:
             return 0
-        return self.prefill_reserve_bytes(sizes[-1]) + len(sizes) * sum(PREFILL_ROWS) * self.vocab_size * 4
+        rows = sum(PREFILL_ROWS) + 1  # each pack graph's logits, and a continuation graph's
+        return self.prefill_reserve_bytes(sizes[-1]) + len(sizes) * rows * self.vocab_size * 4
 
     def decode_reserve_bytes(self, batch: int) -> int:
         return sizes.decode_reserve_bytes(self.vocab_size, batch)
@@ -238,14 +242,15 @@ class MambaBackend:
     @torch.inference_mode()
     def prefill_chunk(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
         """Run prompt tokens ``ids`` (positions ``start``…) of the sequence in ``slot``; returns
-        the logits after the last one ([V], float32). A fresh sequence's chunk that a prefill
-        graph holds is a replay of it. On a stream other than the decode stream, the chunk first
-        waits for the decode steps enqueued so far: one still in flight may write the slot for
-        the sequence that held it before (a pipelined step runs one token past a sequence's
-        end)."""
+        the logits after the last one ([V], float32). A chunk that a prefill graph holds (a
+        fresh sequence's, or a continuation's) is a replay of it. On a stream other than the
+        decode stream, the chunk first waits for the decode steps enqueued so far: one still in
+        flight may write the slot for the sequence that held it before (a pipelined step runs one
+        token past a sequence's end)."""
         self._after_decode()
-        if start == 0 and self.prefill_graphs is not None:
-            out = self.prefill_graphs.run([slot], [ids])
+        if self.prefill_graphs is not None:
+            g = self.prefill_graphs
+            out = g.run([slot], [ids]) if start == 0 else g.run_continued(slot, ids)
             if out is not None:
                 return out[0]
         x = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)[None]
@@ -282,6 +287,14 @@ class MambaBackend:
         ``mamba_prefill.PrefillGraphs``): logits [rows, V]."""
         return self._forward(ids, lambda m, u, i: self._mixer_packed(m, u, i, pack), pack.rows)
 
+    def continued_forward(self, ids: torch.Tensor, slot: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """The next chunk of the sequence in ``slot`` ([1] device tensor) from device tensors
+        only (captured as is by ``mamba_prefill.PrefillGraphs``): its first ``n`` ([1], at least
+        the conv width) of the ``ids`` [1, T] are real, the rest padding that leaves the slot as
+        the real tokens do. Logits [1, V] after the n-th."""
+        pad = torch.arange(ids.shape[1], device=ids.device) >= n
+        return self._forward(ids, lambda m, u, i: self._mixer_continued(m, u, i, slot, n, pad), n - 1)
+
     def _after_decode(self) -> None:
         stream = torch.cuda.current_stream(self.device)
         if stream != self.decode_stream:
@@ -316,6 +329,20 @@ class MambaBackend:
         y, last = self._scan(m, xBC, dt, initial_states=None if fresh else ssm_state[None].float(),
                              return_final_states=True)
         ssm_state.copy_(last[0])
+        return self._out(m, y, z)
+
+    def _mixer_continued(self, m, u: torch.Tensor, i: int, slot: torch.Tensor, n: torch.Tensor,
+                         pad: torch.Tensor) -> torch.Tensor:
+        z, xBC, dt = self._in_proj(m, u)
+        raw = xBC[0]
+        window = self.conv_pool[i].index_select(0, slot)[0]  # a copy: conv_chunk's window update is moot
+        xBC = conv_chunk(raw, window, self.conv_weights[i], m.conv1d.bias, False)
+        last = n - self.d_conv + torch.arange(self.d_conv, device=raw.device)  # the real chunk's last inputs
+        self.conv_pool[i].index_copy_(0, slot, raw[last].transpose(0, 1)[None])
+        dt = dt.masked_fill(pad[None, :, None], float("-inf"))  # softplus(-inf) = 0: no decay, no input
+        y, final = self._scan(m, xBC, dt, initial_states=self.ssm_pool[i].index_select(0, slot).float(),
+                              return_final_states=True)
+        self.ssm_pool[i].index_copy_(0, slot, final.to(self.ssm_pool.dtype))
         return self._out(m, y, z)
 
     def _mixer_packed(self, m, u: torch.Tensor, i: int, pack: Pack) -> torch.Tensor:

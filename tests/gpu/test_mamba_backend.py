@@ -13,6 +13,11 @@ pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"native backend check:
 TOL = 0.03  # max |logit diff| over the logit scale, bf16 (the scale's bf16 step is ~0.4% of it)
 
 
+def _close(a, b) -> bool:
+    """Within TOL of b's scale (bf16: the same work in other shapes)."""
+    return (a.float() - b.float()).abs().max().item() <= TOL * b.float().abs().max().item()
+
+
 @pytest.fixture(scope="module")
 def backend():
     from servers.ssm_server.backend_mamba import MambaBackend
@@ -187,11 +192,8 @@ def test_packed_prefill_equals_each_prompt_alone(backend, graphs):
     prompts = [torch.randint(1, backend.vocab_size, (n,), generator=gen).tolist() for n in lens]
     slots = [5, 0, 3, 1, 4, 2]
     held = backend.prefill_graphs
-    assert held is not None and len(held.set.graphs) == 5 * 3, "graphs of 256 to 4096 tokens, 1/8/64 prompts"
-
-    def close(a, b):
-        return (a.float() - b.float()).abs().max().item() <= TOL * b.float().abs().max().item()
-
+    assert held is not None and len(held.set.graphs) == 5 * 3 + 5, \
+        "packs of 256 to 4096 tokens for 1/8/64 prompts, and continuation chunks of those lengths"
     try:
         backend.prefill_graphs = None
         alone = torch.stack([backend.prefill_chunk(s, p, 0) for s, p in zip(slots, prompts)])
@@ -201,7 +203,7 @@ def test_packed_prefill_equals_each_prompt_alone(backend, graphs):
         step = backend.decode(slots, nxt, [0] * len(slots))
         backend.prefill_graphs = held if graphs else None
         if graphs:  # each alone, replayed
-            assert close(torch.stack([backend.prefill_chunk(s, p, 0) for s, p in zip(slots, prompts)]), alone)
+            assert _close(torch.stack([backend.prefill_chunk(s, p, 0) for s, p in zip(slots, prompts)]), alone)
         backend.conv_pool[:, slots] = 7  # what a pack must overwrite
         backend.ssm_pool[:, slots] = 7
         spare = backend.num_slots - 1  # not packed: untouched
@@ -212,11 +214,11 @@ def test_packed_prefill_equals_each_prompt_alone(backend, graphs):
         backend.prefill_graphs = held
     assert got.shape == (len(lens), backend.vocab_size)
     for j in range(len(lens)):
-        assert close(got[j], alone[j]), (j, lens[j])
-        assert close(backend.conv_pool[:, slots[j]], conv[:, j]), (j, lens[j])
-        assert close(backend.ssm_pool[:, slots[j]], ssm[:, j]), (j, lens[j])
+        assert _close(got[j], alone[j]), (j, lens[j])
+        assert _close(backend.conv_pool[:, slots[j]], conv[:, j]), (j, lens[j])
+        assert _close(backend.ssm_pool[:, slots[j]], ssm[:, j]), (j, lens[j])
     assert bool((backend.ssm_pool[:, spare] == 3).all())
-    assert close(backend.decode(slots, nxt, [0] * len(slots)), step)
+    assert _close(backend.decode(slots, nxt, [0] * len(slots)), step)
 
 
 def test_prefill_graphs_beside_decode_graphs_finish_and_match_alone(backend):
@@ -262,3 +264,57 @@ def test_prefill_graphs_beside_decode_graphs_finish_and_match_alone(backend):
     assert got_rows == ref_rows
     for got, ref in zip(got_packs, ref_packs):
         assert (got - ref).abs().max().item() <= TOL * ref.abs().max().item()
+
+
+def test_continued_chunks_replayed_equal_eager_chunks(backend):
+    """A long prompt in chunks of many lengths: each later chunk replayed from a continuation
+    graph, padded past its length (700 of 1,024 tokens, 2,048 of 2,048, 1,249 of 2,048, 4 of
+    256: the conv window's width), gives the logits, conv window and SSM state the same chunks
+    give run eagerly, and so does the decode step after it; a chunk shorter than the conv window
+    runs eagerly; no other slot changes."""
+    import torch
+
+    gen = torch.Generator().manual_seed(4)
+    chunks = [1000, 700, 2048, 3, 1249, 256, 4]
+    ids = torch.randint(1, backend.vocab_size, (sum(chunks),), generator=gen).tolist()
+    slot, spare = 2, 6
+    held = backend.prefill_graphs
+    assert [k for k in held.continued if k in held.set.graphs] == [(t, 0) for t in (256, 512, 1024, 2048, 4096)]
+    assert held.continued_bucket(3) is None and held.continued_bucket(4) == (256, 0)
+    assert held.continued_bucket(4097) is None
+
+    def prefill():
+        out, pos = [], 0
+        for c in chunks:
+            out.append(backend.prefill_chunk(slot, ids[pos:pos + c], pos))
+            pos += c
+        nxt = int(out[-1].argmax())
+        state = backend.conv_pool[:, slot].clone(), backend.ssm_pool[:, slot].clone()
+        return torch.stack(out), state, backend.decode([slot], [nxt], [pos])
+
+    replayed = []
+    run_continued = held.run_continued
+
+    def spy(s, chunk):
+        out = run_continued(s, chunk)
+        replayed.append(out is not None)
+        return out
+
+    try:
+        backend.prefill_graphs = None
+        ref, (ref_conv, ref_ssm), ref_step = prefill()
+        backend.prefill_graphs = held
+        backend.conv_pool[:, spare] = 3
+        backend.ssm_pool[:, spare] = 3
+        held.run_continued = spy
+        got, (conv, ssm), step = prefill()
+        torch.cuda.synchronize()
+    finally:
+        backend.prefill_graphs = held
+        del held.run_continued
+    assert replayed == [True, True, False, True, True, True]
+    for j, c in enumerate(chunks):
+        assert _close(got[j], ref[j]), (j, c)
+    assert _close(conv, ref_conv) and _close(ssm, ref_ssm)
+    assert _close(step, ref_step)
+    assert bool((backend.conv_pool[:, spare] == 3).all()) and bool((backend.ssm_pool[:, spare] == 3).all())

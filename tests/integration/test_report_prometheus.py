@@ -57,7 +57,7 @@ def prom(tmp_path_factory):
     cmd = [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
            f"--web.listen-address=127.0.0.1:{port}"]
     with ManagedServer("prometheus", cmd, port, log_path=tmp / "prometheus.log",
-                       health_path="/-/ready", startup_timeout_s=60) as srv:
+                       health_path="/-/ready", startup_timeout_s=60):
         url = f"http://127.0.0.1:{port}"
         start = time.time()
         deadline = start + 30
