@@ -46,6 +46,12 @@ def own_state_update() -> bool:
     return os.environ.get("CTXLOAD_SSU", "own") != "mamba"
 
 
+def fused_projections() -> bool:
+    """ssm-server's native decode of small batches fuses each norm into the projection after it
+    (``mamba_gemv``) unless ``CTXLOAD_GEMV=cublas``."""
+    return os.environ.get("CTXLOAD_GEMV", "fused") != "cublas"
+
+
 def debug() -> bool:
     """``CTXLOAD_DEBUG=1``: the CLI shows tracebacks instead of one line."""
     return bool(os.environ.get("CTXLOAD_DEBUG"))

@@ -7,9 +7,11 @@ ssm-server's native backend (Mamba2-780m, random weights, bf16). For each batch 
 and the pipelined loop the engine runs (launch step N+1, then collect step N; host wall time per
 step) — the ITL a stream sees at that batch. Against them the floor: the bytes a step must read
 (weights, and each row's conv window and SSM state read and written) over the copy bandwidth
-measured here. Then one profiled batch-1 replay: every kernel's device time, by kernel, with
-its share of the step and the idle time between kernels (the launch gaps a graph leaves).
-Prints a table last.
+measured here. Each twice in the same run: the decoder the server runs (batches up to 16 with
+each norm fused into the projection after it, ``mamba_gemv``) and the reference, norm kernels
+and cuBLAS (``CTXLOAD_GEMV=cublas``). Then one profiled batch-1 replay of each: every kernel's
+device time, with its share of the step and the idle time between kernels (the launch gaps a
+graph leaves). Prints the tables last.
 """
 
 from __future__ import annotations
@@ -98,39 +100,49 @@ def short(name: str) -> str:
 def main() -> None:
     from servers.ssm_server.backend_mamba import MambaBackend
     from servers.ssm_server.config import ServerConfig
+    from servers.ssm_server.mamba_decode import NativeDecoder
 
     b = MambaBackend(ServerConfig(model="mamba2-780m", device="cuda", dtype="bfloat16", random_weights=True,
                                   max_num_seqs=max(SIZES), prefill_chunk_size=256))
     bw = copy_bandwidth()
     weights = sum(p.numel() * p.element_size() for p in b.model.parameters())
     state = b.state_bytes
-    dec = b.decoder
+    served = b.decoder
+    plain = NativeDecoder(b, b.num_slots, fused=False)
+    plain.capture_all()
+    decoders = {"served" + (" (norms fused into the projections)" if served.fused else ""): served,
+                "norm kernels + cuBLAS": plain}
     print(f"# {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, weights {weights / 1e9:.2f} GB, "
           f"state {state / 1e6:.2f} MB a sequence", flush=True)
     rows = []
     for n in SIZES:
-        size = dec.set.bucket(n)
-        graph, _ = dec.set.graphs[(size, True)]
         floor = (weights + 2 * n * state) / bw * 1e6
-        g_us, p_us = replay_us(graph), pipelined_us(b, n)
-        rows.append((n, g_us, p_us, floor))
-        print(f"batch {n}: graph {g_us:.1f} µs, pipelined {p_us:.1f} µs, floor {floor:.1f} µs", flush=True)
-    graph, _ = dec.set.graphs[(dec.set.bucket(1), True)]
-    kernels, span, busy = kernel_profile(graph)
-    print("\n| batch | graph replay (device) | pipelined loop (host, = ITL) | floor: bytes / copy bandwidth | "
-          "graph / floor |")
-    print("|---|---|---|---|---|")
-    for n, g_us, p_us, floor in rows:
-        print(f"| {n} | {g_us:.0f} µs | {p_us:.0f} µs | {floor:.0f} µs | {g_us / floor:.2f}× |")
-    if kernels:
-        print(f"\nbatch 1, one replay: span {span:.0f} µs, kernels {busy:.0f} µs, idle between them "
+        for name, dec in decoders.items():
+            graph, _ = dec.set.graphs[(dec.set.bucket(n), True)]
+            b.decoder = dec
+            g_us, p_us = replay_us(graph), pipelined_us(b, n)
+            rows.append((n, name, g_us, p_us, floor))
+            print(f"batch {n}, {name}: graph {g_us:.1f} µs, pipelined {p_us:.1f} µs, floor {floor:.1f} µs", flush=True)
+    b.decoder = served
+    profiles = {name: kernel_profile(dec.set.graphs[(dec.set.bucket(1), True)][0]) for name, dec in decoders.items()}
+    print(f"\ndecode step, Mamba2-780m bf16 random weights, {torch.cuda.get_device_name()}, {time.strftime('%Y-%m-%d')}")
+    print("| batch | decoder | graph replay (device) | pipelined loop (host, = ITL) | floor: bytes / copy bandwidth "
+          "| graph / floor | pipelined / reference's |")
+    print("|---|---|---|---|---|---|---|")
+    ref = {n: p_us for n, name, _, p_us, _ in rows if name == "norm kernels + cuBLAS"}
+    for n, name, g_us, p_us, floor in rows:
+        print(f"| {n} | {name} | {g_us:.0f} µs | {p_us:.0f} µs | {floor:.0f} µs | {g_us / floor:.2f}× "
+              f"| {p_us / ref[n]:.2f}× |")
+    for name, (kernels, span, busy) in profiles.items():
+        if not kernels:
+            print(f"\n{name}: the profiler saw no kernel inside the graph replay")
+            continue
+        print(f"\n{name}, batch 1, one replay: span {span:.0f} µs, kernels {busy:.0f} µs, idle between them "
               f"{span - busy:.0f} µs ({(span - busy) / span:.0%}), {sum(k[1] for k in kernels)} kernels\n")
         print("| kernel | calls | µs | µs each | share of kernel time |")
         print("|---|---|---|---|---|")
-        for name, calls, us in kernels[:14]:
-            print(f"| {short(name)} | {calls} | {us:.0f} | {us / calls:.1f} | {us / busy:.0%} |")
-    else:
-        print("\n(the profiler saw no kernel inside the graph replay)")
+        for kname, calls, us in kernels[:10]:
+            print(f"| {short(kname)} | {calls} | {us:.0f} | {us / calls:.1f} | {us / busy:.0%} |")
 
 
 if __name__ == "__main__":

@@ -23,14 +23,27 @@ from __future__ import annotations
 
 import torch
 
+from servers.ssm_server import mamba_gemv
 from servers.ssm_server.cuda_graphs import GraphSet
 from servers.ssm_server.mamba_kernels import conv_step, pick_ssu_block, sample_on_device, ssu_step
 from servers.ssm_server.sampling import sample
 from servers import settings
 
 
+def fusable(backend) -> bool:
+    """Whether the model's layers fit ``mamba_gemv``'s fused norm + projection: no projection
+    bias, RMSNorm before each mixer with the residual in float32, one gated-norm group, gate
+    applied before the norm."""
+    bb = backend.model.backbone
+    return bool(bb.residual_in_fp32) and all(
+        layer.mixer.in_proj.bias is None and layer.mixer.out_proj.bias is None
+        and getattr(layer.norm, "bias", None) is None and type(layer.norm).__name__ == "RMSNorm"
+        and getattr(layer.mixer.norm, "group_size", 0) in (None, backend.d_ssm)
+        and not getattr(layer.mixer.norm, "norm_before_gate", True) for layer in backend.layers)
+
+
 class NativeDecoder:
-    def __init__(self, backend, max_batch: int, use_graphs: bool = True):
+    def __init__(self, backend, max_batch: int, use_graphs: bool = True, fused: bool | None = None):
         from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
@@ -62,6 +75,10 @@ class NativeDecoder:
         # size by timing) unless CTXLOAD_SSU=mamba asks for mamba_ssm's selective_state_update
         self.own_ssu = settings.own_state_update()
         self.ssu_block: dict[int, int] = {}
+        # batches up to mamba_gemv.MAX_ROWS: each projection one kernel with its norm fused in,
+        # unless CTXLOAD_GEMV=cublas asks for the norm kernels and cuBLAS
+        self.fused = (settings.fused_projections() if fused is None else fused) and fusable(backend)
+        self.gemv_config: dict[int, tuple] = {}
         self.consts = []
         for i, layer in enumerate(backend.layers):
             m = layer.mixer
@@ -73,12 +90,21 @@ class NativeDecoder:
             self.consts.append(ssu + (backend.conv_weights[i],))
 
     def block(self, size: int) -> int:
-        """The state-update block for this batch size, timed once (never inside a capture)."""
+        """The state-update block for this batch size, timed once (never inside a capture), and
+        the fused projections' blocks where they serve it."""
         if size not in self.ssu_block:
             b = self.b
             self.ssu_block[size] = pick_ssu_block(size, b.nheads, b.headdim, b.d_state, b.ngroups,
                                                   b.ssm_pool.dtype, b.device) if self.own_ssu else 0
+            if self.fuses(size):
+                m = b.layers[0].mixer
+                self.gemv_config[size] = (mamba_gemv.pick(size, m.in_proj.weight, mamba_gemv.ADD_NORM),
+                                          mamba_gemv.pick(size, m.out_proj.weight, mamba_gemv.GATED))
         return self.ssu_block[size]
+
+    def fuses(self, size: int) -> bool:
+        """Whether a step of ``size`` rows runs the fused norm + projection kernels."""
+        return self.fused and size <= mamba_gemv.MAX_ROWS
 
     # ---- the step body (captured or eager) -------------------------------------------------
     def _body(self, size: int, greedy_only: bool):
@@ -92,12 +118,19 @@ class NativeDecoder:
         tok = torch.where(tok_in >= 0, tok_in, self.last_tok[safe])
         h = bb.embedding(tok)
         res = None
+        fused = self.fuses(size)
+        cfg_in, cfg_out = self.gemv_config.get(size, (mamba_gemv.CONFIGS[0],) * 2)
         for i, layer in enumerate(b.layers):
             m = layer.mixer
             A, D, dt_bias, w = self.consts[i]
-            h, res = self._ln(h, layer.norm.weight, layer.norm.bias, residual=res, prenorm=True,
-                              residual_in_fp32=bb.residual_in_fp32, eps=layer.norm.eps, is_rms_norm=True)
-            zxbcdt = m.in_proj(h)
+            if fused:
+                zxbcdt, res = mamba_gemv.project(
+                    h, m.in_proj.weight, mamba_gemv.NORM if res is None else mamba_gemv.ADD_NORM, residual=res,
+                    norm_weight=layer.norm.weight, eps=layer.norm.eps, config=cfg_in)
+            else:
+                h, res = self._ln(h, layer.norm.weight, layer.norm.bias, residual=res, prenorm=True,
+                                  residual_in_fp32=bb.residual_in_fp32, eps=layer.norm.eps, is_rms_norm=True)
+                zxbcdt = m.in_proj(h)
             z = zxbcdt[:, :b.d_ssm]
             xBC = conv_step(zxbcdt[:, b.d_ssm:b.d_ssm + b.conv_dim], b.conv_pool[i], w, m.conv1d.bias, idx)
             dt = zxbcdt[:, b.d_ssm + b.conv_dim:]
@@ -109,8 +142,11 @@ class NativeDecoder:
             else:
                 y = self._ssu(b.ssm_pool[i], x, dt[:, :, None].expand(size, H, P), A, Bm, Cm, D, z=None,
                               dt_bias=dt_bias, dt_softplus=True, state_batch_indices=idx)
-            y = m.norm(y.reshape(size, b.d_ssm), z)
-            h = m.out_proj(y)
+            if fused:
+                h, _ = mamba_gemv.project(y.reshape(size, b.d_ssm), m.out_proj.weight, mamba_gemv.GATED, z=z,
+                                          norm_weight=m.norm.weight, eps=m.norm.eps, config=cfg_out)
+            else:
+                h = m.out_proj(m.norm(y.reshape(size, b.d_ssm), z))
         h = self._ln(h, bb.norm_f.weight, bb.norm_f.bias, eps=bb.norm_f.eps, residual=res, prenorm=False,
                      residual_in_fp32=bb.residual_in_fp32, is_rms_norm=True)
         logits = b.model.lm_head(h)[:, :b.vocab_size].float()

@@ -143,6 +143,10 @@ def test_prefill_on_its_stream_beside_pipelined_decode_matches_alone(backend):
     def prefill(slot, ids, chunk=1024):
         for s in range(0, len(ids), chunk):
             logits = backend.prefill_chunk(slot, ids[s:s + chunk], s)
+        # done before another stream reads the logits or decodes the slot, as the engine's
+        # sampling of the first token on the prefill thread waits for it (a replayed chunk
+        # returns before the device has run it)
+        torch.cuda.current_stream().synchronize()
         return logits
 
     def decode(slots, first, n):
@@ -318,3 +322,57 @@ def test_continued_chunks_replayed_equal_eager_chunks(backend):
     assert _close(conv, ref_conv) and _close(ssm, ref_ssm)
     assert _close(step, ref_step)
     assert bool((backend.conv_pool[:, spare] == 3).all()) and bool((backend.ssm_pool[:, spare] == 3).all())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_fused_norm_projection_matches_norm_then_matmul(rows):
+    """``mamba_gemv.project`` in each mode (plain, gated norm, add + norm writing the float32
+    residual, first-layer norm) against the float32 reference, for every block config, at the
+    model's projection shapes."""
+    import torch
+
+    from servers.ssm_server import mamba_gemv as g
+
+    torch.manual_seed(rows)
+    dev, bf = "cuda", torch.bfloat16
+    for n, k in ((6448, 1536), (1536, 3072)):
+        w = torch.randn(n, k, device=dev, dtype=bf) / k ** 0.5
+        big = torch.randn(rows, k + 100, device=dev, dtype=bf)  # strided rows, as in_proj's z view
+        x, z = torch.randn(rows, k, device=dev, dtype=bf), big[:, :k]
+        r = torch.randn(rows, k, device=dev, dtype=torch.float32)
+        nw = 1 + 0.1 * torch.randn(k, device=dev, dtype=bf)
+        for mode in (g.PLAIN, g.GATED, g.ADD_NORM, g.NORM):
+            kw = dict(z=z if mode == g.GATED else None, residual=r if mode == g.ADD_NORM else None,
+                      norm_weight=None if mode == g.PLAIN else nw, eps=1e-5)
+            ref, ref_r = g.project_ref(x, w, mode, **kw)
+            for cfg in g.CONFIGS:
+                got, got_r = g.project(x, w, mode, config=cfg, **kw)
+                torch.testing.assert_close(got, ref, atol=3e-2, rtol=2e-2, msg=lambda m: f"{mode} {cfg} {n}x{k}: {m}")
+                if mode >= g.ADD_NORM:
+                    torch.testing.assert_close(got_r, ref_r, atol=1e-5, rtol=1e-5)
+                else:
+                    assert got_r is None
+
+
+def test_fused_decoder_agrees_with_norm_kernels_and_cublas(backend):
+    """The served decoder fuses each norm into the projection after it at batches up to 16; a
+    decoder with the norm kernels and cuBLAS (``CTXLOAD_GEMV=cublas``) gives the same logits
+    from the same states, in graphs and eagerly."""
+    import torch
+
+    from servers.ssm_server.mamba_decode import NativeDecoder
+
+    assert backend.decoder.fused and backend.decoder.fuses(4) and not backend.decoder.fuses(17)
+    gen = torch.Generator().manual_seed(5)
+    for s in (0, 1, 2):
+        backend.prefill_chunk(s, torch.randint(1, backend.vocab_size, (300 + 100 * s,), generator=gen).tolist(), 0)
+    backend.conv_pool[:, 3:6].copy_(backend.conv_pool[:, 0:3])
+    backend.ssm_pool[:, 3:6].copy_(backend.ssm_pool[:, 0:3])
+    plain = NativeDecoder(backend, backend.num_slots, fused=False)
+    toks = [11, 12, 13]
+    fused_graph = backend.decoder.logits([0, 1, 2], toks)
+    plain_graph = plain.logits([3, 4, 5], toks)
+    assert _close(fused_graph, plain_graph)
+    assert _close(backend.decoder.logits([0, 1, 2], toks, eager=True), plain.logits([3, 4, 5], toks, eager=True))
+    assert _close(backend.conv_pool[:, 0:3], backend.conv_pool[:, 3:6])
+    assert _close(backend.ssm_pool[:, 0:3], backend.ssm_pool[:, 3:6])
