@@ -76,9 +76,12 @@ class NativeDecoder:
         self.own_ssu = settings.own_state_update()
         self.ssu_block: dict[int, int] = {}
         # batches up to mamba_gemv.MAX_ROWS: each projection one kernel with its norm fused in,
-        # unless CTXLOAD_GEMV=cublas asks for the norm kernels and cuBLAS
+        # where timing finds it faster (fused=True: always), unless CTXLOAD_GEMV=cublas asks for
+        # the norm kernels and cuBLAS
         self.fused = (settings.fused_projections() if fused is None else fused) and fusable(backend)
+        self.fuse_timed = fused is None
         self.gemv_config: dict[int, tuple] = {}
+        """Per batch size it fuses at: (in_proj's, out_proj's) ``mamba_gemv`` config."""
         self.consts = []
         for i, layer in enumerate(backend.layers):
             m = layer.mixer
@@ -96,15 +99,47 @@ class NativeDecoder:
             b = self.b
             self.ssu_block[size] = pick_ssu_block(size, b.nheads, b.headdim, b.d_state, b.ngroups,
                                                   b.ssm_pool.dtype, b.device) if self.own_ssu else 0
-            if self.fuses(size):
+            if self.fused and size <= mamba_gemv.MAX_ROWS:
                 m = b.layers[0].mixer
-                self.gemv_config[size] = (mamba_gemv.pick(size, m.in_proj.weight, mamba_gemv.ADD_NORM),
-                                          mamba_gemv.pick(size, m.out_proj.weight, mamba_gemv.GATED))
+                cfg = (mamba_gemv.pick(size, m.in_proj.weight, mamba_gemv.ADD_NORM),
+                       mamba_gemv.pick(size, m.out_proj.weight, mamba_gemv.GATED))
+                if not self.fuse_timed or self._fusing_pays(size, cfg):
+                    self.gemv_config[size] = cfg
         return self.ssu_block[size]
 
     def fuses(self, size: int) -> bool:
-        """Whether a step of ``size`` rows runs the fused norm + projection kernels."""
-        return self.fused and size <= mamba_gemv.MAX_ROWS
+        """Whether a step of ``size`` rows runs the fused norm + projection kernels (known once
+        ``block(size)`` ran)."""
+        return size in self.gemv_config
+
+    def _fusing_pays(self, size: int, cfg: tuple) -> bool:
+        """Whether one layer's two fused projections beat its norm kernels and cuBLAS at this
+        batch size, timed on scratch inputs with the first layer's weights."""
+        from servers.ssm_server.mamba_kernels import graph_time_us
+
+        b, g = self.b, mamba_gemv
+        layer = b.layers[0]
+        m = layer.mixer
+        d = m.in_proj.weight.shape[1]
+        h = torch.randn((size, d), dtype=b.dtype, device=b.device)
+        res = torch.randn((size, d), dtype=torch.float32, device=b.device)
+        y, z = torch.randn((2, size, b.d_ssm), dtype=b.dtype, device=b.device)
+
+        def fused():
+            g.project(h, m.in_proj.weight, g.ADD_NORM, residual=res, norm_weight=layer.norm.weight,
+                      eps=layer.norm.eps, config=cfg[0])
+            g.project(y, m.out_proj.weight, g.GATED, z=z, norm_weight=m.norm.weight, eps=m.norm.eps, config=cfg[1])
+
+        def plain():
+            x, _ = self._ln(h, layer.norm.weight, None, residual=res, prenorm=True, residual_in_fp32=True,
+                            eps=layer.norm.eps, is_rms_norm=True)
+            m.in_proj(x)
+            m.out_proj(m.norm(y, z))
+
+        try:
+            return graph_time_us(fused) < graph_time_us(plain)
+        except (torch.cuda.OutOfMemoryError, RuntimeError):
+            return False
 
     # ---- the step body (captured or eager) -------------------------------------------------
     def _body(self, size: int, greedy_only: bool):
@@ -119,7 +154,7 @@ class NativeDecoder:
         h = bb.embedding(tok)
         res = None
         fused = self.fuses(size)
-        cfg_in, cfg_out = self.gemv_config.get(size, (mamba_gemv.CONFIGS[0],) * 2)
+        cfg_in, cfg_out = self.gemv_config.get(size, (None, None))
         for i, layer in enumerate(b.layers):
             m = layer.mixer
             A, D, dt_bias, w = self.consts[i]

@@ -6,8 +6,9 @@ took 1.26 ms of device time against 0.42 ms of bytes to read, and cuBLAS's kerne
 ``in_proj`` (1,536 → 6,448) and ``out_proj`` (3,072 → 1,536, split-K plus a reduce kernel) were
 55% of it, at about half the memory bandwidth; the norms before them, 97 more launches of ~2 µs
 (``benchmarks/gpu/bench_decode_step.py``). Here each projection is one kernel over rows of the
-weight, streaming it once, and the norm before it is its prologue: every program first reads
-the whole (short) input rows to get their RMS (a few KB from L2), then multiplies.
+weight, streaming it once: a program loads its block of weight rows whole (all of K at once, so
+every load is in flight together), and the norm before it is its prologue: every program reads
+the whole (short) input rows and normalizes them in registers (a few KB from L2).
 
 ``project(x, weight, mode=...)`` computes ``norm(x) @ weight.T`` for up to ``MAX_ROWS`` rows:
 - ``PLAIN``: x as is;
@@ -18,8 +19,8 @@ the whole (short) input rows to get their RMS (a few KB from L2), then multiplie
 - ``NORM``: the first layer's: r = x (no residual yet), as ``ADD_NORM``.
 The normalized input is rounded to the weight's dtype before the product, as the separate norm
 kernel's output is, so the result matches norm-then-GEMM within bf16 rounding of the sums.
-Blocks (weight rows and columns per step, warps) are timed once per shape and row count
-(``pick``), never inside a capture.
+Blocks (weight rows per program, warps) are timed once per shape and row count (``pick``),
+never inside a capture.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ import functools
 import torch
 
 PLAIN, GATED, ADD_NORM, NORM = 0, 1, 2, 3
-MAX_ROWS = 16
-"""Rows (decode batch) the kernel takes: the product runs on tensor cores padded to 16 rows."""
+MAX_ROWS = 8
+"""Rows (decode batch) the kernel takes; each row costs a pass over the weight tile in registers."""
 
-CONFIGS = ((16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 4), (16, 512, 8), (64, 64, 4))
-"""(weight rows per program, columns per step, warps) tried by ``pick``."""
+CONFIGS = ((2, 4), (4, 4), (4, 8), (8, 8), (16, 8))
+"""(weight rows per program, warps) tried by ``pick``."""
 
 
 @functools.cache
@@ -42,57 +43,49 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def _input(x_ptr, z_ptr, r_ptr, rows, rk, mm, mk, sx, sz, sr, MODE: tl.constexpr):
-        m2 = mm[:, None] & mk[None, :]
-        v = tl.load(x_ptr + rows[:, None] * sx + rk[None, :], mask=m2, other=0.0).to(tl.float32)
-        if MODE == 1:
-            z = tl.load(z_ptr + rows[:, None] * sz + rk[None, :], mask=m2, other=0.0).to(tl.float32)
-            v = v * z * tl.sigmoid(z)
-        if MODE == 2:
-            v += tl.load(r_ptr + rows[:, None] * sr + rk[None, :], mask=m2, other=0.0).to(tl.float32)
-        return v
-
-    @triton.jit
-    def project(x_ptr, z_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, rout_ptr, B, N, K, eps,
-                sx, sz, sr, sw, so, sro, MODE: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
+    def project(x_ptr, z_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, rout_ptr, N, K, eps,
+                sx, sz, sr, sw, so, sro, MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr):
+        """out[b, n] = sum_k norm(x)[b, k] * w[n, k] for BLOCK_N weight rows n, every one of the
+        ROWS input rows b: the weight tile is loaded once, whole (all of K: every load in
+        flight at once), and each input row, read whole, is normalized in registers."""
         pid = tl.program_id(0)
-        rows = tl.arange(0, BM)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        mm = rows < B
+        rk = tl.arange(0, BLOCK_K)
         mn = rn < N
-        if MODE != 0:  # the rows' RMS, read whole by every program
-            ss = tl.zeros([BM], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                rk = k0 + tl.arange(0, BLOCK_K)
-                v = _input(x_ptr, z_ptr, r_ptr, rows, rk, mm, rk < K, sx, sz, sr, MODE)
-                ss += tl.sum(v * v, axis=1)
-            rstd = 1.0 / tl.sqrt(ss / K + eps)
-        acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            mk = rk < K
-            v = _input(x_ptr, z_ptr, r_ptr, rows, rk, mm, mk, sx, sz, sr, MODE)
+        mk = rk < K
+        w = tl.load(w_ptr + rn[:, None] * sw + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+        if MODE != 0:
+            nw = tl.load(nw_ptr + rk, mask=mk, other=0.0).to(tl.float32)
+        for b in tl.static_range(ROWS):
+            v = tl.load(x_ptr + b * sx + rk, mask=mk, other=0.0).to(tl.float32)
+            if MODE == 1:
+                z = tl.load(z_ptr + b * sz + rk, mask=mk, other=0.0).to(tl.float32)
+                v = v * z * tl.sigmoid(z)
+            if MODE == 2:
+                v += tl.load(r_ptr + b * sr + rk, mask=mk, other=0.0).to(tl.float32)
             if MODE >= 2:
                 if pid == 0:
-                    tl.store(rout_ptr + rows[:, None] * sro + rk[None, :], v, mask=mm[:, None] & mk[None, :])
+                    tl.store(rout_ptr + b * sro + rk, v, mask=mk)
             if MODE != 0:
-                v = v * rstd[:, None] * tl.load(nw_ptr + rk, mask=mk, other=0.0).to(tl.float32)[None, :]
-            w = tl.load(w_ptr + rn[:, None] * sw + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
-            acc += tl.dot(v.to(w.dtype), tl.trans(w))
-        tl.store(out_ptr + rows[:, None] * so + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=mm[:, None] & mn[None, :])
+                v = v / tl.sqrt(tl.sum(v * v, axis=0) / K + eps) * nw
+            v = v.to(w.dtype).to(tl.float32)  # rounded as the separate norm's output is
+            acc = tl.sum(w.to(tl.float32) * v[None, :], axis=1)
+            tl.store(out_ptr + b * so + rn, acc.to(out_ptr.dtype.element_ty), mask=mn)
 
     return project
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, mode: int = PLAIN, *, z: torch.Tensor | None = None,
             residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
-            config: tuple[int, int, int] = CONFIGS[0]) -> tuple[torch.Tensor, torch.Tensor | None]:
+            config: tuple[int, int] = CONFIGS[1]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(norm(x) @ weight.T [B, N] in x's dtype, residual_out [B, K] float32 or None).
 
     x [B, K] (unit inner stride), weight [N, K] (unit inner stride), B <= MAX_ROWS; ``z`` [B, K]
-    for GATED, ``residual`` [B, K] for ADD_NORM, ``norm_weight`` [K] for every mode but PLAIN."""
+    for GATED, ``residual`` [B, K] for ADD_NORM, ``norm_weight`` [K] for every mode but PLAIN.
+    One compiled kernel per B (a decode graph's bucket size)."""
+    import triton
+
     bsz, k = x.shape
     n = weight.shape[0]
     assert bsz <= MAX_ROWS and weight.shape[1] == k and x.stride(-1) == 1 and weight.stride(-1) == 1
@@ -102,11 +95,11 @@ def project(x: torch.Tensor, weight: torch.Tensor, mode: int = PLAIN, *, z: torc
     zz = z if z is not None else x
     rr = residual if residual is not None else x
     assert zz.stride(-1) == 1 and rr.stride(-1) == 1
-    block_n, block_k, warps = config
+    block_n, warps = config
     _kernel()[((n + block_n - 1) // block_n,)](
-        x, zz, rr, norm_weight if norm_weight is not None else weight, weight, out, rout, bsz, n, k, eps,
+        x, zz, rr, norm_weight if norm_weight is not None else weight, weight, out, rout, n, k, eps,
         x.stride(0), zz.stride(0), rr.stride(0), weight.stride(0), out.stride(0), rout.stride(0),
-        MODE=mode, BM=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        MODE=mode, ROWS=bsz, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), num_warps=warps)
     return out, (rout if mode >= ADD_NORM else None)
 
 
@@ -124,7 +117,7 @@ def project_ref(x, weight, mode=PLAIN, *, z=None, residual=None, norm_weight=Non
     return (v.to(weight.dtype) @ weight.T).to(x.dtype), rout
 
 
-def pick(rows: int, weight: torch.Tensor, mode: int) -> tuple[int, int, int]:
+def pick(rows: int, weight: torch.Tensor, mode: int) -> tuple[int, int]:
     """The fastest ``CONFIGS`` entry for ``rows`` input rows against ``weight`` in ``mode``, timed
     in a CUDA graph on scratch inputs (the first config where timing fails)."""
     from servers.ssm_server.mamba_kernels import graph_time_us

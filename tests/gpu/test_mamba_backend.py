@@ -324,7 +324,7 @@ def test_continued_chunks_replayed_equal_eager_chunks(backend):
     assert bool((backend.conv_pool[:, spare] == 3).all()) and bool((backend.ssm_pool[:, spare] == 3).all())
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("rows", [1, 3, 8])
 def test_fused_norm_projection_matches_norm_then_matmul(rows):
     """``mamba_gemv.project`` in each mode (plain, gated norm, add + norm writing the float32
     residual, first-layer norm) against the float32 reference, for every block config, at the
@@ -355,14 +355,16 @@ def test_fused_norm_projection_matches_norm_then_matmul(rows):
 
 
 def test_fused_decoder_agrees_with_norm_kernels_and_cublas(backend):
-    """The served decoder fuses each norm into the projection after it at batches up to 16; a
-    decoder with the norm kernels and cuBLAS (``CTXLOAD_GEMV=cublas``) gives the same logits
-    from the same states, in graphs and eagerly."""
+    """A decoder that fuses each norm into the projection after it (batches up to 8; the served
+    one does where timing finds it faster) and one with the norm kernels and cuBLAS
+    (``CTXLOAD_GEMV=cublas``) give the same logits from the same states, in graphs and
+    eagerly."""
     import torch
 
     from servers.ssm_server.mamba_decode import NativeDecoder
 
-    assert backend.decoder.fused and backend.decoder.fuses(4) and not backend.decoder.fuses(17)
+    fused = NativeDecoder(backend, backend.num_slots, fused=True)
+    assert fused.block(4) is not None and fused.fuses(4) and not fused.fuses(16)
     gen = torch.Generator().manual_seed(5)
     for s in (0, 1, 2):
         backend.prefill_chunk(s, torch.randint(1, backend.vocab_size, (300 + 100 * s,), generator=gen).tolist(), 0)
@@ -370,9 +372,9 @@ def test_fused_decoder_agrees_with_norm_kernels_and_cublas(backend):
     backend.ssm_pool[:, 3:6].copy_(backend.ssm_pool[:, 0:3])
     plain = NativeDecoder(backend, backend.num_slots, fused=False)
     toks = [11, 12, 13]
-    fused_graph = backend.decoder.logits([0, 1, 2], toks)
-    plain_graph = plain.logits([3, 4, 5], toks)
-    assert _close(fused_graph, plain_graph)
-    assert _close(backend.decoder.logits([0, 1, 2], toks, eager=True), plain.logits([3, 4, 5], toks, eager=True))
+    fused.block(16)
+    assert not fused.fuses(16) and not plain.fused
+    assert _close(fused.logits([0, 1, 2], toks), plain.logits([3, 4, 5], toks))
+    assert _close(fused.logits([0, 1, 2], toks, eager=True), plain.logits([3, 4, 5], toks, eager=True))
     assert _close(backend.conv_pool[:, 0:3], backend.conv_pool[:, 3:6])
     assert _close(backend.ssm_pool[:, 0:3], backend.ssm_pool[:, 3:6])
