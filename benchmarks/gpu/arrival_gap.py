@@ -5,8 +5,8 @@ For each target and each stage where one prompt is at least 16× the length of e
 (``scenarios/traces/long-arrival.jsonl``: a 1M-token prompt arriving 3 s into 32 streams of 1K
 prompts decoding 8,000 tokens): the decoding streams' largest gap between two tokens among the
 gaps that end while the long prompt waits for its first token, their ITL p50 and p99 over that
-window, and the long prompt's TTFT beside them against its TTFT alone (the same target's
-request of the same prompt length in a stage of one request, if the run has one). Reads
+window, and the long prompt's TTFT beside them against its TTFT alone (the median of the same
+target's context_sweep stage at that prompt length, ``prompt=N``, if the run has one). Reads
 ``requests.jsonl`` (docs/contracts.md §4); prints a table.
 """
 
@@ -31,8 +31,8 @@ def main(run_dir: Path) -> int:
     stages: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in recs:
         stages[r["target"], r["stage"]].append(r)
-    alone = {(r["target"], r["prompt_tokens_requested"]): r["ttft_s"] for (t, s), rs in stages.items()
-             if len(rs) == 1 for r in rs}
+    alone = {(t, int(s.split("=", 1)[1])): statistics.median(r["ttft_s"] for r in rs)
+             for (t, s), rs in stages.items() if s.startswith("prompt=")}  # context_sweep stages
     rows = []
     for (target, stage), rs in stages.items():
         rs = sorted(rs, key=lambda r: -r["prompt_tokens_requested"])

@@ -115,6 +115,10 @@ def main() -> None:
         dec.capture_all()
     decoders = {"served": served, "norms fused (up to 8 rows)": forced, "norm kernels + cuBLAS": plain}
     print("served: fuses at batch sizes", [n for n in served.set.sizes if served.fuses(n)], flush=True)
+    for n in (1, 3):  # the same step from the same (zero) states, fused and not
+        a, c = forced.logits(list(range(n)), [5] * n), plain.logits(list(range(n, 2 * n)), [5] * n)
+        print(f"batch {n}: fused vs norm kernels + cuBLAS, max |logit diff| / logit scale "
+              f"{((a - c).abs().max() / c.abs().max()).item():.4f}", flush=True)
     print(f"# {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, weights {weights / 1e9:.2f} GB, "
           f"state {state / 1e6:.2f} MB a sequence", flush=True)
     rows = []

@@ -24,13 +24,13 @@ def _run(tmp_path, recs):
 def test_counts_only_the_gaps_that_end_while_the_long_prompt_waits(tmp_path):
     # two streams from t=100.1: a 0.3 s gap ending at 102.4 (before the arrival at 103) and a
     # 0.05 s gap ending at 104.05 (while the long prompt waits, until 109); the long prompt's
-    # TTFT alone (a stage of its own) 5 s
+    # TTFT alone (the median of its context_sweep stage) 5 s
     before = [0.002] * 1000 + [0.3] + [0.002] * 2000
     during = [0.002] * 1975 + [0.05] + [0.002] * 2000
     out = _run(tmp_path, [
         _rec("a", "trace", 1024, 100.0, 0.1, before), _rec("a", "trace", 1024, 100.0, 0.1, during),
         _rec("a", "trace", 1 << 20, 103.0, 6.0, [0.002] * 15),
-        _rec("a", "alone", 1 << 20, 50.0, 5.0, []),
+        _rec("a", "prompt=1048576", 1 << 20, 50.0, 4.0, []), _rec("a", "prompt=1048576", 1 << 20, 60.0, 6.0, []),
         _rec("a", "trace", 1024, 100.0, None, [], status="error"),
     ])
     assert out.returncode == 0, out.stderr
