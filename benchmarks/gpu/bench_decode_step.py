@@ -114,7 +114,8 @@ def main() -> None:
     for dec in (forced, plain):
         dec.capture_all()
     decoders = {"served": served, "norms fused (up to 8 rows)": forced, "norm kernels + cuBLAS": plain}
-    print("served: fuses at batch sizes", [n for n in served.set.sizes if served.fuses(n)], flush=True)
+    print("served: fuses at batch sizes", [n for n in served.set.sizes if served.fuses(n)],
+          "; (in_proj, out_proj) blocks of the forced one:", forced.gemv_config, flush=True)
     for n in (1, 3):  # the same step from the same (zero) states, fused and not
         a, c = forced.logits(list(range(n)), [5] * n), plain.logits(list(range(n, 2 * n)), [5] * n)
         print(f"batch {n}: fused vs norm kernels + cuBLAS, max |logit diff| / logit scale "
