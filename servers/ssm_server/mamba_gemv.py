@@ -43,12 +43,11 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def project(x_ptr, z_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, rout_ptr, N, K, eps,
-                sx, sz, sr, sw, so, sro, MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+    def project(x_ptr, z_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, rout_ptr, B, N, K, eps,
+                sx, sz, sr, sw, so, sro, MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[b, n] = sum_k norm(x)[b, k] * w[n, k] for BLOCK_N weight rows n, every one of the
-        ROWS input rows b: the weight tile is loaded once, whole (all of K: every load in
-        flight at once), and each input row, read whole, is normalized in registers."""
+        B input rows b: the weight tile is loaded once, whole (all of K: every load in flight at
+        once), and each input row, read whole, is normalized in registers."""
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -57,7 +56,7 @@ def _kernel():
         w = tl.load(w_ptr + rn[:, None] * sw + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
         if MODE != 0:
             nw = tl.load(nw_ptr + rk, mask=mk, other=0.0).to(tl.float32)
-        for b in tl.static_range(ROWS):
+        for b in range(B):
             v = tl.load(x_ptr + b * sx + rk, mask=mk, other=0.0).to(tl.float32)
             if MODE == 1:
                 z = tl.load(z_ptr + b * sz + rk, mask=mk, other=0.0).to(tl.float32)
@@ -82,8 +81,7 @@ def project(x: torch.Tensor, weight: torch.Tensor, mode: int = PLAIN, *, z: torc
     """(norm(x) @ weight.T [B, N] in x's dtype, residual_out [B, K] float32 or None).
 
     x [B, K] (unit inner stride), weight [N, K] (unit inner stride), B <= MAX_ROWS; ``z`` [B, K]
-    for GATED, ``residual`` [B, K] for ADD_NORM, ``norm_weight`` [K] for every mode but PLAIN.
-    One compiled kernel per B (a decode graph's bucket size)."""
+    for GATED, ``residual`` [B, K] for ADD_NORM, ``norm_weight`` [K] for every mode but PLAIN."""
     import triton
 
     bsz, k = x.shape
@@ -97,9 +95,9 @@ def project(x: torch.Tensor, weight: torch.Tensor, mode: int = PLAIN, *, z: torc
     assert zz.stride(-1) == 1 and rr.stride(-1) == 1
     block_n, warps = config
     _kernel()[((n + block_n - 1) // block_n,)](
-        x, zz, rr, norm_weight if norm_weight is not None else weight, weight, out, rout, n, k, eps,
+        x, zz, rr, norm_weight if norm_weight is not None else weight, weight, out, rout, bsz, n, k, eps,
         x.stride(0), zz.stride(0), rr.stride(0), weight.stride(0), out.stride(0), rout.stride(0),
-        MODE=mode, ROWS=bsz, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), num_warps=warps)
+        MODE=mode, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), num_warps=warps)
     return out, (rout if mode >= ADD_NORM else None)
 
 
