@@ -56,7 +56,8 @@ def _kernel():
         w = tl.load(w_ptr + rn[:, None] * sw + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
         if MODE != 0:
             nw = tl.load(nw_ptr + rk, mask=mk, other=0.0).to(tl.float32)
-        for b in range(B):
+        b = 0
+        while b < B:  # a runtime bound: one compile for every batch size
             v = tl.load(x_ptr + b * sx + rk, mask=mk, other=0.0).to(tl.float32)
             if MODE == 1:
                 z = tl.load(z_ptr + b * sz + rk, mask=mk, other=0.0).to(tl.float32)
@@ -71,6 +72,7 @@ def _kernel():
             v = v.to(w.dtype).to(tl.float32)  # rounded as the separate norm's output is
             acc = tl.sum(w.to(tl.float32) * v[None, :], axis=1)
             tl.store(out_ptr + b * so + rn, acc.to(out_ptr.dtype.element_ty), mask=mn)
+            b += 1
 
     return project
 
