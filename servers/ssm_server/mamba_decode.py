@@ -21,6 +21,8 @@ generator path (``sampling.sample``) from the graph's logits (synchronous).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from servers.ssm_server import mamba_gemv
@@ -28,6 +30,8 @@ from servers.ssm_server.cuda_graphs import GraphSet
 from servers.ssm_server.mamba_kernels import conv_step, pick_ssu_block, sample_on_device, ssu_step
 from servers.ssm_server.sampling import sample
 from servers import settings
+
+log = logging.getLogger("ssm_server")
 
 
 def fusable(backend) -> bool:
@@ -138,7 +142,9 @@ class NativeDecoder:
 
         try:
             return graph_time_us(fused) < graph_time_us(plain)
-        except (torch.cuda.OutOfMemoryError, RuntimeError):
+        except Exception as e:  # noqa: BLE001 - a kernel that does not build or run here: never fuse
+            log.warning("fused norm + projection unavailable at batch %d (%s: %s); norm kernels and cuBLAS",
+                        size, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             return False
 
     # ---- the step body (captured or eager) -------------------------------------------------

@@ -131,6 +131,6 @@ def pick(rows: int, weight: torch.Tensor, mode: int) -> tuple[int, int]:
         nw = torch.ones(k, dtype=weight.dtype, device=dev)
         times = {c: graph_time_us(lambda c=c: project(x, weight, mode, z=z, residual=r, norm_weight=nw, config=c))
                  for c in CONFIGS}
-    except (torch.cuda.OutOfMemoryError, RuntimeError):
+    except Exception:  # noqa: BLE001 - out of memory, or a kernel that does not build here: the first config
         return CONFIGS[0]
     return min(times, key=times.get)
