@@ -109,3 +109,18 @@ def test_a_tokenizer_that_adds_bos_and_eos_keeps_them_around_the_pieces(tmp_path
     text = _long_texts()["corpus"]
     ids = t.encode(text)
     assert ids == t.tok.encode(text) and ids[0] == 0 and ids[-1] == 1 and ids.count(0) == 1
+
+
+def test_a_long_text_is_cut_into_pieces_of_at_most_piece_chars(monkeypatch):
+    """Each piece's ids come back to Python in one call that holds the GIL: however few the
+    cores, a long text is cut into pieces of at most PIECE_CHARS characters (more pieces than
+    2 per CPU), and the ids are still those of one encode."""
+    from servers.ssm_server import textio
+
+    t = _text()
+    text = _long_texts()["corpus"]
+    asked = []
+    real = textio.cut_points
+    monkeypatch.setattr(textio, "cut_points", lambda s, n: asked.append(n) or real(s, n))
+    assert t.encode(text) == t.tok.encode(text)
+    assert asked == [max(t.pieces, len(text) // textio.PIECE_CHARS)] and asked[0] >= 4
