@@ -126,3 +126,17 @@ class SSUCase:
                                       self.D[:, None].expand(H, P), z=None,
                                       dt_bias=self.dt_bias[:, None].expand(H, P), dt_softplus=True,
                                       state_batch_indices=self.idx)
+
+
+def gemv_cases(x, w, z, residual, norm_weight, eps: float = 1e-5):
+    """``mamba_gemv.project`` in every mode and block config on these inputs, each beside its
+    reference: yields (mode, config, out, reference out, residual out, reference residual out)."""
+    from servers.ssm_server import mamba_gemv as g
+
+    for mode in (g.PLAIN, g.GATED, g.ADD_NORM, g.NORM):
+        kw = dict(z=z if mode == g.GATED else None, residual=residual if mode == g.ADD_NORM else None,
+                  norm_weight=None if mode == g.PLAIN else norm_weight, eps=eps)
+        ref, ref_r = g.project_ref(x, w, mode, **kw)
+        for cfg in g.CONFIGS:
+            got, got_r = g.project(x, w, mode, config=cfg, **kw)
+            yield mode, cfg, got, ref, got_r, ref_r

@@ -332,6 +332,7 @@ def test_fused_norm_projection_matches_norm_then_matmul(rows):
     import torch
 
     from servers.ssm_server import mamba_gemv as g
+    from servers.ssm_server.mamba_check import gemv_cases
 
     torch.manual_seed(rows)
     dev, bf = "cuda", torch.bfloat16
@@ -341,17 +342,12 @@ def test_fused_norm_projection_matches_norm_then_matmul(rows):
         x, z = torch.randn(rows, k, device=dev, dtype=bf), big[:, :k]
         r = torch.randn(rows, k, device=dev, dtype=torch.float32)
         nw = 1 + 0.1 * torch.randn(k, device=dev, dtype=bf)
-        for mode in (g.PLAIN, g.GATED, g.ADD_NORM, g.NORM):
-            kw = dict(z=z if mode == g.GATED else None, residual=r if mode == g.ADD_NORM else None,
-                      norm_weight=None if mode == g.PLAIN else nw, eps=1e-5)
-            ref, ref_r = g.project_ref(x, w, mode, **kw)
-            for cfg in g.CONFIGS:
-                got, got_r = g.project(x, w, mode, config=cfg, **kw)
-                torch.testing.assert_close(got, ref, atol=3e-2, rtol=2e-2, msg=lambda m: f"{mode} {cfg} {n}x{k}: {m}")
-                if mode >= g.ADD_NORM:
-                    torch.testing.assert_close(got_r, ref_r, atol=1e-5, rtol=1e-5)
-                else:
-                    assert got_r is None
+        for mode, cfg, got, ref, got_r, ref_r in gemv_cases(x, w, z, r, nw):
+            torch.testing.assert_close(got, ref, atol=3e-2, rtol=2e-2, msg=lambda m: f"{mode} {cfg} {n}x{k}: {m}")
+            if mode >= g.ADD_NORM:
+                torch.testing.assert_close(got_r, ref_r, atol=1e-5, rtol=1e-5)
+            else:
+                assert got_r is None
 
 
 def test_fused_decoder_agrees_with_norm_kernels_and_cublas(backend):

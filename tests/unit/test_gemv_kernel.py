@@ -18,6 +18,7 @@ pytest.importorskip("triton")  # a CI dependency (pyproject's test extra): this 
 CODE = r'''
 import torch
 from servers.ssm_server import mamba_gemv as g
+from servers.ssm_server.mamba_check import gemv_cases
 worst = 0.0
 for rows in (1, 3):
     gen = torch.Generator().manual_seed(rows)
@@ -27,18 +28,13 @@ for rows in (1, 3):
     z = torch.randn(rows, K + 20, generator=gen).to(torch.bfloat16)[:, :K]  # strided rows
     r = torch.randn(rows, K, generator=gen)
     nw = (1 + 0.1 * torch.randn(K, generator=gen)).to(torch.bfloat16)
-    for mode in (g.PLAIN, g.GATED, g.ADD_NORM, g.NORM):
-        kw = dict(z=z if mode == g.GATED else None, residual=r if mode == g.ADD_NORM else None,
-                  norm_weight=None if mode == g.PLAIN else nw, eps=1e-5)
-        ref, ref_r = g.project_ref(x, w, mode, **kw)
-        for cfg in g.CONFIGS:
-            got, got_r = g.project(x, w, mode, config=cfg, **kw)
-            assert got.shape == (rows, N) and got.dtype == torch.bfloat16
-            worst = max(worst, ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item())
-            if mode in (g.ADD_NORM, g.NORM):
-                assert torch.allclose(got_r, ref_r, atol=1e-6), (mode, cfg)
-            else:
-                assert got_r is None
+    for mode, cfg, got, ref, got_r, ref_r in gemv_cases(x, w, z, r, nw):
+        assert got.shape == (rows, N) and got.dtype == torch.bfloat16
+        worst = max(worst, ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item())
+        if mode in (g.ADD_NORM, g.NORM):
+            assert torch.allclose(got_r, ref_r, atol=1e-6), (mode, cfg)
+        else:
+            assert got_r is None
 assert worst <= 2 ** -6, worst  # two bf16 roundings (the normalized input, the output) apart
 print("agree", worst)
 '''
