@@ -293,7 +293,9 @@ class MambaBackend:
         the conv width) of the ``ids`` [1, T] are real, the rest padding that leaves the slot as
         the real tokens do. Logits [1, V] after the n-th."""
         pad = torch.arange(ids.shape[1], device=ids.device) >= n
-        return self._forward(ids, lambda m, u, i: self._mixer_continued(m, u, i, slot, n, pad), n - 1)
+        # the real chunk's last d_conv inputs: the window each layer carries on (once, not per layer)
+        last = n - self.d_conv + torch.arange(self.d_conv, device=ids.device)
+        return self._forward(ids, lambda m, u, i: self._mixer_continued(m, u, i, slot, last, pad), n - 1)
 
     def _after_decode(self) -> None:
         stream = torch.cuda.current_stream(self.device)
@@ -331,13 +333,12 @@ class MambaBackend:
         ssm_state.copy_(last[0])
         return self._out(m, y, z)
 
-    def _mixer_continued(self, m, u: torch.Tensor, i: int, slot: torch.Tensor, n: torch.Tensor,
+    def _mixer_continued(self, m, u: torch.Tensor, i: int, slot: torch.Tensor, last: torch.Tensor,
                          pad: torch.Tensor) -> torch.Tensor:
         z, xBC, dt = self._in_proj(m, u)
         raw = xBC[0]
         window = self.conv_pool[i].index_select(0, slot)[0]  # a copy: conv_chunk's window update is moot
         xBC = conv_chunk(raw, window, self.conv_weights[i], m.conv1d.bias, False)
-        last = n - self.d_conv + torch.arange(self.d_conv, device=raw.device)  # the real chunk's last inputs
         self.conv_pool[i].index_copy_(0, slot, raw[last].transpose(0, 1)[None])
         dt = dt.masked_fill(pad[None, :, None], float("-inf"))  # softplus(-inf) = 0: no decay, no input
         y, final = self._scan(m, xBC, dt, initial_states=self.ssm_pool[i].index_select(0, slot).float(),
