@@ -136,7 +136,7 @@ case "${1:-}" in
       fi
     done
     grep -E "users=|rate=|ready after|error" /tmp/run.log | tail -8
-    grep -hE "WARNING|ERROR|CRITICAL|captured|warmed" "$RUNS"/probe/servers/*.log | cut -c1-300 | tail -12
+    grep -hE "WARNING|ERROR|CRITICAL|captured|warmed|slow (step|turn)" "$RUNS"/probe/servers/*.log | cut -c1-300 | tail -24
     python3 -m ctxload.cli report "$RUNS/probe" > /tmp/report.log 2>&1; echo "report rc=$?"; pack ;;
   *) echo "usage: $0 kit N | gpu-checks | start [SCENARIO] | wait | probe"; exit 2 ;;
 esac

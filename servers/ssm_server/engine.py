@@ -32,6 +32,11 @@ therefore already been scheduled into step N+1; that extra token is discarded (i
 for the next request, whose prefill the stream orders after that step). Requests known to end
 at their in-flight token (max_tokens / max_model_len) are left out of the next step. Seeded
 requests (host-side generators) and the transformers backend run synchronously.
+
+A step that holds decoding streams longer than ``slow_step_s`` (50 ms: the gap the issue "ssm-server
+under real traffic" allows a stream while a long prompt arrives) is logged with what it held —
+the streams, the prefill beside them — and so is a wait that long between two such steps (the
+event loop's own work), so a token gap a load test sees can be found in the server log.
 """
 
 from __future__ import annotations
@@ -92,6 +97,10 @@ class Engine:
         self.stall = StallWatch(lambda: bool(self.running or self.waiting))
         """Logs every thread's stack when the engine holds requests and no work of it ends."""
         self.steps = 0
+        self.slow_step_s = 0.05
+        """A step holding decoding streams longer than this is logged (``_log_slow``)."""
+        self.step_work_s = 0.0
+        """The last step's own time on the device thread (of its wall time in the loop)."""
         model = getattr(backend, "model", None)
         self.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) \
             if model is not None else 0
@@ -227,12 +236,14 @@ class Engine:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         pending = None  # (requests, handle) of the launched, not yet collected decode step
+        t_end = None  # when the last step holding decoding streams ended
         while True:
             self._drop_cancelled()
             self._admit()
             if self.prefill_overlap:
                 await self._overlapped_prefill(loop)
             if not self.running and pending is None:
+                t_end = None
                 self._wake.clear()
                 await self._wake.wait()
                 self.stall.progress()  # idle is no stall
@@ -243,6 +254,7 @@ class Engine:
             decode = [r for r in self.running
                       if r.prefilled and not r.cancelled and not self._ends_inflight(r, inflight)]
             if self.prefill_overlap and not decode and pending is None:
+                t_end = None
                 if self._prefilling is not None:  # nothing to decode: wait for the prefill
                     await asyncio.wait([self._prefilling[1]])
                 continue
@@ -255,6 +267,10 @@ class Engine:
                 prefill, decode = [], []  # a synchronous step needs the in-flight tokens first
             stepped = [r for r in dict.fromkeys(prefill + decode + (list(pending[0]) if pending else []))
                        if not r.finished]
+            t_step, pos0 = time.perf_counter(), prefill[0].pos if prefill else 0
+            if decode and t_end is not None and t_step - t_end > self.slow_step_s:
+                log.info("slow turn: %.1f ms between two steps holding %d decoding streams (the event loop's "
+                         "work between steps: admitting, emitting tokens, HTTP)", (t_step - t_end) * 1e3, len(decode))
             try:
                 results, pending, failed = await loop.run_in_executor(
                     self._pool, self._step, prefill, budget, decode, banned, bool(launch), pending, inflight)
@@ -271,6 +287,9 @@ class Engine:
             self.steps += 1
             self._steps.inc()
             self.stall.progress()
+            t_end = time.perf_counter() if decode else None
+            if decode and t_end - t_step > self.slow_step_s:
+                self._log_slow(t_end - t_step, decode, prefill, pos0)
             self.cache_peak = max(self.cache_peak, self._cache_bytes()[1])
             for req, reason, message in failed:  # a prefill or a sampling of its own: that request alone
                 self._fail([req], reason, message)
@@ -280,6 +299,18 @@ class Engine:
                 self._emit_all(results, time.perf_counter())
             # no yield here: the HTTP handlers write what was produced while the next step runs
             # on the device thread (the await on it yields to them)
+
+    def _log_slow(self, took: float, decode: list[Request], prefill: list[Request], pos0: int) -> None:
+        if not prefill:
+            beside = "no prefill"
+        elif len(prefill) > 1:
+            beside = f"{len(prefill)} whole prompts packed ({sum(r.prompt_len for r in prefill):,} tokens)"
+        else:
+            r = prefill[0]
+            beside = (f"a prefill chunk of {r.pos - pos0:,} tokens (to {r.pos:,} of {r.prompt_len:,}"
+                      + (", its last)" if r.prefilled else ")"))
+        log.info("slow step: %.1f ms holding %d decoding streams (%.1f ms of it the step's own work on the "
+                 "device thread); beside them %s", took * 1e3, len(decode), self.step_work_s * 1e3, beside)
 
     async def _overlapped_prefill(self, loop) -> None:
         """Take the result of the prefill in flight, if it is done, and start the next (the
@@ -404,7 +435,8 @@ class Engine:
         try:
             return self._step_work(prefill, budget, decode, banned, launch, pending, inflight)
         finally:
-            self._busy.inc(time.perf_counter() - t0)
+            self.step_work_s = time.perf_counter() - t0
+            self._busy.inc(self.step_work_s)
 
     def _step_work(self, prefill, budget, decode, banned, launch, pending, inflight):
         rows, reqs = [], []

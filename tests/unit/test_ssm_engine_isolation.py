@@ -6,6 +6,7 @@ validation, with the two inputs that once failed whole steps: a prompt id past t
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
@@ -358,3 +359,36 @@ def test_a_stall_writes_every_threads_stack_into_the_log_once(tmp_path, caplog):
     text = stacks.read()
     assert text.count("(most recent call first)") >= 2 and "in held_prefill" in text
     assert sum("a stall" in r.getMessage() for r in caplog.records) == 1  # once per stall
+
+
+def test_a_step_that_holds_decoding_streams_past_50_ms_is_logged_with_its_prefill(caplog):
+    """In-step prefill: a chunk held 0.3 s inside a step stalls the stream decoding beside it;
+    the server log says so, with the chunk that did it and the step's own share of the time."""
+    model = build_tiny("tiny-mamba2")
+    engine, gate, started, held = _engine_with_held_prefill(model)
+
+    async def go():
+        await engine.start()
+        stream = Request([5, 6, 7], SamplingParams(max_tokens=2000, ignore_eos=True))
+        engine.submit(stream)
+        while not stream.generated:
+            await asyncio.sleep(0.01)
+        held["on"] = True
+        beside = Request(list(range(5, 305)), SamplingParams(max_tokens=2, ignore_eos=True))
+        engine.submit(beside)
+        while not started.is_set():
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.3)
+        gate.set()
+        got = await _drain(beside)
+        engine.cancel(stream)
+        await engine.stop()
+        return got
+
+    with caplog.at_level("INFO", logger="ssm_server"):
+        assert asyncio.run(go()) == (2, None)
+    slow = [r.getMessage() for r in caplog.records if r.getMessage().startswith("slow step:")]
+    held_step = [m for m in slow if "a prefill chunk of 300 tokens (to 300 of 300, its last)" in m]
+    assert len(held_step) == 1, slow
+    took, work = (float(x) for x in re.findall(r"([\d.]+) ms", held_step[0])[:2])
+    assert "holding 1 decoding streams" in held_step[0] and 300 <= work <= took, held_step[0]
