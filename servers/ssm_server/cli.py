@@ -28,9 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, help="longest prompt + output, in tokens")
     p.add_argument("--prefill-chunk-size", type=int, default=2048, help="prompt tokens per prefill step")
     p.add_argument("--prefill-chunk-size-decoding", type=int,
-                   help="prompt tokens per prefill step while other streams decode (default: "
-                        "--prefill-chunk-size); smaller keeps their token gaps short while a long prompt "
-                        "arrives, at some cost to its time to first token")
+                   help="while other streams decode, a prompt longer than --prefill-chunk-size is "
+                        "prefilled in chunks of this many tokens (default: 4096, at most "
+                        "--prefill-chunk-size; a shorter prompt still goes whole): smaller keeps their "
+                        "token gaps short while a long prompt arrives, at some cost to its time to first token")
     p.add_argument("--prefill-overlap", action="store_true",
                    help="run prefill chunks beside the decode steps, on a thread and CUDA stream of their "
                         "own, instead of inside them: the decoding streams' gaps stay short while prompts "

@@ -4,9 +4,9 @@ Every step runs on one worker thread (the device thread) and does:
   1. drop cancelled requests, freeing their slots;
   2. grant free slots to waiting requests, in arrival order;
   3. one batched decode step of every request already decoding, and one prefill: a chunk (at
-     most ``prefill_chunk_size`` tokens, ``prefill_chunk_size_decoding`` while other streams
-     decode) of the oldest request still prefilling — or, when its whole prompt fits in that
-     budget and the backend packs (``PackedPrefill``), the whole prompts of every fresh request
+     most ``prefill_chunk_size`` tokens; ``prefill_chunk_size_decoding`` while other streams
+     decode, for a prompt longer than that) of the oldest request still prefilling — or, when
+     its whole prompt fits in that budget and the backend packs (``PackedPrefill``), the whole prompts of every fresh request
      waiting after it that still fit, in one forward (a burst of short prompts costs one
      prefill, not one step each);
   4. sample, detokenize, check stop conditions, and hand tokens to the HTTP handlers.
@@ -53,11 +53,16 @@ import torch
 from servers.ssm_server.protocol import APIError
 from servers.ssm_server.protocols import DeviceSampling, PackedPrefill, PipelinedBackend
 from servers.ssm_server.request import Event, Request
-from servers.ssm_server.sampling import new_generator, sample
+from servers.ssm_server.sampling import new_generator, sample, sample_on_device
 from servers.ssm_server.stall import StallWatch
 from servers.ssm_server.textio import Detokenizer
 
 log = logging.getLogger("ssm_server")
+
+DECODING_CHUNK = 4096
+"""``--prefill-chunk-size-decoding``'s default (capped by ``--prefill-chunk-size``): on an H200 a
+4,096-token continuation chunk takes ~25 ms beside a decode step, and a 1M-token prompt taken
+so gets its first token 1.2× later than alone (docs/ssm-server.md)."""
 
 
 class Engine:
@@ -75,7 +80,8 @@ class Engine:
         self.chunk = prefill_chunk_size if backend.exact_chunking else 1 << 62
         # while other streams decode: a smaller chunk keeps their gaps short (a backend that
         # cannot split a prompt exactly prefills it whole either way)
-        self.chunk_decoding = min(self.chunk, prefill_chunk_size_decoding or self.chunk)
+        self.chunk_decoding = min(self.chunk, prefill_chunk_size_decoding or DECODING_CHUNK) \
+            if backend.exact_chunking else self.chunk
         self.prefill_chunk_size = prefill_chunk_size
         self.max_model_len = backend.max_model_len
         self.waiting: collections.deque[Request] = collections.deque()
@@ -99,6 +105,9 @@ class Engine:
         self.steps = 0
         self.slow_step_s = 0.05
         """A step holding decoding streams longer than this is logged (``_log_slow``)."""
+        self._firsts: list[tuple[list[Request], torch.Tensor, torch.cuda.Event]] = []
+        """First tokens sampled on the device and not yet read back: (requests, pinned host
+        tensor the tokens are copied into, the copy's event) — see ``_defer_first``."""
         self.step_work_s = 0.0
         """The last step's own time on the device thread (of its wall time in the loop)."""
         model = getattr(backend, "model", None)
@@ -251,15 +260,14 @@ class Engine:
             inflight = set(pending[0]) if pending else ()
             # not a request cancelled while its overlapped prefill ran: it has no token to feed
             # (dropped at the next turn; it must not fail the step of every stream beside it)
-            decode = [r for r in self.running
-                      if r.prefilled and not r.cancelled and not self._ends_inflight(r, inflight)]
+            decode = [r for r in self.running  # (a first token still on the device: not yet)
+                      if r.prefilled and r.generated and not r.cancelled and not self._ends_inflight(r, inflight)]
             if self.prefill_overlap and not decode and pending is None:
                 t_end = None
                 if self._prefilling is not None:  # nothing to decode: wait for the prefill
                     await asyncio.wait([self._prefilling[1]])
                 continue
-            budget = self._budget(bool(decode) or pending is not None)
-            prefill = [] if self.prefill_overlap else self._next_prefill(budget)
+            prefill, budget = ([], 0) if self.prefill_overlap else self._next_prefill(bool(decode) or pending is not None)
             banned = self._banned(decode, inflight)
             launch = (decode and self._pipelined
                       and self.b.can_launch([r.generator for r in decode], banned))
@@ -333,32 +341,32 @@ class Engine:
             if any(reason == "oom" for _, reason, _ in failed):
                 await loop.run_in_executor(self._prefill_pool, _empty_cache)
         if self._prefilling is None:
-            budget = self._budget(any(r.prefilled for r in self.running))
-            group = self._next_prefill(budget)
+            group, budget = self._next_prefill(any(r.prefilled for r in self.running))
             if group:
                 fut = loop.run_in_executor(self._prefill_pool, self._prefill_step, group, budget)
                 self._prefilling = (group, fut)
 
-    def _budget(self, decoding: bool) -> int:
-        """Prompt tokens the next prefill may take: fewer while other streams decode."""
-        return self.chunk_decoding if decoding else self.chunk
-
-    def _next_prefill(self, budget: int) -> list[Request]:
-        """The oldest request still prefilling; with it, when its whole prompt fits in
-        ``budget`` and the backend packs, the later fresh requests whose whole prompts still fit
-        (in arrival order, none skipped past one that does not)."""
+    def _next_prefill(self, decoding: bool) -> tuple[list[Request], int]:
+        """(the requests of the next prefill, the prompt tokens it may take). The oldest request
+        still prefilling; with it, when its whole prompt fits in the budget and the backend
+        packs, the later fresh requests whose whole prompts still fit (in arrival order, none
+        skipped past one that does not). The budget is ``prefill_chunk_size``, and while other
+        streams decode, ``prefill_chunk_size_decoding`` for a prompt longer than that: a prompt
+        that fits in one chunk costs the streams one gap, a long one many short gaps instead of
+        many long ones."""
         todo = [r for r in self.running if not r.prefilled and not r.cancelled]
         if not todo:
-            return []
+            return [], 0
+        budget = self.chunk_decoding if decoding and todo[0].prompt_len > self.chunk else self.chunk
         group, total = todo[:1], todo[0].prompt_len - todo[0].pos
         if not self._packs or todo[0].pos or total > budget:
-            return group
+            return group, budget
         for r in todo[1:]:
             if r.pos or total + r.prompt_len > budget:
                 break
             group.append(r)
             total += r.prompt_len
-        return group
+        return group, budget
 
     def _prefill(self, group: list[Request], budget: int):
         """Runs on the device (or prefill) thread: the group's next prompt tokens — a chunk of
@@ -457,6 +465,13 @@ class Engine:
             t = time.perf_counter()
             out = list(zip(pending[0], self.b.decode_collect(pending[1])))
             self._collect_wait.inc(time.perf_counter() - t)
+        out.extend(self._read_firsts(wait=not launch))
+        if rows and launch and self.b.device.type == "cuda" and all(r.generator is None for r in reqs):
+            try:
+                self._defer_first(rows[0], reqs)
+                rows, reqs = [], []
+            except Exception:  # noqa: BLE001 - sampled below, synchronously, row by row where it fails
+                log.exception("sampling %d first token(s) on the device failed", len(reqs))
         if decode and not launch and self._device_sampling:  # seeded rows: synchronous
             tokens = self.b.decode_sample([r.slot for r in decode], [r.generated[-1] for r in decode],
                                           [r.params for r in decode], banned,
@@ -480,6 +495,32 @@ class Engine:
                     except Exception as e:  # noqa: BLE001
                         failed.append((r, "error", f"{type(e).__name__}: {e}"))
         return out, new_pending, failed
+
+    def _defer_first(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+        """Sample the first tokens of prompts just prefilled beside a launched decode step
+        without waiting for them: reading them back now would hold this step — and every stream
+        in it — until the device has run all it was given (the step before, this prefill), ~3×
+        a step's pace. They are read in a later step, once there (``_read_firsts``); the
+        requests decode from the step after that."""
+        tokens = sample_on_device(logits, [r.params for r in reqs], self._banned(reqs, ()), [None] * len(reqs))
+        host = torch.empty(len(reqs), dtype=torch.long, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._firsts.append((reqs, host, done))
+
+    def _read_firsts(self, wait: bool) -> list[tuple[Request, int]]:
+        """The deferred first tokens whose copy has ended ([(request, token)]); all of them when
+        ``wait`` (no decode step is in flight to keep the device busy meanwhile)."""
+        out, left = [], []
+        for reqs, host, done in self._firsts:
+            if wait or done.query():
+                done.synchronize()
+                out.extend(zip(reqs, host.tolist()))
+            else:
+                left.append((reqs, host, done))
+        self._firsts = left
+        return out
 
     def _banned(self, reqs: list[Request], inflight=()) -> list[list[int]]:
         eos = self.text.eos_token_id

@@ -180,6 +180,13 @@ class PrefillGraphs:
         self.inputs[key][0].copy_(hl[:t + 2], non_blocking=True)
         self.copied.record()
 
+    def largest_piece(self) -> int:
+        """The most tokens of one prompt a single replay takes, fresh or continued (0: none)."""
+        if self.set.failed:
+            return 0
+        fresh = {k[0] for k in self.keys if k in self.set.graphs}
+        return max(fresh & {k[0] for k in self.continued if k in self.set.graphs}, default=0)
+
     def continued_bucket(self, length: int) -> tuple[int, int] | None:
         """The smallest captured continuation graph that holds a chunk of ``length`` tokens
         (None for one shorter than the conv window: its new window reaches into the old one)."""

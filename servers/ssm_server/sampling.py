@@ -36,6 +36,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], banned: list[list
            generators: list[torch.Generator | None]) -> list[int]:
     """One token per row of ``logits`` [B, V]; ``banned[i]`` ids (EOS before min_tokens) are
     masked out of row i. Greedy rows take one vectorised argmax."""
+    return sample_on_device(logits, params, banned, generators).tolist()
+
+
+def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], banned: list[list[int]],
+                     generators: list[torch.Generator | None]) -> torch.Tensor:
+    """``sample``'s tokens as a tensor on the logits' device [B], enqueued without waiting for
+    the device (no host-seeded row reads a value back)."""
     logits = logits.float()
     for i, ids in enumerate(banned):
         if ids:
@@ -55,4 +62,4 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], banned: list[list
             sp = sp.masked_fill(cut, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, si, sp)
         out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
-    return out.tolist()
+    return out

@@ -324,6 +324,54 @@ def test_continued_chunks_replayed_equal_eager_chunks(backend):
     assert bool((backend.conv_pool[:, spare] == 3).all()) and bool((backend.ssm_pool[:, spare] == 3).all())
 
 
+def test_a_chunk_up_to_twice_the_largest_graph_is_replayed_in_pieces(backend):
+    """A fresh chunk of 7,000 tokens and a later one of 6,000 (the graphs here hold up to 4,096)
+    each run as two replays (4,096 + the rest), and give the logits, window and state one eager
+    forward of each gives; a chunk past twice the largest graph runs eagerly."""
+    import torch
+
+    gen = torch.Generator().manual_seed(5)
+    chunks = [7000, 6000]
+    ids = torch.randint(1, backend.vocab_size, (sum(chunks) + 9000,), generator=gen).tolist()
+    held, slot = backend.prefill_graphs, 3
+    assert held.largest_piece() == 4096
+    calls = []
+    run, run_continued = held.run, held.run_continued
+
+    def spy_run(slots, prompts):
+        calls.append(("fresh", sum(len(p) for p in prompts)))
+        return run(slots, prompts)
+
+    def spy_continued(s, chunk):
+        calls.append(("continued", len(chunk)))
+        return run_continued(s, chunk)
+
+    def prefill(sizes):
+        out, pos = [], 0
+        for c in sizes:
+            out.append(backend.prefill_chunk(slot, ids[pos:pos + c], pos))
+            pos += c
+        return torch.stack(out), backend.conv_pool[:, slot].clone(), backend.ssm_pool[:, slot].clone()
+
+    try:
+        backend.prefill_graphs = None
+        ref = prefill(chunks)
+        backend.prefill_graphs = held
+        held.run, held.run_continued = spy_run, spy_continued
+        got = prefill(chunks)
+        torch.cuda.synchronize()
+        assert calls == [("fresh", 7000), ("fresh", 4096), ("continued", 2904),
+                         ("continued", 6000), ("continued", 4096), ("continued", 1904)], calls
+        calls.clear()
+        backend.prefill_chunk(slot, ids[:8193 + 9000], 0)  # past twice 4,096: one eager forward
+        assert calls == [("fresh", 17193)], calls
+    finally:
+        backend.prefill_graphs = held
+        del held.run, held.run_continued
+    for a, b in zip(got, ref):
+        assert _close(a, b)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_fused_norm_projection_matches_norm_then_matmul(rows):
     """``mamba_gemv.project`` in each mode (plain, gated norm, add + norm writing the float32
@@ -374,3 +422,55 @@ def test_fused_decoder_agrees_with_norm_kernels_and_cublas(backend):
     assert _close(fused.logits([0, 1, 2], toks, eager=True), plain.logits([3, 4, 5], toks, eager=True))
     assert _close(backend.conv_pool[:, 0:3], backend.conv_pool[:, 3:6])
     assert _close(backend.ssm_pool[:, 0:3], backend.ssm_pool[:, 3:6])
+
+
+def test_a_first_token_beside_decoding_streams_is_read_in_a_later_step(backend):
+    """In-step engine: a prompt whose prefill ends beside a launched decode step gets its first
+    token sampled on the device and read back in a later step (reading it at once would hold the
+    step, and the stream in it, until the device ran everything queued). The token is the one
+    it gets alone (the same prefill graph, greedy); the stream beside it goes on."""
+    import asyncio
+
+    import torch
+
+    from servers.ssm_server.engine import Engine
+    from servers.ssm_server.metrics import ServerMetrics
+    from servers.ssm_server.request import Request
+    from servers.ssm_server.sampling import SamplingParams
+    from servers.ssm_server.textio import HFText
+
+    engine = Engine(backend, HFText(str(backend.path)), ServerMetrics("m", lambda: {}), max_queue=16,
+                    prefill_chunk_size=4096, model_name="m")
+    deferred = []
+    real = engine._defer_first
+    engine._defer_first = lambda logits, reqs: (deferred.append(len(reqs)), real(logits, reqs))
+    prompt = torch.randint(1, backend.vocab_size, (3000,), generator=torch.Generator().manual_seed(6)).tolist()
+
+    async def drain(req):
+        while (ev := await asyncio.wait_for(req.out.get(), 120)).kind == "token" and not ev.finish_reason:
+            pass
+        assert ev.kind == "token", ev.text
+
+    async def go():
+        await engine.start()
+        alone = Request(prompt, SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0))
+        engine.submit(alone)
+        await drain(alone)
+        assert deferred == []  # nothing decoding beside it: read at once
+        stream = Request([5, 6, 7], SamplingParams(max_tokens=100_000, ignore_eos=True))
+        engine.submit(stream)
+        while not stream.generated:
+            await asyncio.sleep(0.01)
+        beside = Request(prompt, SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0))
+        engine.submit(beside)
+        at = len(stream.generated)
+        await drain(beside)
+        went_on = len(stream.generated) - at
+        engine.cancel(stream)
+        await engine.stop()
+        return alone.generated, beside.generated, went_on
+
+    toks_alone, toks_beside, went_on = asyncio.run(go())
+    assert deferred == [1]
+    assert toks_beside[0] == toks_alone[0] and len(toks_beside) == 8
+    assert went_on >= 8

@@ -69,7 +69,8 @@ def test_a_failing_prefill_or_sampling_fails_only_its_own_request():
 def test_a_prompt_arriving_while_others_decode_is_prefilled_in_the_smaller_chunks():
     """--prefill-chunk-size-decoding: a prompt prefills in chunks of 128 alone, and of 32 while
     another stream decodes (so that stream's gaps stay one small chunk long); the tokens are the
-    same either way (chunked prefill is exact)."""
+    same either way (chunked prefill is exact). A prompt that fits in one 128-token chunk is
+    prefilled whole even then: one gap for the stream, not four."""
     model = build_tiny("tiny-mamba2")
     backend = HFBackend(ServerConfig(model=str(model), max_num_seqs=4))
     chunks: list[int] = []
@@ -91,20 +92,26 @@ def test_a_prompt_arriving_while_others_decode_is_prefilled_in_the_smaller_chunk
         got_alone = await _drain(alone)
         n_alone = list(chunks)
         chunks.clear()
-        stream = Request([5, 6, 7], SamplingParams(max_tokens=400, ignore_eos=True))
+        stream = Request([5, 6, 7], SamplingParams(max_tokens=100_000, ignore_eos=True))
         engine.submit(stream)
         while not stream.generated:  # it is decoding
             await asyncio.sleep(0.01)
         beside = Request(prompt, SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0))
         engine.submit(beside)
-        got = await asyncio.gather(_drain(beside), _drain(stream))
+        got = await _drain(beside)
+        short = Request(prompt[:100], SamplingParams(max_tokens=4, ignore_eos=True))
+        engine.submit(short)
+        got_short = await _drain(short)
+        decoding = not stream.finished
+        engine.cancel(stream)
         await engine.stop()
-        return got_alone, n_alone, got, alone.generated, beside.generated
+        return got_alone, n_alone, (got, got_short, decoding), alone.generated, beside.generated
 
     got_alone, n_alone, got, toks_alone, toks_beside = asyncio.run(run())
     assert n_alone == [128, 128, 44] and got_alone == (4, None)
-    assert chunks == [3] + [32] * 9 + [12], chunks  # the stream's own prompt, then 300 in 32s
-    assert got == [(4, None), (400, None)]
+    # the stream's own prompt, then 300 in 32s, then the 100-token prompt whole
+    assert chunks == [3] + [32] * 9 + [12] + [100], chunks
+    assert got == ((4, None), (4, None), True)
     assert toks_beside == toks_alone  # greedy: the same tokens from either chunking
 
 
