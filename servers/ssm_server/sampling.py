@@ -45,8 +45,8 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], banned:
     the device (no host-seeded row reads a value back)."""
     logits = logits.float()
     for i, ids in enumerate(banned):
-        if ids:
-            logits[i, ids] = float("-inf")
+        for t in ids:  # one id at a time: a list index would be copied to the device, and wait for it
+            logits[i, t] = float("-inf")
     out = logits.argmax(dim=-1)
     for i, p in enumerate(params):
         if p.greedy:

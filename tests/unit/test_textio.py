@@ -55,7 +55,8 @@ def _long_texts():
     alphabet = "ab cd  é日\n\t 🎉.,'s 1 22  ‐\u00a0\u3000x"
     noisy = "".join(rnd.choice(alphabet) for _ in range(300_000))
     return {"corpus": (corpus * (1 + 600_000 // len(corpus)))[:600_000], "noisy": noisy,
-            "no spaces": "wörd" * 40_000, "short": TEXT}
+            "no spaces": "wörd" * 40_000, "short": TEXT,
+            "just past PARALLEL_CHARS": (corpus * (1 + 20_000 // len(corpus)))[:20_000]}
 
 
 def test_a_long_text_tokenized_in_pieces_gives_the_ids_of_one_encode():
