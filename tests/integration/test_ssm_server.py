@@ -300,6 +300,9 @@ def test_health_says_ready_only_once_warm_and_the_warm_up_is_not_counted(tmp_pat
         # a full chunk and one that starts from its carried state (Triton autotunes that again)
         # then two short prompts at once (one packed prefill)
         assert "(prefill 2065 tokens in 2 chunk(s), 17 tokens alone, two short prompts at once" in log.read_text()
+        # and the text path: the tokenizer's thread, a long text in pieces, the detokenizer
+        assert re.search(r"warmed the tokenizer in [\d.]+ ms \(69 and 16,422 characters; the long one in "
+                         r"pieces: True\)", log.read_text()), log.read_text()[-2000:]
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         counted = [line for line in text.splitlines() if line.startswith(
             ("ssm:prompt_tokens_total", "ssm:generation_tokens_total", "ssm:time_to_first_token_seconds_count",
