@@ -40,6 +40,19 @@ def served(run_dir: Path, target: str | None) -> dict[int, tuple[float, int, int
             for n, rs in sorted(by.items())}
 
 
+def first_after_ready(run_dir: Path, target: str | None, got: dict) -> str:
+    """The run's warm-up request (the first after the server said ready) against the steady
+    TTFT p50 at its length (the issue: ≤ 1.2×)."""
+    for line in (run_dir / "requests.jsonl").read_text().splitlines():
+        r = json.loads(line) if line.strip() else None
+        if r and r.get("stage") == "warmup" and (target is None or r["target"] == target) and r.get("ttft_s"):
+            steady = got.get(r.get("prompt_tokens_requested") or r.get("prompt_tokens"))
+            if steady:
+                return (f"first request after ready: TTFT {r['ttft_s'] * 1e3:.1f} ms against {steady[0] * 1e3:.1f} ms "
+                        f"steady at {r.get('prompt_tokens'):,} tokens ({r['ttft_s'] / steady[0]:.2f}×)")
+    return "first request after ready: no warm-up request at a swept length in this run"
+
+
 def one_shot_limit(width: int) -> int:
     """The longest power-of-two prompt whose in_proj output (tokens × width) stays under 2^31."""
     n = 1
@@ -84,6 +97,7 @@ def main() -> int:
     if not got:
         print(f"{run_dir}: no context_sweep request{' of ' + target if target else ''}")
         return 1
+    print(first_after_ready(run_dir, target, got), flush=True)
     from bench_ssm_server_gpu import setup_mamba_ssm
 
     setup_mamba_ssm()
