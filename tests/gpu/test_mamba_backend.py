@@ -427,8 +427,9 @@ def test_fused_decoder_agrees_with_norm_kernels_and_cublas(backend):
 def test_a_first_token_beside_decoding_streams_is_read_in_a_later_step(backend):
     """In-step engine: a prompt whose prefill ends beside a launched decode step gets its first
     token sampled on the device and read back in a later step (reading it at once would hold the
-    step, and the stream in it, until the device ran everything queued). The token is the one
-    it gets alone (the same prefill graph, greedy); the stream beside it goes on."""
+    step, and the stream in it, until the device ran everything queued) — and nothing in that
+    sampling waits for the device (PyTorch's sync debug mode set to raise). The token is the one
+    it gets alone (the same prefill graph, greedy, EOS banned); the stream beside it goes on."""
     import asyncio
 
     import torch
@@ -441,9 +442,21 @@ def test_a_first_token_beside_decoding_streams_is_read_in_a_later_step(backend):
 
     engine = Engine(backend, HFText(str(backend.path)), ServerMetrics("m", lambda: {}), max_queue=16,
                     prefill_chunk_size=4096, model_name="m")
-    deferred = []
+    deferred, synced = [], []
     real = engine._defer_first
-    engine._defer_first = lambda logits, reqs: (deferred.append(len(reqs)), real(logits, reqs))
+
+    def no_sync(logits, reqs):  # an op that waits for the device here raises (and is recorded)
+        deferred.append(len(reqs))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            real(logits, reqs)
+        except RuntimeError as e:
+            synced.append(str(e))
+            raise
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    engine._defer_first = no_sync
     prompt = torch.randint(1, backend.vocab_size, (3000,), generator=torch.Generator().manual_seed(6)).tolist()
 
     async def drain(req):
@@ -471,6 +484,6 @@ def test_a_first_token_beside_decoding_streams_is_read_in_a_later_step(backend):
         return alone.generated, beside.generated, went_on
 
     toks_alone, toks_beside, went_on = asyncio.run(go())
-    assert deferred == [1]
+    assert deferred == [1] and synced == []  # (a banned id masked by a list index waited here)
     assert toks_beside[0] == toks_alone[0] and len(toks_beside) == 8
     assert went_on >= 8
