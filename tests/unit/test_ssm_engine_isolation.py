@@ -182,6 +182,22 @@ def _engine_with_held_prefill(model, **kw):
     return engine, gate, started, held
 
 
+async def _a_prompt_held_beside_a_stream(engine, started, held, stream_tokens: int, prompt_tokens: int):
+    """Start the engine, a stream decoding, then a 300-token prompt whose prefill chunk is held
+    (``_engine_with_held_prefill``); returns (stream, prompt) once the chunk is held."""
+    await engine.start()
+    stream = Request([5, 6, 7], SamplingParams(max_tokens=stream_tokens, ignore_eos=True))
+    engine.submit(stream)
+    while not stream.generated:
+        await asyncio.sleep(0.01)
+    held["on"] = True
+    prompt = Request(list(range(5, 305)), SamplingParams(max_tokens=prompt_tokens, ignore_eos=True))
+    engine.submit(prompt)
+    while not started.is_set():
+        await asyncio.sleep(0.005)
+    return stream, prompt
+
+
 def test_decode_steps_go_on_while_a_prompt_prefills_beside_them():
     """Prefill overlap (``--prefill-overlap``): while a prompt's chunk is on the prefill thread, the
     stream already decoding keeps getting tokens — here 20 of them while the chunk is held —
@@ -274,16 +290,7 @@ def test_a_prompt_cancelled_during_its_overlapped_prefill_harms_no_decoding_stre
     engine, gate, started, held = _engine_with_held_prefill(model, prefill_overlap=True)
 
     async def go():
-        await engine.start()
-        stream = Request([5, 6, 7], SamplingParams(max_tokens=300, ignore_eos=True))
-        engine.submit(stream)
-        while not stream.generated:
-            await asyncio.sleep(0.01)
-        held["on"] = True
-        leaving = Request(list(range(5, 305)), SamplingParams(max_tokens=4, ignore_eos=True))
-        engine.submit(leaving)
-        while not started.is_set():
-            await asyncio.sleep(0.005)
+        stream, leaving = await _a_prompt_held_beside_a_stream(engine, started, held, 300, 4)
         engine.cancel(leaving)
         held["on"] = False
         gate.set()
@@ -375,16 +382,7 @@ def test_a_step_that_holds_decoding_streams_past_50_ms_is_logged_with_its_prefil
     engine, gate, started, held = _engine_with_held_prefill(model)
 
     async def go():
-        await engine.start()
-        stream = Request([5, 6, 7], SamplingParams(max_tokens=2000, ignore_eos=True))
-        engine.submit(stream)
-        while not stream.generated:
-            await asyncio.sleep(0.01)
-        held["on"] = True
-        beside = Request(list(range(5, 305)), SamplingParams(max_tokens=2, ignore_eos=True))
-        engine.submit(beside)
-        while not started.is_set():
-            await asyncio.sleep(0.005)
+        stream, beside = await _a_prompt_held_beside_a_stream(engine, started, held, 2000, 2)
         await asyncio.sleep(0.3)
         gate.set()
         got = await _drain(beside)
