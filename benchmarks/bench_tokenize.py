@@ -2,11 +2,11 @@
 decoding beside it: the tokenizer's one encode against ``HFText.encode`` (the text cut at spaces
 into pieces that the Rust tokenizer encodes at once on every core), and against the pieces as
 they were until 2026-12-03 (2 per CPU, ``encode_batch``), on the load generator's own prompts of
-256K, 1M and 4M tokens. The stall: the largest gap of a Python thread that wakes every 1 ms while
+4K to 4M tokens (a text under 16K characters, ~4K tokens, is encoded whole: ``PARALLEL_CHARS``). The stall: the largest gap of a Python thread that wakes every 1 ms while
 the text is tokenized on another thread (how long the tokenizing thread held the GIL at once: a
 decode step, or the event loop, waits that long). Ids must be equal.
 
-    .venv/bin/python benchmarks/bench_tokenize.py [--preset mamba2-780m] [--max-tokens 4194304]
+    .venv/bin/python benchmarks/bench_tokenize.py [--preset mamba2-780m] [--min-tokens 4096] [--max-tokens 4194304]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def best(fn, repeat: int) -> tuple[float, float, object]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="mamba2-780m")
+    ap.add_argument("--min-tokens", type=int, default=1 << 12)
     ap.add_argument("--max-tokens", type=int, default=1 << 22)
     ap.add_argument("--repeat", type=int, default=2)
     a = ap.parse_args(argv)
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     print("| prompt tokens | characters | one encode (stall) | pieces before (stall) | HFText.encode (stall) "
           "| time / before | ids equal |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    n = 1 << 18
+    n = a.min_tokens
     while n <= a.max_tokens:
         prompt = b.build(n, 1)
         whole_s, whole_stall, whole = best(lambda: text.tok.encode(prompt), a.repeat)
