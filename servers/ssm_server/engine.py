@@ -53,7 +53,7 @@ import torch
 from servers.ssm_server.protocol import APIError
 from servers.ssm_server.protocols import DeviceSampling, PackedPrefill, PipelinedBackend
 from servers.ssm_server.request import Event, Request
-from servers.ssm_server.sampling import new_generator, sample, sample_on_device
+from servers.ssm_server.sampling import new_generator, sample, sample_tensor
 from servers.ssm_server.stall import StallWatch
 from servers.ssm_server.textio import Detokenizer
 
@@ -502,7 +502,7 @@ class Engine:
         in it — until the device has run all it was given (the step before, this prefill), ~3×
         a step's pace. They are read in a later step, once there (``_read_firsts``); the
         requests decode from the step after that."""
-        tokens = sample_on_device(logits, [r.params for r in reqs], self._banned(reqs, ()), [None] * len(reqs))
+        tokens = sample_tensor(logits, [r.params for r in reqs], self._banned(reqs, ()), [None] * len(reqs))
         host = torch.empty(len(reqs), dtype=torch.long, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         done = torch.cuda.Event()

@@ -36,13 +36,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], banned: list[list
            generators: list[torch.Generator | None]) -> list[int]:
     """One token per row of ``logits`` [B, V]; ``banned[i]`` ids (EOS before min_tokens) are
     masked out of row i. Greedy rows take one vectorised argmax."""
-    return sample_on_device(logits, params, banned, generators).tolist()
+    return sample_tensor(logits, params, banned, generators).tolist()
 
 
-def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], banned: list[list[int]],
+def sample_tensor(logits: torch.Tensor, params: list[SamplingParams], banned: list[list[int]],
                      generators: list[torch.Generator | None]) -> torch.Tensor:
     """``sample``'s tokens as a tensor on the logits' device [B], enqueued without waiting for
-    the device (no host-seeded row reads a value back)."""
+    the device (no host-seeded row reads a value back). Per-request parameters as Python
+    values; the decode graph's sampler, from device tensors, is ``mamba_kernels.sample_on_device``."""
     logits = logits.float()
     for i, ids in enumerate(banned):
         for t in ids:  # one id at a time: a list index would be copied to the device, and wait for it
