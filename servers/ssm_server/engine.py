@@ -110,6 +110,9 @@ class Engine:
         tensor the tokens are copied into, the copy's event) — see ``_defer_first``."""
         self.step_work_s = 0.0
         """The last step's own time on the device thread (of its wall time in the loop)."""
+        self.step_phases: list[tuple[str, float]] = []
+        """The last step's own time by part, [(part, seconds)] in the order they ran: what a
+        slow step's log line splits its work into."""
         model = getattr(backend, "model", None)
         self.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) \
             if model is not None else 0
@@ -317,8 +320,10 @@ class Engine:
             r = prefill[0]
             beside = (f"a prefill chunk of {r.pos - pos0:,} tokens (to {r.pos:,} of {r.prompt_len:,}"
                       + (", its last)" if r.prefilled else ")"))
+        parts = " · ".join(f"{part} {s * 1e3:.1f}" for part, s in self.step_phases)
         log.info("slow step: %.1f ms holding %d decoding streams (%.1f ms of it the step's own work on the "
-                 "device thread); beside them %s", took * 1e3, len(decode), self.step_work_s * 1e3, beside)
+                 "device thread: %s ms); beside them %s", took * 1e3, len(decode), self.step_work_s * 1e3,
+                 parts or "none", beside)
 
     async def _overlapped_prefill(self, loop) -> None:
         """Take the result of the prefill in flight, if it is done, and start the next (the
@@ -450,10 +455,20 @@ class Engine:
         rows, reqs = [], []
         new_pending = None
         out = []
+        phases = self.step_phases = []
+        t = time.perf_counter()
+
+        def ended(part: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            phases.append((part, now - t))
+            t = now
+
         if launch:  # enqueue the decode step first: the device starts on it at once
             tokens = [-1 if r in inflight else r.generated[-1] for r in decode]
             handle = self.b.decode_launch([r.slot for r in decode], tokens, [r.params for r in decode], banned)
             new_pending = (decode, handle)
+            ended("decode launch")
         failed = []
         if prefill:
             advanced, done, logits, failed = self._prefill_each(prefill, budget)
@@ -461,17 +476,21 @@ class Engine:
             if done:
                 rows.append(logits)
                 reqs.extend(done)
+            ended("prefill")
         if pending is not None:  # the previous step's tokens (usually ready by now)
-            t = time.perf_counter()
             out = list(zip(pending[0], self.b.decode_collect(pending[1])))
-            self._collect_wait.inc(time.perf_counter() - t)
-        out.extend(self._read_firsts(wait=not launch))
+            ended("collect")
+            self._collect_wait.inc(phases[-1][1])
+        if self._firsts:
+            out.extend(self._read_firsts(wait=not launch))
+            ended("first tokens read")
         if rows and launch and self.b.device.type == "cuda" and all(r.generator is None for r in reqs):
             try:
                 self._defer_first(rows[0], reqs)
                 rows, reqs = [], []
             except Exception:  # noqa: BLE001 - sampled below, synchronously, row by row where it fails
                 log.exception("sampling %d first token(s) on the device failed", len(reqs))
+            ended("first tokens sampled")
         if decode and not launch and self._device_sampling:  # seeded rows: synchronous
             tokens = self.b.decode_sample([r.slot for r in decode], [r.generated[-1] for r in decode],
                                           [r.params for r in decode], banned,
@@ -494,6 +513,8 @@ class Engine:
                         out.extend(zip([r], sample(logits[i:i + 1], [r.params], self._banned([r], ()), [r.generator])))
                     except Exception as e:  # noqa: BLE001
                         failed.append((r, "error", f"{type(e).__name__}: {e}"))
+        if decode and not launch or reqs:
+            ended("decode and sampling" if decode and not launch else "sampling")
         return out, new_pending, failed
 
     def _defer_first(self, logits: torch.Tensor, reqs: list[Request]) -> None:

@@ -279,8 +279,12 @@ class NativeDecoder:
         return self.collect(self.launch(slots, tokens, params, banned))
 
     def capture_all(self) -> None:
-        """The greedy graph of every bucket, largest first (the shared pool then fits the
-        smaller ones in its memory)."""
+        """Both graphs of every bucket — the greedy one and the sampling one (temperature,
+        top-k, top-p) — largest first (the shared pool then fits the smaller ones in its
+        memory): a graph captured on first use would stall every stream in that step for the
+        capture (the first sampled batch of each size, seconds)."""
         for size in reversed(self.set.sizes):
-            if (size, True) not in self.set.graphs and not self.set.failed:
-                self.logits([-1] * size, [0] * size)
+            for greedy in (True, False):
+                if (size, greedy) not in self.set.graphs and not self.set.failed:
+                    self._run(size, greedy, False, self._fill([-1] * size, [0] * size))
+        torch.cuda.current_stream().synchronize()

@@ -121,6 +121,20 @@ def test_pipelined_decode_matches_synchronous(backend):
     assert piped == sync
 
 
+def test_every_decode_bucket_is_captured_greedy_and_sampling_before_the_first_request(backend):
+    """Both graphs of every batch bucket exist once the backend is built, so a sampled batch
+    (temperature, top-p) of a size not seen before replays one: a capture then would stall every
+    stream in that step for seconds."""
+    from servers.ssm_server.sampling import SamplingParams
+
+    dec = backend.decoder
+    assert set(dec.set.graphs) == {(s, g) for s in dec.set.sizes for g in (True, False)}
+    before = dict(dec.set.graphs)
+    tokens = backend.decode_sample([0, 1, 2], [5, 6, 7], [SamplingParams(temperature=0.8, top_p=0.9)] * 3,
+                                   [[], [], []], [None] * 3)
+    assert all(0 <= t < backend.vocab_size for t in tokens) and dec.set.graphs == before
+
+
 def test_prefill_on_its_stream_beside_pipelined_decode_matches_alone(backend):
     """The engine's prefill overlap: a prompt prefilled on the prefill thread (low-priority
     stream) while pipelined decode steps run on the device thread (high-priority stream) gives

@@ -397,3 +397,6 @@ def test_a_step_that_holds_decoding_streams_past_50_ms_is_logged_with_its_prefil
     assert len(held_step) == 1, slow
     took, work = (float(x) for x in re.findall(r"([\d.]+) ms", held_step[0])[:2])
     assert "holding 1 decoding streams" in held_step[0] and 300 <= work <= took, held_step[0]
+    # its work by part: the held prefill is where the time went, and the parts add up to it
+    parts = dict((p, float(ms)) for p, ms in re.findall(r"([a-z][a-z ]+) ([\d.]+)(?= ·| ms\))", held_step[0]))
+    assert parts["prefill"] >= 300 and abs(sum(parts.values()) - work) < 1, held_step[0]
