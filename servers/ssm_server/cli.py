@@ -201,6 +201,7 @@ def main(args: argparse.Namespace) -> int:
 
     http_errors.install()  # malformed HTTP gets an OpenAI error body too
     try:
+        server.listen = (args.host, args.port)
         web.run_app(server.app(), host=args.host, port=args.port, print=None,
                     handler_cancellation=True, access_log=None, loop=loop)
     except OSError as e:

@@ -126,6 +126,7 @@ class Engine:
         self._prompt_tokens = metrics.prompt_tokens.labels(name)
         self._steps, self._busy = metrics.engine_steps.labels(name), metrics.engine_busy.labels(name)
         self._collect_wait = metrics.engine_collect_wait.labels(name)
+        self._queue = metrics.queue.labels(name)
 
     # ---- interface used by the HTTP layer --------------------------------------------------
     async def start(self) -> None:
@@ -166,8 +167,8 @@ class Engine:
         again when its arguments change, and mamba_ssm's state passing takes an initial state
         only from a prompt's second chunk on: on an H200 the first prompt longer than one chunk
         paid for it — 1.56 s at 64K against 1.39 s at 128K, and a profiled 128K prefill showed
-        Triton's benchmark launches, 3,663 state-passing kernels for 192 and 2,779 cache fills.) Kept out of every metric. Returns the seconds it took;
-        ``ready`` is set after."""
+        Triton's benchmark launches, 3,663 state-passing kernels for 192 and 2,779 cache fills.) Kept out of every metric. Returns the seconds it took; the
+        server sets ``ready`` once its own warm-up (``api.Server._warm_up``) is done."""
         from servers.ssm_server.sampling import SamplingParams
 
         t0 = time.perf_counter()
@@ -185,8 +186,6 @@ class Engine:
                     pass
                 if ev.kind == "error":
                     log.warning("warm-up request failed: %s", ev.text)
-        self.cache_peak = 0  # what clients' sequences hold, from here on
-        self.ready = True
         took = time.perf_counter() - t0
         log.info("warmed up in %.2f s (prefill %d tokens in %d chunk(s), %d tokens alone, two short prompts "
                  "at once; 4 decode steps of 2 streams each time)", took, full, -(-full // self.chunk), short)
@@ -560,7 +559,7 @@ class Engine:
             req.slot = self.free_slots.pop()
             req.t_scheduled = now
             if not req.internal:
-                self.m.queue.labels(self.model_name).observe(now - req.created)
+                self._queue.observe(now - req.created)
             self.running.append(req)
 
     def _drop_cancelled(self) -> None:

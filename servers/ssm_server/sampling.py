@@ -46,8 +46,10 @@ def sample_tensor(logits: torch.Tensor, params: list[SamplingParams], banned: li
     values; the decode graph's sampler, from device tensors, is ``mamba_kernels.sample_on_device``."""
     logits = logits.float()
     for i, ids in enumerate(banned):
-        for t in ids:  # one id at a time: a list index would be copied to the device, and wait for it
-            logits[i, t] = float("-inf")
+        # a view filled in place: an indexed assignment (``logits[i, t] = -inf``, or a list of
+        # ids) copies its value from the host and waits for the device (sync debug mode said so)
+        for t in ids:
+            logits[i, t:t + 1].fill_(float("-inf"))
     out = logits.argmax(dim=-1)
     for i, p in enumerate(params):
         if p.greedy:

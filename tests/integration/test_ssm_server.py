@@ -266,7 +266,8 @@ def test_vllm_bench_serve_runs_unchanged(server, tmp_path, backend, endpoint):
 def test_health_says_ready_only_once_warm_and_the_warm_up_is_not_counted(tmp_path):
     """The server listens at once and answers /health 503 (an OpenAI body) while it runs its
     own warm-up — a full prefill chunk, a second from the state it carried, a short prompt, decode
-    steps of both, then two short prompts at once — then 200; the warm-up is in no metric. A Mamba2-130m on CPU takes long enough to be seen warming."""
+    steps of both, then two short prompts at once, then a completion and a chat completion through
+    its own port — then 200; the warm-up is in no metric. A Mamba2-130m on CPU takes long enough to be seen warming."""
     import socket
     import subprocess
     import time
@@ -303,11 +304,23 @@ def test_health_says_ready_only_once_warm_and_the_warm_up_is_not_counted(tmp_pat
         # and the text path: the tokenizer's thread, a long text in pieces, the detokenizer
         assert re.search(r"warmed the tokenizer in [\d.]+ ms \(69 and 16,422 characters; the long one in "
                          r"pieces: True\)", log.read_text()), log.read_text()[-2000:]
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        counted = [line for line in text.splitlines() if line.startswith(
-            ("ssm:prompt_tokens_total", "ssm:generation_tokens_total", "ssm:time_to_first_token_seconds_count",
-             "ssm:cache_bytes_peak"))]
-        assert counted and all(line.endswith(" 0.0") for line in counted), counted
+        # and the HTTP path, through its own port, as a client sends requests
+        assert re.search(r"warmed the HTTP path in [\d.]+ ms \(a streamed completion and a chat completion "
+                         rf"through http://127.0.0.1:{port}\)", log.read_text()), log.read_text()[-2000:]
+
+        def counted():
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            return [line for line in text.splitlines() if line.startswith(
+                ("ssm:prompt_tokens_total", "ssm:generation_tokens_total", "ssm:time_to_first_token_seconds_count",
+                 "ssm:cache_bytes_peak"))]
+
+        assert counted() and all(line.endswith(" 0.0") for line in counted()), counted()
+        # the warm-up's header is no way to hide a client's request: without the server's token it counts
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", method="POST",
+                                     data=json.dumps({"prompt": "a client", "max_tokens": 2}).encode(),
+                                     headers={"Content-Type": "application/json", "X-Ssm-Server-Warm-Up": "guess"})
+        assert urllib.request.urlopen(req, timeout=60).status == 200
+        assert not any(line.endswith(" 0.0") for line in counted()), counted()
     finally:
         proc.terminate()
         proc.wait(30)
