@@ -13,10 +13,8 @@ it and the GPU hung (H200, 2026-12-03: 64 streams stopped for good a few steps a
 overlapped prefill graph).
 A capture runs the step twice on that stream first (Triton JIT and autotuning, the
 allocator settling), then records it, then replays it once: CUDA uploads a graph to the device
-at its first launch (``cudaGraphUpload``, implicit), a cost that otherwise lands on the first
-client step to use that graph (on an H200 the first request after ready took 20.4 ms against
-13.2 ms steady at 1K tokens, its first decode step 2.0 ms against 0.95). One that fails turns
-the set off and the decoder runs eagerly from then on.
+at its first launch (``cudaGraphUpload``, implicit), here rather than in the first client step
+to use that graph. One that fails turns the set off and the decoder runs eagerly from then on.
 
 ``GraphDecoder`` (the transformers backend): each graph holds, as static tensors, the slot
 indices, the input tokens and a batch of state buffers; replaying it gathers the slots'
