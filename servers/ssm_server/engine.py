@@ -167,8 +167,9 @@ class Engine:
         again when its arguments change, and mamba_ssm's state passing takes an initial state
         only from a prompt's second chunk on: on an H200 the first prompt longer than one chunk
         paid for it — 1.56 s at 64K against 1.39 s at 128K, and a profiled 128K prefill showed
-        Triton's benchmark launches, 3,663 state-passing kernels for 192 and 2,779 cache fills.) Kept out of every metric. Returns the seconds it took; the
-        server sets ``ready`` once its own warm-up (``api.Server._warm_up``) is done."""
+        Triton's benchmark launches, 3,663 state-passing kernels for 192 and 2,779 cache fills.)
+        Kept out of every metric. Returns the seconds it took; the server sets ``ready`` once its
+        own warm-up (``api.Server._warm_up``) is done."""
         from servers.ssm_server.sampling import SamplingParams
 
         t0 = time.perf_counter()
