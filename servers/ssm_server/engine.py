@@ -6,9 +6,9 @@ Every step runs on one worker thread (the device thread) and does:
   3. one batched decode step of every request already decoding, and one prefill: a chunk (at
      most ``prefill_chunk_size`` tokens; ``prefill_chunk_size_decoding`` while other streams
      decode, for a prompt longer than that) of the oldest request still prefilling — or, when
-     its whole prompt fits in that budget and the backend packs (``PackedPrefill``), the whole prompts of every fresh request
-     waiting after it that still fit, in one forward (a burst of short prompts costs one
-     prefill, not one step each);
+     its whole prompt fits in that budget and the backend packs (``PackedPrefill``), the whole
+     prompts of every fresh request waiting after it that still fit, in one forward (a burst of
+     short prompts costs one prefill, not one step each);
   4. sample, detokenize, check stop conditions, and hand tokens to the HTTP handlers.
 
 Prefill overlap (``prefill_overlap=True``, ``--prefill-overlap``; off by default): the prefill

@@ -40,7 +40,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], banned: list[list
 
 
 def sample_tensor(logits: torch.Tensor, params: list[SamplingParams], banned: list[list[int]],
-                     generators: list[torch.Generator | None]) -> torch.Tensor:
+                  generators: list[torch.Generator | None]) -> torch.Tensor:
     """``sample``'s tokens as a tensor on the logits' device [B], enqueued without waiting for
     the device (no host-seeded row reads a value back). Per-request parameters as Python
     values; the decode graph's sampler, from device tensors, is ``mamba_kernels.sample_on_device``."""

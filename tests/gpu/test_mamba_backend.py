@@ -498,6 +498,6 @@ def test_a_first_token_beside_decoding_streams_is_read_in_a_later_step(backend):
         return alone.generated, beside.generated, went_on
 
     toks_alone, toks_beside, went_on = asyncio.run(go())
-    assert deferred == [1] and synced == []  # (a banned id masked by a list index waited here)
+    assert deferred == [1] and synced == []  # (the EOS mask as an indexed assignment waited here)
     assert toks_beside[0] == toks_alone[0] and len(toks_beside) == 8
     assert went_on >= 8
