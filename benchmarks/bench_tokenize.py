@@ -2,11 +2,13 @@
 decoding beside it: the tokenizer's one encode against ``HFText.encode`` (the text cut at spaces
 into pieces that the Rust tokenizer encodes at once on every core), and against the pieces as
 they were until 2026-12-03 (2 per CPU, ``encode_batch``), on the load generator's own prompts of
-4K to 4M tokens (a text under 16K characters, ~4K tokens, is encoded whole: ``PARALLEL_CHARS``). The stall: the largest gap of a Python thread that wakes every 1 ms while
-the text is tokenized on another thread (how long the tokenizing thread held the GIL at once: a
-decode step, or the event loop, waits that long). Ids must be equal.
+4K to 4M tokens (a text under 16K characters, ~4K tokens, is encoded whole: ``PARALLEL_CHARS``).
+The stall: the largest gap of a Python thread that wakes every 1 ms while the text is tokenized
+on another thread (how long the tokenizing thread held the GIL at once: a decode step, or the
+event loop, waits that long). Ids must be equal.
 
-    .venv/bin/python benchmarks/bench_tokenize.py [--preset mamba2-780m] [--min-tokens 4096] [--max-tokens 4194304]
+    .venv/bin/python benchmarks/bench_tokenize.py [--preset mamba2-780m] [--min-tokens 4096]
+        [--max-tokens 4194304]
 """
 
 from __future__ import annotations

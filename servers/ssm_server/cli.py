@@ -200,8 +200,8 @@ def main(args: argparse.Namespace) -> int:
     from servers.ssm_server import http_errors
 
     http_errors.install()  # malformed HTTP gets an OpenAI error body too
+    server.listen = (args.host, args.port)  # where its warm-up sends its own requests
     try:
-        server.listen = (args.host, args.port)
         web.run_app(server.app(), host=args.host, port=args.port, print=None,
                     handler_cancellation=True, access_log=None, loop=loop)
     except OSError as e:
